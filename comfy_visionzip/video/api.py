@@ -1,0 +1,206 @@
+"""Public video API: :func:`sample_video`, :func:`iter_video`, :class:`VideoClip`, :class:`VideoHandle`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import VideoError, VisionZipError
+from .backends import resolve_backend, target_size
+from .plan import check_plan_args, plan_frames
+from .probe import StreamIndex, get_index
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called after each decoded frame. Raising from it stops the work."""
+
+
+@dataclass
+class VideoClip:
+    """Sampled frames of one video (or one chunk of them, from :func:`iter_video`)."""
+
+    frames: torch.Tensor  # uint8 [T, H, W, 3], RGB, display orientation
+    timestamps: list[float]  # seconds since the first frame of the video, one per frame
+    indices: list[int]  # source frame numbers (presentation order), one per frame
+    fps: float  # the source's average frame rate
+    duration: float  # the source's duration in seconds
+    backend: str  # the decoder that produced the frames
+    source: str = ""  # the file it came from
+    frame_count: int = 0  # number of frames in the whole source stream
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: probe, plan, decode
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def to_image(self) -> torch.Tensor:
+        """The frames as a ComfyUI IMAGE: float32 [T, H, W, 3] in 0..1."""
+        return self.frames.to(torch.float32).div_(255.0)
+
+
+@dataclass(frozen=True)
+class VideoHandle:
+    """A video and how to sample it, without any decoded frame: what nodes pass to the encoder.
+
+    Cheap to hold and to copy; :meth:`iter` decodes chunk by chunk when asked.
+    """
+
+    source: Any
+    num_frames: int | None = None
+    fps: float | None = None
+    every: int | None = None
+    start: float = 0.0
+    end: float | None = None
+    max_frames: int | None = None
+    backend: str = "auto"
+    max_size: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("num_frames", "fps", "every", "start", "end", "max_frames", "backend", "max_size")}
+
+    def index(self) -> StreamIndex:
+        return get_index(self.source)
+
+    def plan(self) -> tuple[list[int], list[float]]:
+        """(frame indices, timestamps) that :meth:`iter` will return, without decoding."""
+        index = self.index()
+        indices = _plan(index, self.options())
+        ts = index.timestamps
+        return indices, [float(ts[i]) for i in indices]
+
+    def iter(self, chunk_size: int = 32, progress: Progress | None = None) -> Iterator[VideoClip]:
+        return iter_video(self.source, chunk_size=chunk_size, progress=progress, **self.options())
+
+
+def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
+    try:
+        return plan_frames(
+            index.frame_count,
+            index.fps,
+            timestamps=index.timestamps.tolist(),
+            num_frames=options.get("num_frames"),
+            target_fps=options.get("fps"),
+            every=options.get("every"),
+            start=options.get("start", 0.0),
+            end=options.get("end"),
+            max_frames=options.get("max_frames"),
+        )
+    except VisionZipError as e:
+        raise VideoError(index.source, str(e)) from e
+
+
+def iter_video(
+    path: Any,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    max_frames: int | None = None,
+    backend: str = "auto",
+    every: int | None = None,
+    max_size: int | None = None,
+    chunk_size: int = 32,
+    progress: Progress | None = None,
+) -> Iterator[VideoClip]:
+    """Sample frames like :func:`sample_video`, yielding :class:`VideoClip` chunks of <= ``chunk_size`` frames.
+
+    Only one chunk of decoded frames is held at a time, so a 1-hour video at 1 fps streams in bounded
+    memory. Arguments are validated (and the file probed) before the first chunk is requested.
+    """
+    check_plan_args(num_frames=num_frames, target_fps=fps, every=every, start=start, end=end, max_frames=max_frames)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise VisionZipError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chosen = resolve_backend(backend)
+    t0 = time.perf_counter()
+    index = get_index(path)
+    size = target_size(index, max_size)
+    t1 = time.perf_counter()
+    indices = _plan(index, {"num_frames": num_frames, "fps": fps, "every": every, "start": start, "end": end,
+                            "max_frames": max_frames})
+    t2 = time.perf_counter()
+    return _iter_chunks(index, indices, chosen.name, chosen.read, size, chunk_size, progress,
+                        {"probe": t1 - t0, "plan": t2 - t1})
+
+
+def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress, timings) -> Iterator[VideoClip]:
+    ts = index.timestamps
+    total = len(indices)
+    done = 0
+    buf_frames: list[np.ndarray] = []
+    buf_idx: list[int] = []
+    t_start = time.perf_counter()
+
+    def flush() -> VideoClip:
+        clip = VideoClip(
+            frames=torch.from_numpy(np.stack(buf_frames)),
+            timestamps=[float(ts[i]) for i in buf_idx],
+            indices=list(buf_idx),
+            fps=index.fps,
+            duration=index.duration,
+            backend=backend_name,
+            source=str(index.source),
+            frame_count=index.frame_count,
+            timings={**timings, "decode": time.perf_counter() - t_start},
+        )
+        buf_frames.clear()
+        buf_idx.clear()
+        return clip
+
+    last = -1
+    for position, rgb in read(index, indices, size):
+        if position == last:
+            continue  # an undecodable frame was replaced by the next one, which is also planned
+        last = position
+        buf_frames.append(rgb)
+        buf_idx.append(position)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        if len(buf_frames) >= chunk_size:
+            yield flush()
+            t_start = time.perf_counter()
+    if buf_frames:
+        yield flush()
+    elif done == 0:
+        raise VideoError(index.source, "no frame could be decoded", "the file may be corrupt or truncated")
+
+
+def sample_video(
+    path: Any,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    max_frames: int | None = None,
+    backend: str = "auto",
+    every: int | None = None,
+    max_size: int | None = None,
+    progress: Progress | None = None,
+) -> VideoClip:
+    """Decode the planned frames of a video file (or file object) into one :class:`VideoClip`.
+
+    Args:
+        path: a video file path, or a seekable binary file object (PyAV backend only).
+        num_frames: N frames uniformly over [start, end), first and last included.
+        fps: frames per second of video to take (the frame nearest each 1/fps tick).
+        every: every n-th frame. At most one of num_frames / fps / every; none means every frame.
+        start, end: seconds; frames with start <= t < end are considered.
+        max_frames: cap; a longer plan is thinned uniformly over the whole range.
+        backend: "auto" (= "pyav"), "pyav", "decord" or "opencv".
+        max_size: scale frames down so that the longer side is at most this many pixels.
+        progress: ``progress(done, total)`` after each frame; raise from it to cancel.
+
+    Raises:
+        VideoError (a ValueError) naming the file and the problem; VisionZipError for bad options.
+    """
+    chunks = list(iter_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
+                             backend=backend, every=every, max_size=max_size, chunk_size=1 << 30, progress=progress))
+    return chunks[0]

@@ -1,0 +1,267 @@
+"""Decoder backends: PyAV (default), decord, OpenCV. Each imports its library lazily.
+
+Every backend decodes the frames of a plan (positions in the :class:`StreamIndex`, presentation order)
+and yields ``(position, rgb)`` with ``rgb`` a uint8 ``[H, W, 3]`` array in display orientation. The index
+(built with PyAV, see ``probe.py``) is the single source of truth for what "frame i" is, so every
+backend returns the same frames for the same plan.
+
+Hazards handled here (each measured on real files):
+  - decord can hang on MPEG-TS and similar containers, counts MP4 edit-list pre-roll as frames, and
+    its seeks return wrong frames on HEVC and open-GOP H.264: it is only used on containers in
+    ``DECORD_SAFE_FORMATS``, reads in order from the start, and its frames are matched to ours by
+    timestamp, not by its own frame numbers. ``auto`` never picks decord.
+  - OpenCV's frame-position seek is wrong on variable-frame-rate video: the OpenCV backend never seeks;
+    it grabs frames in order and counts them.
+  - PyAV: a frame is identified by its presentation timestamp after every seek; if a demuxer lands
+    after the wanted frame, we seek further back (finally from the start) instead of returning a wrong frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import VideoError, VisionZipError
+from .probe import StreamIndex, open_container
+
+log = logging.getLogger(__name__)
+
+# Containers (FFmpeg demuxer names) on which decord has been seen to work; it can hang on others.
+DECORD_SAFE_FORMATS = ("mov", "mp4", "matroska", "webm", "avi")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # the Python module it needs
+    read: Callable[..., Iterator[tuple[int, np.ndarray]]]
+    note: str
+
+
+def target_size(index: StreamIndex, max_size: int | None) -> tuple[int, int] | None:
+    """Coded (width, height) to scale decoded frames to so the longer display side is <= max_size."""
+    if max_size is None:
+        return None
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:
+        raise VisionZipError(f"max_size must be an integer >= 16 (pixels) or None, got {max_size!r}")
+    longest = max(index.width, index.height)
+    if longest <= max_size:
+        return None
+    scale = max_size / longest
+    return max(2, round(index.width * scale)), max(2, round(index.height * scale))
+
+
+def _orient(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    if rotation == 0:
+        return rgb
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))  # np.rot90 turns counter-clockwise
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-downscale an RGB uint8 array to (width, height)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="area")
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- PyAV
+
+
+def _decoded_frames(container, stream, index: StreamIndex, counter: list[int]):
+    """Decoded frames after the current position, errors in single packets skipped (logged)."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as e:  # a corrupt packet: skip it, keep going
+            counter[0] += 1
+            if counter[0] <= 3:
+                log.warning("%s: skipping an undecodable packet at pts %s: %s", index.source, packet.pts, e)
+            continue
+        yield from frames
+
+
+def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+    targets = sorted(set(frames))
+    if not targets:
+        return
+    kwargs = {"format": "rgb24"}
+    if size is not None:
+        kwargs.update(width=size[0], height=size[1], interpolation="AREA")
+    bad_packets = [0]
+    pts_list = index.pts
+    container = None
+    try:
+        ti = 0  # next target to produce
+        pos = -1  # presentation position of the latest decoded frame
+        frame_iter = None
+        backoff = 0  # how many keyframes further back than needed the next seek goes (after an overshoot)
+        while ti < len(targets):
+            target = targets[ti]
+            key = index.keyframe_at_or_before(target)
+            if frame_iter is None or (index.has_pts and key > pos + 1):
+                # (Re)start decoding at a keyframe: the first time, after an overshoot, or when a keyframe
+                # lies between the last decoded frame and the next target (a sparse plan: skip the gap).
+                k = int(np.searchsorted(index.keyframes, key)) - backoff
+                seek_pos = int(index.keyframes[k]) if k > 0 and index.has_pts else 0
+                if seek_pos == 0 or container is None:
+                    # From the very start: reopen rather than seek (some demuxers, e.g. MPEG-TS, land late).
+                    if container is not None:
+                        container.close()
+                    container = open_container(index.source)
+                    stream = container.streams[index.stream_index]
+                    stream.thread_type = "AUTO"
+                if seek_pos > 0:
+                    container.seek(int(pts_list[seek_pos]), stream=stream, backward=True, any_frame=False)
+                    stream.codec_context.flush_buffers()
+                frame_iter = _decoded_frames(container, stream, index, bad_packets)
+                fresh = True
+                counted = -1  # streams without timestamps are always read from the start, in order
+            for frame in frame_iter:
+                if index.has_pts and frame.pts is not None:
+                    p = int(np.searchsorted(pts_list, frame.pts))
+                    if p >= len(pts_list) or pts_list[p] != frame.pts:
+                        continue  # a frame the index does not know (should not happen); ignore it
+                else:
+                    counted += 1
+                    p = counted
+                if fresh and p > target and seek_pos > 0:
+                    backoff += 1  # the demuxer landed after the wanted frame: start further back
+                    frame_iter = None
+                    break
+                fresh = False
+                pos = max(pos, p)
+                if p < target:
+                    continue
+                if p > target:  # frames in between were undecodable (corrupt data)
+                    log.warning("%s: frame %d could not be decoded; returning frame %d instead", index.source, target, p)
+                backoff = 0
+                yield p, _orient(frame.reformat(**kwargs).to_ndarray(), index.rotation)
+                while ti < len(targets) and targets[ti] <= p:
+                    ti += 1
+                break
+            else:
+                if fresh and seek_pos > 0:
+                    backoff += 1  # the seek landed past every frame (seen with MPEG-TS): start further back
+                    frame_iter = None
+                    continue
+                if ti < len(targets):  # the stream ended before the remaining targets
+                    log.warning("%s: frames %d..%d could not be decoded (is the file truncated?)",
+                                index.source, targets[ti], targets[-1])
+                return
+    finally:
+        if container is not None:
+            container.close()
+
+
+# --------------------------------------------------------------------------------------------- decord
+
+
+def read_decord(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+    source = index.source
+    if not isinstance(source, str):
+        raise VideoError(source, "the decord backend reads files by path only", "use backend='pyav'")
+    fmt_names = set(index.container_format.split(","))
+    if not fmt_names & set(DECORD_SAFE_FORMATS):
+        raise VideoError(source, f"decord is not used on {index.container_format!r} files (it can hang on them)",
+                         "use backend='pyav' (the default)")
+    import decord
+
+    kwargs = {"ctx": decord.cpu(0), "num_threads": 0}
+    if size is not None and index.rotation == 0:  # decord resizes rotated video wrongly: resize ourselves
+        kwargs.update(width=size[0], height=size[1])
+    try:
+        reader = decord.VideoReader(source, **kwargs)
+    except decord.DECORDError as e:
+        raise VideoError(source, f"decord cannot open it ({str(e).splitlines()[0]})", "use backend='pyav'") from e
+    # decord's seek (get_batch on sparse indices, seek_accurate, skip_frames) returned wrong frames on
+    # HEVC and open-GOP H.264 here, so it only ever reads in order from the start; frames are matched to
+    # ours by timestamp, as decord also numbers MP4 edit-list pre-roll as frames.
+    n = len(reader)
+    theirs = reader.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
+    tb = float(index.time_base)
+    wanted: dict[int, int] = {}  # decord frame number -> our position
+    for t in sorted(set(frames)):
+        want = float(index.pts[t]) * tb
+        j = int(np.argmin(np.abs(theirs - want)))
+        wanted.setdefault(j, t)
+    last = max(wanted) if wanted else -1
+    for j in range(last + 1):
+        frame = reader.next()
+        if j in wanted:
+            rgb = frame.asnumpy()
+            # decord applies the display rotation itself (same direction as ours); rotate only if it did not.
+            if index.rotation in (90, 270) and rgb.shape[:2] == (index.height, index.width):
+                rgb = _orient(rgb, index.rotation)
+            if size is not None and index.rotation:
+                rgb = _resize(rgb, size if index.rotation == 180 else (size[1], size[0]))
+            yield wanted[j], rgb
+
+
+# --------------------------------------------------------------------------------------------- OpenCV
+
+
+def read_opencv(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+    source = index.source
+    if not isinstance(source, str):
+        raise VideoError(source, "the opencv backend reads files by path only", "use backend='pyav'")
+    import cv2
+
+    cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+    try:
+        if not cap.isOpened():
+            raise VideoError(source, "OpenCV cannot open it", "use backend='pyav'")
+        # We rotate ourselves (same code path as the other backends).
+        if hasattr(cv2, "CAP_PROP_ORIENTATION_AUTO"):
+            cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+        targets = sorted(set(frames))
+        ti = 0
+        i = -1
+        while ti < len(targets):
+            if not cap.grab():  # decodes the next frame in presentation order; no seeking (see module doc)
+                log.warning("%s: OpenCV stopped after %d frames; frames %s.. not returned", source, i + 1, targets[ti])
+                return
+            i += 1
+            if i != targets[ti]:
+                continue
+            ok, bgr = cap.retrieve()
+            ti += 1
+            if not ok:
+                continue
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            if size is not None:
+                rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+            yield i, _orient(rgb, index.rotation)
+    finally:
+        cap.release()
+
+
+BACKENDS: dict[str, Backend] = {
+    "pyav": Backend("pyav", "av", read_pyav, "default; seeks to keyframes for sparse plans, decodes through dense ones"),
+    "decord": Backend("decord", "decord", read_decord, "optional; mp4/mov/mkv/webm/avi only; reads in order from the start"),
+    "opencv": Backend("opencv", "cv2", read_opencv, "optional; decodes in order from the start (no seeking)"),
+}
+
+
+def backend_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(BACKENDS[name].module) is not None
+
+
+def resolve_backend(name: str) -> Backend:
+    """The backend called ``name`` (``auto`` = PyAV); unknown or missing ones get a clear error."""
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise VisionZipError(f"unknown video backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "pyav"
+    if not backend_available(name):
+        pkg = {"pyav": "av", "decord": "decord", "opencv": "opencv-python"}[name]
+        raise VisionZipError(f"video backend {name!r} needs the {pkg!r} package: pip install {pkg}")
+    return BACKENDS[name]

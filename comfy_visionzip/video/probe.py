@@ -1,0 +1,271 @@
+"""Probe a video with PyAV and index its frames without decoding them.
+
+The index is built by demuxing the video stream's packets (no decoding: a 10-minute 1080p file is
+indexed in a fraction of a second). Every packet is one frame; sorting the packets' presentation
+timestamps gives the frames in presentation order, so frame ``i`` has timestamp ``pts[i]`` even when
+the container reports no frame count (MKV, WebM, MPEG-TS), the rate is variable, or the stream has
+B-frames. Packets an MP4 edit list marks as discarded (pre-roll) are not frames and are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from ..errors import VideoError, VideoNotFoundError
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class StreamIndex:
+    """Everything the planners and decoders need to know about one video stream."""
+
+    source: Any  # the path (str) or file object it was read from
+    container_format: str  # e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"
+    codec: str
+    stream_index: int  # index of the video stream in the container
+    time_base: Fraction
+    pts: np.ndarray  # int64 [frame_count]: presentation timestamps, ascending (time_base units)
+    keyframes: np.ndarray  # int64: positions (frame indices) of keyframes, ascending
+    fps: float  # average frame rate (frame_count / duration when the container gives none)
+    width: int  # coded size; display size swaps these when rotation is +-90
+    height: int
+    rotation: int  # counter-clockwise degrees to rotate decoded frames for display: 0, 90, 180, 270
+    has_pts: bool  # False: the stream carries no timestamps; frames are matched by order
+
+    @property
+    def frame_count(self) -> int:
+        return int(self.pts.shape[0])
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """Seconds since the first frame, float64 [frame_count]."""
+        seconds = (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+        return np.round(seconds, 6)  # microseconds: no 2.9330000000000003 in prompts and logs
+
+    @property
+    def duration(self) -> float:
+        """Seconds from the first frame to the end of the last one."""
+        ts = self.timestamps
+        last = 1.0 / self.fps if self.fps > 0 else 0.0
+        return float(ts[-1] + last)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) as shown to a viewer, rotation applied."""
+        return (self.height, self.width) if self.rotation in (90, 270) else (self.width, self.height)
+
+    def keyframe_at_or_before(self, frame: int) -> int:
+        """Position of the last keyframe at or before ``frame`` (0 if there is none)."""
+        pos = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
+        return int(self.keyframes[pos]) if pos >= 0 else 0
+
+
+def open_container(source: Any):
+    """``av.open`` with our errors: a missing, empty or non-video file names itself and the problem."""
+    import av  # lazy: importing the package must stay cheap
+
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise VideoNotFoundError(path, "file not found", "check the path; relative paths are from the current folder")
+        if os.path.isdir(path):
+            raise VideoError(path, "is a folder, not a video file")
+        if os.path.getsize(path) == 0:
+            raise VideoError(path, "file is empty (0 bytes)", "the copy or download may have failed")
+    elif hasattr(source, "seek"):
+        source.seek(0)
+    try:
+        return av.open(source, mode="r", metadata_errors="replace")
+    except av.error.FileNotFoundError as e:
+        raise VideoNotFoundError(source, "file not found") from e
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise VideoError(source, f"not a readable video file ({e.__class__.__name__}: {_short(e)})",
+                         "is it a video? try opening it in a media player") from e
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip()
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def pick_video_stream(container, source: Any):
+    """The main video stream: the first one that is not cover art."""
+    for stream in container.streams.video:
+        disposition = getattr(stream, "disposition", None)
+        attached = False
+        if disposition is not None:
+            try:
+                attached = bool(disposition & 0x400)  # AV_DISPOSITION_ATTACHED_PIC: cover art
+            except TypeError:
+                attached = False
+        if not attached:
+            return stream
+    kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+    raise VideoError(source, f"has no video stream (it holds: {', '.join(kinds)})", "give a video file, not audio or an image")
+
+
+def _rotation_of(stream, first_frame) -> int:
+    """Counter-clockwise display rotation in degrees (0/90/180/270) from the display matrix."""
+    angle = getattr(first_frame, "rotation", None) if first_frame is not None else None
+    if angle is None:
+        tag = stream.metadata.get("rotate") if stream.metadata else None  # older FFmpeg exported a tag (clockwise)
+        try:
+            angle = -float(tag) if tag is not None else 0.0
+        except ValueError:
+            angle = 0.0
+    quarter = int(round(float(angle) / 90.0)) % 4
+    return quarter * 90
+
+
+def build_index(source: Any) -> StreamIndex:
+    """Open ``source``, demux its video stream and return the frame index. Decodes one frame only."""
+    import av
+
+    with open_container(source) as container:
+        stream = pick_video_stream(container, source)
+        codec = stream.codec_context.name if stream.codec_context is not None else "unknown"
+        try:
+            av.codec.Codec(codec, "r")
+        except Exception as e:  # noqa: BLE001 - any failure here means "cannot decode"
+            raise VideoError(source, f"video codec {codec!r} cannot be decoded by this FFmpeg build",
+                             "re-encode it, e.g. to H.264") from e
+        stamps: list[int] = []
+        keys: list[bool] = []
+        any_missing = False
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0 or packet.is_discard:
+                    continue  # flush packets; MP4 edit-list pre-roll is not a frame
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is None:
+                    any_missing = True
+                    ts = len(stamps)
+                stamps.append(int(ts))
+                keys.append(bool(packet.is_keyframe))
+        except av.error.FFmpegError as e:
+            if not stamps:
+                raise VideoError(source, f"cannot read the video stream ({_short(e)})", "the file may be corrupt") from e
+            log.warning("%s: stopped reading after %d frames: %s (the file may be truncated)",
+                        _display(source), len(stamps), _short(e))
+        if not stamps:
+            raise VideoError(source, "the video stream holds no frames", "the file may be truncated or empty")
+
+        time_base = stream.time_base or Fraction(1, 1000)
+        if any_missing:
+            # No timestamps at all (raw elementary streams): frames are in decode order = file order.
+            rate = stream.average_rate or stream.base_rate or stream.guessed_rate or 25
+            time_base = Fraction(1, 1) / Fraction(rate)
+            pts = np.arange(len(stamps), dtype=np.int64)
+            order = np.arange(len(stamps))
+        else:
+            raw = np.asarray(stamps, dtype=np.int64)
+            order = np.argsort(raw, kind="stable")
+            pts = raw[order]
+            dup = np.concatenate([[False], pts[1:] == pts[:-1]])
+            if dup.any():
+                log.warning("%s: %d packets share a timestamp; keeping the first of each", _display(source), int(dup.sum()))
+                keep = ~dup
+                pts, order = pts[keep], order[keep]
+        key_arr = np.asarray(keys, dtype=bool)[order]
+        keyframes = np.flatnonzero(key_arr).astype(np.int64)
+        if keyframes.size == 0 or keyframes[0] != 0:
+            keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
+
+        span = float((pts[-1] - pts[0]) * time_base)
+        rate = stream.average_rate or stream.guessed_rate
+        if len(pts) > 1 and span > 0:
+            fps = (len(pts) - 1) / span  # the true average over the whole stream
+        elif rate and float(rate) > 0:
+            fps = float(rate)
+        else:
+            fps = 0.0
+
+        first_frame = _first_frame(container, stream)
+        rotation = _rotation_of(stream, first_frame)
+        width = stream.codec_context.width or (first_frame.width if first_frame is not None else 0)
+        height = stream.codec_context.height or (first_frame.height if first_frame is not None else 0)
+        if first_frame is None:
+            raise VideoError(source, "no frame of the video stream could be decoded", "the file may be corrupt")
+        return StreamIndex(
+            source=source,
+            container_format=container.format.name,
+            codec=codec,
+            stream_index=stream.index,
+            time_base=Fraction(time_base),
+            pts=pts,
+            keyframes=keyframes,
+            fps=fps,
+            width=int(width),
+            height=int(height),
+            rotation=rotation,
+            has_pts=not any_missing,
+        )
+
+
+def _first_frame(container, stream):
+    import av
+
+    try:
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        pass
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            if frames:
+                return frames[0]
+    except av.error.FFmpegError:
+        return None
+    return None
+
+
+def _display(source: Any) -> str:
+    from ..errors import _display_path
+
+    return _display_path(source)
+
+
+# A small cache so that re-running a workflow on the same file does not demux it again. Keyed by
+# the file's path, size and mtime: editing the file in place invalidates the entry.
+_CACHE: OrderedDict[tuple, StreamIndex] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 16
+
+
+def get_index(source: Any) -> StreamIndex:
+    """:func:`build_index`, cached for paths (by path, size and mtime)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return build_index(source)
+    path = os.path.abspath(os.fspath(source))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return build_index(source)  # raises the proper not-found error
+    key = (path, st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    index = build_index(os.fspath(source))
+    with _CACHE_LOCK:
+        _CACHE[key] = index
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return index
+
+
+def frame_seconds(index: StreamIndex, frame: int) -> float:
+    """Absolute stream time (seconds, not relative to the first frame) of ``frame``."""
+    return float(index.pts[frame]) * float(index.time_base)

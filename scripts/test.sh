@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite on a fresh machine (the README's test command; .ci/run runs it).
+#
+# 1. .venv      : the newest dependencies the ranges allow, plus the optional decoders.
+# 2. .venv-min  : the oldest supported versions (tests/constraints-min.txt), so both ends of every
+#                 declared range are tested.
+# torch comes from TORCH_SPEC (default: the CPU build torch==2.13.0); it is not a declared dependency
+# because ComfyUI users already have their own CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+setup() {  # setup VENV [pip args...]
+  local venv=$1; shift
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q "$TORCH_SPEC" -e ".[test]" "$@"
+}
+
+echo "== newest dependencies (.venv)"
+setup .venv
+.venv/bin/python -m pytest -q "$@"
+
+echo "== oldest supported dependencies (.venv-min: $(grep -v '^#' tests/constraints-min.txt | tr '\n' ' '))"
+setup .venv-min -c tests/constraints-min.txt
+.venv-min/bin/python -m pytest -q "$@"

@@ -1,0 +1,39 @@
+"""Shared fixtures: numbered clips generated with PyAV (no binary test data in the repo)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from comfy_visionzip.synthetic import make_clip
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CLIP = REPO.parent / "shared" / "media" / "flipping_a_pancake.mkv"
+
+
+@pytest.fixture(scope="session")
+def clip_factory(tmp_path_factory):
+    """``clip_factory(name, **make_clip_kwargs)`` -> path of a generated numbered clip (cached per session)."""
+    folder = tmp_path_factory.mktemp("clips")
+    made: dict[str, str] = {}
+
+    def make(name: str, **kwargs) -> str:
+        key = name + hashlib.sha1(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        if key not in made:
+            stem, ext = os.path.splitext(name)
+            made[key] = make_clip(folder / f"{stem}-{key[-8:]}{ext}", **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def real_clip() -> str:
+    """The real-world MKV in ../shared/media (its stream reports no frame count); skipped where absent."""
+    if not REAL_CLIP.exists():
+        pytest.skip(f"real-world clip not present at {REAL_CLIP}")
+    return str(REAL_CLIP)
