@@ -8,6 +8,7 @@ seeking, on any container and codec, through lossy compression.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -18,14 +19,22 @@ import numpy as np
 BITS = 16  # frame numbers up to 65535 (36 minutes at 30 fps)
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x = np.arange(width, dtype=np.float32) / max(width, 1) * 6.28
+    y = np.arange(height, dtype=np.float32) / max(height, 1) * 6.28
+    xy = (np.arange(height, dtype=np.float32)[:, None] + np.arange(width, dtype=np.float32)[None, :]) / max(width + height, 1) * 6.28
+    return x, y, xy
+
+
 def draw_frame(number: int, width: int, height: int) -> np.ndarray:
     """RGB uint8 [height, width, 3]: a gradient that moves with ``number`` and the number in binary."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    x, y, xy = _grid(width, height)
     phase = number * 0.15
     img = np.empty((height, width, 3), np.uint8)
-    img[..., 0] = (127 + 100 * np.sin(x / max(width, 1) * 6.28 + phase)).astype(np.uint8)
-    img[..., 1] = (127 + 100 * np.sin(y / max(height, 1) * 6.28 - phase)).astype(np.uint8)
-    img[..., 2] = (127 + 100 * np.cos((x + y) / max(width + height, 1) * 6.28 + 2 * phase)).astype(np.uint8)
+    img[..., 0] = (127 + 100 * np.sin(x + phase))[None, :]
+    img[..., 1] = (127 + 100 * np.sin(y - phase))[:, None]
+    img[..., 2] = 127 + 100 * np.cos(xy + 2 * phase)
     img[:4, :4] = (255, 0, 0)  # a red corner marks the top-left, to check rotation
     strip = height // 4
     cell = width / BITS

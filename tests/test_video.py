@@ -325,3 +325,13 @@ def test_start_beyond_the_end_names_the_file_and_its_length(clip_factory):
 def test_draw_and_read_frame_number_roundtrip():
     for n in (0, 1, 255, 4097, 65535):
         assert read_frame_number(draw_frame(n, 160, 120)) == n
+
+
+def test_explicit_frames(clip_factory):
+    path = _make(clip_factory, FORMATS["hevc-mp4"])
+    clip = sample_video(path, frames=[59, 3, 3, 31])
+    assert clip.indices == [3, 31, 59] == _numbers(clip)
+    with pytest.raises(VideoError, match="frame 60 does not exist; the video has frames 0..59"):
+        sample_video(path, frames=[1, 60])
+    with pytest.raises(VisionZipError, match="either frames or a plan"):
+        sample_video(path, frames=[1], num_frames=3)

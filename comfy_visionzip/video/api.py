@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,22 @@ def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
         raise VideoError(index.source, str(e)) from e
 
 
+def _explicit(index: StreamIndex, frames: Sequence[int], **plan_args) -> list[int]:
+    given = [k for k, v in plan_args.items() if v is not None]
+    if given:
+        raise VisionZipError(f"give either frames or a plan ({', '.join(given)}), not both")
+    try:
+        picks = sorted({int(i) for i in frames})
+    except (TypeError, ValueError) as e:
+        raise VisionZipError(f"frames must be a list of frame numbers, got {frames!r}") from e
+    if not picks:
+        raise VisionZipError("frames is empty: give at least one frame number")
+    if picks[0] < 0 or picks[-1] >= index.frame_count:
+        raise VideoError(index.source, f"frame {picks[0] if picks[0] < 0 else picks[-1]} does not exist; "
+                                       f"the video has frames 0..{index.frame_count - 1}")
+    return picks
+
+
 def iter_video(
     path: Any,
     *,
@@ -106,6 +122,7 @@ def iter_video(
     backend: str = "auto",
     every: int | None = None,
     max_size: int | None = None,
+    frames: Sequence[int] | None = None,
     chunk_size: int = 32,
     progress: Progress | None = None,
 ) -> Iterator[VideoClip]:
@@ -122,8 +139,11 @@ def iter_video(
     index = get_index(path)
     size = target_size(index, max_size)
     t1 = time.perf_counter()
-    indices = _plan(index, {"num_frames": num_frames, "fps": fps, "every": every, "start": start, "end": end,
-                            "max_frames": max_frames})
+    if frames is not None:
+        indices = _explicit(index, frames, num_frames=num_frames, fps=fps, every=every, max_frames=max_frames)
+    else:
+        indices = _plan(index, {"num_frames": num_frames, "fps": fps, "every": every, "start": start, "end": end,
+                                "max_frames": max_frames})
     t2 = time.perf_counter()
     return _iter_chunks(index, indices, chosen.name, chosen.read, size, chunk_size, progress,
                         {"probe": t1 - t0, "plan": t2 - t1})
@@ -183,6 +203,7 @@ def sample_video(
     backend: str = "auto",
     every: int | None = None,
     max_size: int | None = None,
+    frames: Sequence[int] | None = None,
     progress: Progress | None = None,
 ) -> VideoClip:
     """Decode the planned frames of a video file (or file object) into one :class:`VideoClip`.
@@ -196,11 +217,13 @@ def sample_video(
         max_frames: cap; a longer plan is thinned uniformly over the whole range.
         backend: "auto" (= "pyav"), "pyav", "decord" or "opencv".
         max_size: scale frames down so that the longer side is at most this many pixels.
+        frames: explicit frame numbers to decode instead of a plan (e.g. a plan made earlier).
         progress: ``progress(done, total)`` after each frame; raise from it to cancel.
 
     Raises:
         VideoError (a ValueError) naming the file and the problem; VisionZipError for bad options.
     """
     chunks = list(iter_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
-                             backend=backend, every=every, max_size=max_size, chunk_size=1 << 30, progress=progress))
+                             backend=backend, every=every, max_size=max_size, frames=frames, chunk_size=1 << 30,
+                             progress=progress))
     return chunks[0]

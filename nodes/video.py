@@ -1,0 +1,163 @@
+"""Video nodes: Load Video (sampling) and Frame Budget. Thin: every run method calls the library."""
+
+from __future__ import annotations
+
+import os
+
+from ..comfy_visionzip import VideoHandle, frames_for_budget, sample_video
+from ..comfy_visionzip.video import BACKENDS, uniform_pick
+from . import _comfy
+
+CATEGORY = "VisionZip/video"
+VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle: the file + sampling plan, streamed later by the encoder
+
+MODES = ["num_frames", "fps", "every"]
+
+
+def _format_timestamps(seconds: list[float]) -> str:
+    return ", ".join(f"{t:.3f}" for t in seconds)
+
+
+class VisionZipLoadVideo:
+    """Sample frames from a long video without decoding it all: a plan + a small preview."""
+
+    DESCRIPTION = ("Samples frames from a video file (frame-accurate, any container FFmpeg reads). Outputs a "
+                   "handle the VisionZip encoder streams from (no giant IMAGE batch), plus a preview IMAGE.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "STRING", VIDEO_TYPE, "INT")
+    RETURN_NAMES = ("frames", "timestamps", "video", "frame_count")
+    OUTPUT_TOOLTIPS = (
+        "Up to preview_frames of the sampled frames (spread uniformly), RGB 0..1, display orientation.",
+        "Timestamps in seconds of the frames in the IMAGE output, comma separated.",
+        "The video and its sampling plan; connect to VisionZip Encode / Video to Tokens to stream every planned frame.",
+        "How many frames the plan samples in total.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video": (_comfy.list_input_videos() or [""], {
+                    "video_upload": True,
+                    "tooltip": "A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a VIDEO input is given."}),
+                "mode": (MODES, {"default": "num_frames",
+                                 "tooltip": "num_frames: N frames spread over [start, end); fps: frames per second of video; every: every n-th frame."}),
+                "num_frames": ("INT", {"default": 16, "min": 1, "max": 100000,
+                                       "tooltip": "mode num_frames: how many frames, first and last included."}),
+                "fps": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 240.0, "step": 0.1,
+                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second)."}),
+                "every": ("INT", {"default": 30, "min": 1, "max": 100000,
+                                  "tooltip": "mode every: take every n-th frame."}),
+                "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
+                                    "tooltip": "Seconds: ignore frames before this time."}),
+                "end": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
+                                  "tooltip": "Seconds: ignore frames from this time on. 0 = to the end."}),
+                "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                       "tooltip": "Cap on the number of frames; a longer plan is thinned evenly over the range. 0 = no cap."}),
+                "max_size": ("INT", {"default": 768, "min": 0, "max": 8192,
+                                     "tooltip": "Scale frames so the longer side is at most this many pixels (the encoder resizes anyway). 0 = original size."}),
+                "preview_frames": ("INT", {"default": 16, "min": 0, "max": 100000,
+                                           "tooltip": "How many of the sampled frames go to the IMAGE output. 0 = all (beware: long videos make huge batches)."}),
+                "backend": (["auto", *BACKENDS], {"default": "auto",
+                                                  "tooltip": "Decoder: auto (= pyav, safe for every file), pyav, decord (optional), opencv (optional)."}),
+            },
+            "optional": {
+                "path": ("STRING", {"default": "", "tooltip": "A video file path anywhere on disk; overrides the dropdown."}),
+                "video_input": ("VIDEO", {"tooltip": "A core ComfyUI VIDEO (e.g. from Load Video); overrides file and path."}),
+            },
+        }
+
+    @staticmethod
+    def _source(video: str, path: str = "", video_input=None):
+        if video_input is not None:
+            get_source = getattr(video_input, "get_stream_source", None)
+            if get_source is None:
+                raise ValueError("this VIDEO input has no stream to read; connect its frames as IMAGE to the encoder instead")
+            return get_source()
+        return _comfy.resolve_input_path(path or video)
+
+    @classmethod
+    def IS_CHANGED(cls, video, path="", video_input=None, **_kwargs):
+        if video_input is not None:
+            return float("nan")
+        source = _comfy.resolve_input_path(path or video)
+        try:
+            return f"{source}:{os.path.getmtime(source)}"
+        except OSError:
+            return source
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, video, path="", **_kwargs):
+        # Linked inputs (video_input) are not known here; a missing file with no link is reported before the run.
+        if not (path or video):
+            return True  # a VIDEO input may be connected; load() checks again
+        source = _comfy.resolve_input_path(path or video)
+        if not os.path.isfile(source):
+            return f"video file not found: {source!r} (upload it to ComfyUI's input folder or fix the path)"
+        return True
+
+    def load(self, video, mode, num_frames, fps, every, start, end, max_frames, max_size, preview_frames, backend,
+             path="", video_input=None):
+        source = self._source(video, path, video_input)
+        if isinstance(source, str) and not source:
+            raise ValueError("no video given: pick a file, type a path, or connect a VIDEO input")
+        handle = VideoHandle(
+            source,
+            num_frames=num_frames if mode == "num_frames" else None,
+            fps=fps if mode == "fps" else None,
+            every=every if mode == "every" else None,
+            start=float(start),
+            end=float(end) if end and end > 0 else None,
+            max_frames=max_frames or None,
+            backend=backend,
+            max_size=max_size or None,
+        )
+        indices, _times = handle.plan()
+        keep = indices if not preview_frames else [indices[i] for i in uniform_pick(len(indices), preview_frames)]
+        preview = sample_video(source, frames=keep, backend=backend, max_size=handle.max_size,
+                               progress=_comfy.progress_callback(len(keep)))
+        return (preview.to_image(), _format_timestamps(preview.timestamps), handle, len(indices))
+
+
+class VisionZipFrameBudget:
+    """How many frames fit in a token budget: feed the result to Load Video's num_frames / max_frames."""
+
+    DESCRIPTION = "Frames that fit in a token budget at a given number of visual tokens per frame."
+    CATEGORY = CATEGORY
+    FUNCTION = "plan"
+    RETURN_TYPES = ("INT", "STRING")
+    RETURN_NAMES = ("frames", "summary")
+    OUTPUT_TOOLTIPS = ("Number of frames that fit.", "A one-line explanation of the numbers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "token_budget": ("INT", {"default": 2048, "min": 1, "max": 1 << 22,
+                                         "tooltip": "Visual tokens you can afford (context length minus prompt and answer, or a speed target)."}),
+                "tokens_per_frame": ("INT", {"default": 17, "min": 1, "max": 100000,
+                                             "tooltip": "Tokens each frame keeps: dominant + contextual (e.g. 17 for Video-LLaVA at VisionZip's setting, 64 for LLaVA-1.5 54+10, 576 uncompressed)."}),
+                "reserved": ("INT", {"default": 0, "min": 0, "max": 1 << 22,
+                                     "tooltip": "Tokens of the budget kept free for the question and the answer."}),
+                "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                       "tooltip": "Never return more than this (0 = no cap)."}),
+            }
+        }
+
+    def plan(self, token_budget, tokens_per_frame, reserved=0, max_frames=0):
+        frames = frames_for_budget(token_budget, tokens_per_frame, reserved=reserved, max_frames=max_frames or None)
+        summary = (f"{frames} frames x {tokens_per_frame} tokens = {frames * tokens_per_frame} of {token_budget} "
+                   f"tokens ({reserved} reserved)")
+        return {"ui": {"text": [summary]}, "result": (frames, summary)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "VisionZipLoadVideo": VisionZipLoadVideo,
+    "VisionZipFrameBudget": VisionZipFrameBudget,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VisionZipLoadVideo": "Load Video (VisionZip)",
+    "VisionZipFrameBudget": "Frame Budget (VisionZip)",
+}
+

@@ -1,0 +1,105 @@
+"""The video nodes, imported the way ComfyUI imports the pack (a folder loaded as a package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_visionzip.synthetic import read_frame_number
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """Load the repo root like ComfyUI's load_custom_node does (module named after the folder path)."""
+    name = "ComfyUI-VisionZip-under-test"
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+
+
+def test_mappings_ids_categories_and_tooltips(pack):
+    mappings = pack.NODE_CLASS_MAPPINGS
+    assert {"VisionZipLoadVideo", "VisionZipFrameBudget"} <= set(mappings)
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
+    for node_id, cls in mappings.items():
+        assert node_id.startswith("VisionZip")
+        assert cls.CATEGORY.startswith("VisionZip/") and cls.CATEGORY.count("/") == 1
+        assert callable(getattr(cls, cls.FUNCTION))
+        spec = cls.INPUT_TYPES()
+        for section in spec.values():
+            for input_name, (kind, *opts) in section.items():
+                assert opts and opts[0].get("tooltip"), f"{node_id}.{input_name} has no tooltip"
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+
+
+def test_no_comfy_import_and_no_side_effects(pack):
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules and "server" not in sys.modules
+
+
+def test_load_video_outputs_preview_timestamps_and_handle(pack, clip_factory):
+    path = clip_factory("node.mkv", frames=90, options={"g": "15"})
+    node = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]()
+    image, timestamps, handle, count = node.load(
+        video="", mode="fps", num_frames=16, fps=5.0, every=30, start=0.0, end=0.0, max_frames=0,
+        max_size=0, preview_frames=4, backend="auto", path=path)
+    assert count == 15  # 3 s at 5 fps
+    assert image.dtype == torch.float32 and image.shape == (4, 120, 160, 3)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    numbers = [read_frame_number((f.numpy() * 255).round().astype(np.uint8)) for f in image]
+    indices, times = handle.plan()
+    assert len(indices) == 15 and indices[:3] == [0, 6, 12]
+    assert numbers == [0, 30, 54, 84]  # 4 of the 15 planned frames, first and last included
+    assert timestamps == "0.000, 1.000, 1.800, 2.800"
+    streamed = sum((c.indices for c in handle.iter(chunk_size=4)), [])
+    assert streamed == indices
+
+
+def test_load_video_validation_and_is_changed(pack, clip_factory, tmp_path):
+    cls = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]
+    missing = str(tmp_path / "gone.mp4")
+    message = cls.VALIDATE_INPUTS(video="", path=missing)
+    assert isinstance(message, str) and "video file not found" in message and "gone.mp4" in message
+    path = clip_factory("node2.mp4", frames=10)
+    assert cls.VALIDATE_INPUTS(video="", path=path) is True
+    before = cls.IS_CHANGED(video="", path=path)
+    assert before == cls.IS_CHANGED(video="", path=path)
+    os.utime(path, (1, 1))
+    assert cls.IS_CHANGED(video="", path=path) != before
+    with pytest.raises(ValueError, match="no video given"):
+        cls().load(video="", mode="num_frames", num_frames=4, fps=1.0, every=1, start=0.0, end=0.0, max_frames=0,
+                   max_size=0, preview_frames=4, backend="auto")
+
+
+def test_load_video_from_core_video_input(pack, clip_factory):
+    path = clip_factory("core.mp4", frames=30)
+
+    class CoreVideo:  # the part of comfy_api's VideoInput the node uses
+        def get_stream_source(self):
+            return path
+
+    image, _ts, handle, count = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]().load(
+        video="ignored.mp4", mode="every", num_frames=1, fps=1.0, every=10, start=0.0, end=0.0, max_frames=0,
+        max_size=80, preview_frames=0, backend="auto", video_input=CoreVideo())
+    assert count == 3 and image.shape == (3, 60, 80, 3)
+    assert handle.source == path
+
+
+def test_frame_budget_node(pack):
+    node = pack.NODE_CLASS_MAPPINGS["VisionZipFrameBudget"]()
+    out = node.plan(token_budget=2048, tokens_per_frame=17, reserved=0, max_frames=0)
+    assert out["result"][0] == 120
+    assert "120 frames x 17 tokens = 2040 of 2048" in out["ui"]["text"][0]
+    with pytest.raises(ValueError, match="cannot hold one frame"):
+        node.plan(token_budget=100, tokens_per_frame=576)
