@@ -3,7 +3,8 @@
 Imports of the library are relative: ComfyUI does not put custom-node folders on ``sys.path``.
 """
 
-from .video import NODE_CLASS_MAPPINGS as _VIDEO, NODE_DISPLAY_NAME_MAPPINGS as _VIDEO_NAMES
+from .video import NODE_CLASS_MAPPINGS as _VIDEO
+from .video import NODE_DISPLAY_NAME_MAPPINGS as _VIDEO_NAMES
 
 NODE_CLASS_MAPPINGS = {**_VIDEO}
 NODE_DISPLAY_NAME_MAPPINGS = {**_VIDEO_NAMES}

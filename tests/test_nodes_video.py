@@ -39,7 +39,7 @@ def test_mappings_ids_categories_and_tooltips(pack):
         assert callable(getattr(cls, cls.FUNCTION))
         spec = cls.INPUT_TYPES()
         for section in spec.values():
-            for input_name, (kind, *opts) in section.items():
+            for input_name, (_kind, *opts) in section.items():
                 assert opts and opts[0].get("tooltip"), f"{node_id}.{input_name} has no tooltip"
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
 
