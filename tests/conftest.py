@@ -37,3 +37,19 @@ def real_clip() -> str:
     if not REAL_CLIP.exists():
         pytest.skip(f"real-world clip not present at {REAL_CLIP}")
     return str(REAL_CLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(family)`` -> folder of a tiny random checkpoint saved with save_pretrained (cached)."""
+    from comfy_visionzip.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("models")
+    made: dict[str, str] = {}
+
+    def make(family: str) -> str:
+        if family not in made:
+            made[family] = build_tiny(family, root / family)
+        return made[family]
+
+    return make

@@ -1,0 +1,477 @@
+"""The vision encoder with attention: preprocessing, a forward pass that stops at the select layer,
+and the select layer's CLS attention row (or attention received) and head-averaged keys.
+
+How the scores are read without slowing the tower down:
+  - the tower keeps its fast attention (SDPA); nothing asks it for attention maps;
+  - forward hooks on *one* model instance capture the select layer's query and key projections
+    (outputs of ``q_proj`` / ``k_proj``; no extra matmul) and its output, then stop the forward
+    (the remaining layers never run: LLaVA reads the second-to-last layer);
+  - with a CLS token only the CLS row of softmax(q k^T) is computed ((B, heads, S) numbers); without
+    one (SigLIP) the attention each token receives is accumulated over query chunks, never S x S for
+    all heads of a whole batch at once;
+  - the hooks are removed in ``finally``; nothing is patched on any class.
+
+Preprocessing reproduces the checkpoint's image processor (shortest-edge resize + centre crop for CLIP;
+square resize; LLaVA-NeXT / OneVision "anyres" crops) in batched torch on the model's device. The
+bicubic resize is done in two passes with rounding to 0..255 in between, as PIL does, which keeps pixel values within a couple of uint8 steps of the processor on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VisionZipError
+from .zip import METHODS, ZipResult, compress
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a checkpoint turns an RGB image into pixel values (read from its processor config)."""
+
+    shortest_edge: int | None = None  # resize so the shorter side is this long (CLIP) ...
+    resize_hw: tuple[int, int] | None = None  # ... or to exactly (height, width) (SigLIP / OneVision)
+    crop_hw: tuple[int, int] | None = None  # centre crop after the resize (None: no crop)
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale: float = 1 / 255
+    pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres grid resolutions (height, width)
+
+    @property
+    def tile(self) -> int:
+        """Side of the square image the tower sees."""
+        if self.crop_hw is not None:
+            return self.crop_hw[0]
+        if self.resize_hw is not None:
+            return self.resize_hw[0]
+        return int(self.shortest_edge or 0)
+
+    @classmethod
+    def from_config(cls, config: dict, *, anyres: bool = True) -> Preprocess:
+        """From an image/video processor config (``preprocessor_config.json`` keys or processor attributes)."""
+
+        def get(key, default=None):
+            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+        size = get("size")
+        if hasattr(size, "items") and not isinstance(size, dict):
+            size = {k: v for k, v in size.items() if v is not None}  # transformers SizeDict
+        shortest = resize_hw = None
+        if isinstance(size, dict):
+            if size.get("shortest_edge"):
+                shortest = int(size["shortest_edge"])
+            elif size.get("height") and size.get("width"):
+                resize_hw = (int(size["height"]), int(size["width"]))
+        elif isinstance(size, int):
+            shortest = size
+        if shortest is None and resize_hw is None:
+            raise VisionZipError(f"the processor config has no usable 'size' ({size!r})")
+        crop = get("crop_size")
+        if hasattr(crop, "items") and not isinstance(crop, dict):
+            crop = {k: v for k, v in crop.items() if v is not None}
+        crop_hw = None
+        if get("do_center_crop", crop is not None) and crop:
+            crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
+        mean = tuple(float(v) for v in (get("image_mean") or OPENAI_CLIP_MEAN))
+        std = tuple(float(v) for v in (get("image_std") or OPENAI_CLIP_STD))
+        rescale = float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0
+        pinpoints = get("image_grid_pinpoints") if anyres else None
+        pins = tuple((int(h), int(w)) for h, w in pinpoints) if pinpoints else None
+        return cls(shortest, resize_hw, crop_hw, mean, std, rescale, pins)
+
+
+def resize_bicubic(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, C, H, W) float 0..255 (integral values) -> (N, C, height, width), antialiased bicubic, 0..255 integral.
+
+    Done the way transformers' torchvision backend (the one ComfyUI installs) does it: on the CPU the
+    uint8 kernel (bit-exact with it), elsewhere one float pass then clamp and round (as it does on GPU).
+    """
+    if x.shape[-2:] == (height, width):
+        return x
+    if x.device.type == "cpu":
+        small = x.round().clamp(0, 255).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        out = F.interpolate(small, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        return out.float().contiguous()
+    out = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp_(0, 255).round_()
+
+
+def _shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
+    short, long = (height, width) if height <= width else (width, height)
+    new_long = int(edge * long / short)
+    return (edge, new_long) if height <= width else (new_long, edge)
+
+
+def _center_crop(x: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    if height < crop_h or width < crop_w:  # the processor pads small images with zeros first
+        pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        height, width = x.shape[-2:]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return x[..., top: top + crop_h, left: left + crop_w]
+
+
+def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The anyres grid resolution (h, w) keeping the most of the image and wasting the least (LLaVA-NeXT)."""
+    best, best_effective, best_waste = None, 0, math.inf
+    for target_h, target_w in pinpoints:
+        scale = min(target_w / width, target_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = target_h * target_w - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (target_h, target_w), effective, waste
+    return best
+
+
+def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def preprocess_frames(
+    frames: torch.Tensor, spec: Preprocess, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 [T, H, W, 3] frames (all the same size) -> pixel values.
+
+    Returns (T, 3, S, S), or (T, 1 + tiles, 3, S, S) with anyres (the resized whole image first, then
+    the grid tiles row by row), normalised as the checkpoint's processor does.
+    """
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise VisionZipError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(frames.shape)}")
+    if frames.dtype != torch.uint8:
+        if frames.is_floating_point():  # a ComfyUI IMAGE: float 0..1
+            frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
+        else:
+            raise VisionZipError(f"frames must be uint8 0..255 or float 0..1, got {frames.dtype}")
+    x = frames.to(device=device).permute(0, 3, 1, 2).float()  # (T, 3, H, W), 0..255
+    height, width = x.shape[-2:]
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+
+    def finish(tiles: torch.Tensor) -> torch.Tensor:  # per-tile resize/crop (no-ops on square tiles), normalise
+        if spec.shortest_edge is not None:
+            h, w = _shortest_edge_size(tiles.shape[-2], tiles.shape[-1], spec.shortest_edge)
+            tiles = resize_bicubic(tiles, h, w)
+        elif spec.resize_hw is not None:
+            tiles = resize_bicubic(tiles, *spec.resize_hw)
+        if spec.crop_hw is not None:
+            tiles = _center_crop(tiles, *spec.crop_hw)
+        return ((tiles * spec.rescale - mean) / std).to(dtype)
+
+    if not spec.pinpoints:
+        return finish(x)
+
+    tile = spec.tile
+    target_h, target_w = select_best_resolution(height, width, spec.pinpoints)
+    new_h, new_w = _fit_size(height, width, target_h, target_w)
+    grid = resize_bicubic(x, new_h, new_w)
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    grid = F.pad(grid, (left, target_w - new_w - left, top, target_h - new_h - top))  # black, before normalising
+    rows, cols = target_h // tile, target_w // tile
+    tiles = grid.reshape(-1, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)  # (T, rows, cols, 3, S, S)
+    tiles = tiles.reshape(-1, rows * cols, 3, tile, tile)
+    base_hw = spec.resize_hw or (spec.shortest_edge, spec.shortest_edge)
+    base = resize_bicubic(x, *base_hw)[:, None]  # (T, 1, 3, S, S): the whole image, squashed to a square
+    both = torch.cat([base, tiles], dim=1)  # (T, 1 + tiles, 3, S, S)
+    out = finish(both.flatten(0, 1))
+    return out.view(both.shape[0], both.shape[1], *out.shape[1:])
+
+
+# ----------------------------------------------------------------------------------- the encoder
+
+
+class _StopTower(Exception):
+    """Raised by our hook after the select layer: the rest of the tower is not needed."""
+
+
+@dataclass
+class EncodedImages:
+    """Select-layer outputs of N images (frames, or crops of frames)."""
+
+    hidden: torch.Tensor  # (N, S, D): the select layer's output, CLS first when there is one
+    scores: torch.Tensor  # (N, S-1) CLS attention to each patch (summed over heads), or (N, S) received
+    keys: torch.Tensor  # (N, S, head_dim): the select layer's keys averaged over heads (float32)
+    cls_token: bool
+    grid: tuple[int, int]  # patch rows, cols
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+def _layers_of(tower: torch.nn.Module):
+    inner = getattr(tower, "vision_model", tower)  # transformers 4.x wraps the tower in .vision_model
+    try:
+        return inner, inner.encoder.layers
+    except AttributeError as e:
+        raise VisionZipError(f"{type(tower).__name__} has no encoder.layers: not a CLIP/SigLIP-style vision tower") from e
+
+
+def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
+    """transformers' ``hidden_states[k]`` is the output of layer k-1 (index 0 = embeddings)."""
+    if isinstance(vision_feature_layer, (list, tuple)):
+        raise VisionZipError(f"vision_feature_layer {vision_feature_layer!r} (several layers) is not supported by VisionZip")
+    index = num_layers + vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1
+    if not 0 <= index < num_layers:
+        raise VisionZipError(f"vision_feature_layer {vision_feature_layer} is outside a tower of {num_layers} layers")
+    return index
+
+
+class VisionEncoder:
+    """One vision tower + its preprocessing, run to the select layer with attention scores and keys.
+
+    Args:
+        tower: a CLIPVisionModel / SiglipVisionModel-like module (``encoder.layers[i].self_attn`` with
+            ``q_proj`` / ``k_proj``).
+        preprocess: the checkpoint's preprocessing (see :class:`Preprocess`).
+        vision_feature_layer: as in the LLaVA config (-2: the second-to-last layer).
+        select_strategy: "default" (the model drops CLS before projecting) or "full" (keeps every token).
+        resampler: optional module the model applies to uncompressed features (LLaVA-NeXT-Video's
+            2x2 pooling); used by method "full" so that "no compression" is the model's own path.
+    """
+
+    def __init__(
+        self,
+        tower: torch.nn.Module,
+        preprocess: Preprocess,
+        *,
+        vision_feature_layer: int = -2,
+        select_strategy: str = "default",
+        resampler: torch.nn.Module | None = None,
+    ) -> None:
+        self.tower = tower
+        self.preprocess_spec = preprocess
+        inner, layers = _layers_of(tower)
+        self.num_layers = len(layers)
+        self.layer_index = select_layer_index(vision_feature_layer, self.num_layers)
+        self.layer = layers[self.layer_index]
+        self.attn = self.layer.self_attn
+        self.cls_token = getattr(getattr(inner, "embeddings", None), "class_embedding", None) is not None
+        if select_strategy not in ("default", "full"):
+            raise VisionZipError(f"unknown vision_feature_select_strategy {select_strategy!r}; valid: default, full")
+        self.select_strategy = select_strategy
+        self.resampler = resampler
+        config = getattr(tower, "config", None)
+        self.num_heads = int(getattr(self.attn, "num_heads", None) or config.num_attention_heads)
+        self.scale = float(getattr(self.attn, "scale", None) or (self.attn.head_dim ** -0.5))
+        patch = int(getattr(config, "patch_size", 14))
+        image = int(getattr(config, "image_size", preprocess.tile))
+        self.grid = (image // patch, image // patch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.tower.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid[0] * self.grid[1] + (1 if self.cls_token else 0)
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        return preprocess_frames(frames, self.preprocess_spec, device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor, *, chunk: int = 128) -> EncodedImages:
+        """Run (N, 3, S, S) pixel values to the select layer; scores and keys from that layer only."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(name):
+            def hook(_module, _args, output):
+                captured[name] = output
+            return hook
+
+        def stop(_module, _args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output  # 4.x layers return tuples
+            raise _StopTower
+
+        handles = [
+            self.attn.q_proj.register_forward_hook(keep("q")),
+            self.attn.k_proj.register_forward_hook(keep("k")),
+            self.layer.register_forward_hook(stop),
+        ]
+        try:
+            self.tower(pixel_values=pixel_values.to(device=self.device, dtype=self.dtype))
+        except _StopTower:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "hidden" not in captured:
+            raise VisionZipError("the vision tower never reached the select layer")
+        q, k = captured["q"], captured["k"]
+        B, S, _ = k.shape
+        H = self.num_heads
+        q = q.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
+        k = k.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
+        keys = k.mean(1)  # (B, S, head_dim)
+        if self.cls_token:
+            logits = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k) * self.scale  # (B, H, S): the CLS row only
+            scores = logits.softmax(dim=-1)[:, :, 1:].sum(1)  # (B, S-1)
+        else:
+            received = torch.zeros(B, S, device=k.device)
+            for start in range(0, S, chunk):  # (B, H, chunk, S) at a time, never S x S for all heads
+                probs = (q[:, :, start: start + chunk] @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)
+                received += probs.sum(dim=(1, 2))
+            scores = received / (H * S)  # (B, S): mean over heads and query rows
+        return EncodedImages(captured["hidden"], scores, keys, self.cls_token, self.grid)
+
+    def encode(self, frames: torch.Tensor, *, batch_size: int = 8) -> tuple[EncodedImages, int]:
+        """uint8 [T, H, W, 3] frames -> select-layer outputs of every image the model sees.
+
+        Returns the encoded images (T x crops of them with anyres) and the number of crops per frame.
+        """
+        pixels = self.preprocess(frames)
+        crops = 1
+        if pixels.dim() == 5:  # anyres: (T, crops, 3, S, S)
+            crops = pixels.shape[1]
+            pixels = pixels.flatten(0, 1)
+        parts = [self.encode_pixels(pixels[i: i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
+        return _concat(parts), crops
+
+    def zip(self, encoded: EncodedImages, dominant: int, contextual: int, method: str = "visionzip") -> ZipResult:
+        """Compress encoded images. ``full`` returns exactly what the model itself would project."""
+        if method not in METHODS:
+            raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+        hidden = encoded.hidden
+        if method == "visionzip":  # the reference keeps CLS among the dominant tokens
+            return compress(hidden, encoded.scores, encoded.keys, dominant, contextual, cls_token=encoded.cls_token)
+        drop_cls = encoded.cls_token and self.select_strategy == "default"
+        if drop_cls:
+            hidden = hidden[:, 1:]
+        if method == "full":
+            result = compress(hidden, None, None, 0, 0, method="full")
+            if self.resampler is not None:
+                result = ZipResult(self.resampler(hidden), result.dominant_positions, result.contextual_positions,
+                                   result.assignment, method="full")
+            if drop_cls:  # positions refer to the input with CLS
+                result.dominant_positions += 1
+                result.assignment = torch.cat([torch.full_like(result.assignment[:, :1], -1), result.assignment], 1)
+            return result
+        keep_cls = encoded.cls_token and not drop_cls
+        result = compress(hidden, None, None, dominant, contextual, method=method, cls_token=keep_cls,
+                          grid=encoded.grid)
+        if drop_cls:
+            result.dominant_positions += 1
+            result.assignment = torch.cat([torch.full_like(result.assignment[:, :1], -1), result.assignment], 1)
+        return result
+
+
+def _concat(parts: list[EncodedImages]) -> EncodedImages:
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return EncodedImages(
+        torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]),
+        first.cls_token, first.grid,
+    )
+
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class CompressedVideo:
+    """The compressed visual tokens of a video (or an image batch), ready for the model's projector.
+
+    Only this accumulates while a long video streams through sample -> encode -> zip.
+    """
+
+    tokens: torch.Tensor  # (frames, crops * tokens_per_crop, D) on the CPU, the tower's dtype
+    timestamps: list[float]  # seconds, one per frame
+    indices: list[int]  # source frame numbers
+    method: str
+    dominant: int
+    contextual: int
+    crops: int = 1
+    grid: tuple[int, int] = (0, 0)
+    cls_token: bool = True
+    scores: torch.Tensor | None = None  # (frames * crops, S') float16, for heatmaps
+    assignment: torch.Tensor | None = None  # (frames * crops, S) int16: output token carrying each input token
+    source: str = ""
+    meta: dict = field(default_factory=dict)  # model name, settings (for saving and checking)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+
+def compress_frames(
+    encoder: VisionEncoder,
+    chunks: Iterable,
+    *,
+    dominant: int,
+    contextual: int,
+    method: str = "visionzip",
+    batch_size: int = 8,
+    keep_maps: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
+) -> CompressedVideo:
+    """Stream frames (VideoClip chunks, or (frames, timestamps, indices) tuples) through encode + zip.
+
+    Each chunk is encoded and compressed, then dropped: only the compressed tokens (and, with
+    ``keep_maps``, small per-token maps for heatmaps) are kept. ``progress(done_frames, total)``
+    is called after every batch; raising from it cancels.
+    """
+    tokens, times, indices, scores, assignments = [], [], [], [], []
+    crops = 1
+    done = 0
+    source = ""
+    for chunk in chunks:
+        frames, chunk_times, chunk_indices = _unpack(chunk)
+        source = source or getattr(chunk, "source", "")
+        for start in range(0, frames.shape[0], batch_size):
+            batch = frames[start: start + batch_size]
+            encoded, crops = encoder.encode(batch, batch_size=batch_size * 8)
+            result = encoder.zip(encoded, dominant, contextual, method)
+            per_frame = result.tokens.reshape(batch.shape[0], -1, result.tokens.shape[-1])
+            tokens.append(per_frame.to("cpu"))
+            if keep_maps:
+                scores.append(encoded.scores.to("cpu", torch.float16))
+                assignments.append(result.assignment.to("cpu", torch.int16))
+            done += batch.shape[0]
+            if progress is not None:
+                progress(done, total or done)
+        times += list(chunk_times)
+        indices += list(chunk_indices)
+    if not tokens:
+        raise VisionZipError("no frames to encode")
+    return CompressedVideo(
+        tokens=torch.cat(tokens), timestamps=times, indices=indices, method=method, dominant=dominant,
+        contextual=contextual, crops=crops, grid=encoder.grid, cls_token=encoder.cls_token,
+        scores=torch.cat(scores) if keep_maps else None, assignment=torch.cat(assignments) if keep_maps else None,
+        source=str(source),
+    )
+
+
+def _unpack(chunk) -> tuple[torch.Tensor, list[float], list[int]]:
+    if hasattr(chunk, "frames"):
+        return chunk.frames, list(chunk.timestamps), list(chunk.indices)
+    if isinstance(chunk, tuple) and len(chunk) == 3:
+        return chunk
+    if isinstance(chunk, torch.Tensor):  # bare frames: times unknown
+        return chunk, [], list(range(chunk.shape[0]))
+    raise VisionZipError(f"cannot encode a {type(chunk).__name__}; give VideoClip chunks or frame tensors")

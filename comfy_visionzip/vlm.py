@@ -1,0 +1,246 @@
+"""Loading LLaVA-family checkpoints and exposing their vision encoders.
+
+Supported (Hugging Face transformers classes, detected from ``config.json``'s ``model_type``):
+LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-NeXT-Video (``llava_next_video``),
+Video-LLaVA (``video_llava``), LLaVA-OneVision (``llava_onevision``).
+
+Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files need
+``allow_pickle=True``), and ``trust_remote_code`` is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .encoder import Preprocess, VisionEncoder
+from .errors import VisionZipError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    class_name: str  # transformers class
+    display: str
+    video_tower: str  # attribute (on the inner model) of the tower that encodes video frames
+    video_input: str  # "video": the model has a video path; "image": frames go in as images
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llava", "LlavaForConditionalGeneration", "LLaVA-1.5", "vision_tower", "image"),
+        Family("llava_next", "LlavaNextForConditionalGeneration", "LLaVA-NeXT", "vision_tower", "image"),
+        Family("llava_next_video", "LlavaNextVideoForConditionalGeneration", "LLaVA-NeXT-Video", "vision_tower", "video"),
+        Family("video_llava", "VideoLlavaForConditionalGeneration", "Video-LLaVA", "video_tower", "video"),
+        Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LLaVA-OneVision", "vision_tower", "video"),
+    )
+}
+
+
+def _read_json(folder: str, name: str) -> dict | None:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise VisionZipError(f"{path}: cannot read it as JSON ({e})") from e
+
+
+def detect_family(folder: str) -> tuple[Family, dict]:
+    """The family of the checkpoint in ``folder``, from its config.json; clear errors otherwise."""
+    if not os.path.isdir(folder):
+        raise VisionZipError(f"{folder}: not a folder")
+    config = _read_json(folder, "config.json")
+    if config is None:
+        found = sorted(os.listdir(folder))[:8]
+        raise VisionZipError(f"{folder}: no config.json, so not a Hugging Face model folder (it holds: {found or 'nothing'})")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        supported = ", ".join(f"{f.display} ({t})" for t, f in FAMILIES.items())
+        raise VisionZipError(f"{folder}: model_type {model_type!r} ({arch}) is not supported; supported: {supported}")
+    return FAMILIES[model_type], config
+
+
+def resolve_model_path(path_or_id: str) -> str:
+    """A local folder as is; otherwise a Hugging Face id, downloaded (safetensors + configs) if the network allows."""
+    path = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise VisionZipError(f"{path}: is a file; give the model's folder (the one with config.json)")
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise VisionZipError(f"{path}: no such model folder (and not a Hugging Face id like 'llava-hf/llava-1.5-7b-hf')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: all mean "not available here"
+        raise VisionZipError(f"{path}: not a local folder, and downloading it from Hugging Face failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); download it into a folder and give its path") from e
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VisionZipError("device 'cuda' was asked for, but this torch has no CUDA device; use 'cpu' or 'auto'")
+    return device
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in _DTYPES:
+        raise VisionZipError(f"unknown dtype {dtype!r}; valid: auto, fp32, fp16, bf16")
+    return _DTYPES[dtype]
+
+
+def _quantization_config(quantization: str | None, device: torch.device):
+    if quantization in (None, "none"):
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise VisionZipError(f"unknown quantization {quantization!r}; valid: none, 8bit, 4bit")
+    if device.type != "cuda":
+        raise VisionZipError(f"{quantization} loading needs a CUDA GPU (bitsandbytes); this device is {device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise VisionZipError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
+
+
+@dataclass
+class VisionLanguageModel:
+    """A loaded LLaVA-family checkpoint: the model, its tokenizer and its preprocessing."""
+
+    model: Any  # the transformers *ForConditionalGeneration
+    family: Family
+    path: str
+    config: dict
+    tokenizer: Any
+    image_config: dict  # image processor settings
+    video_config: dict | None  # video processor settings (families with a video path)
+    device: torch.device
+    dtype: torch.dtype
+    _encoders: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def inner(self):
+        """The module holding the towers and the projector (``model.model`` in transformers 5, the model in 4)."""
+        inner = getattr(self.model, "model", None)
+        return inner if hasattr(inner, "multi_modal_projector") else self.model
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    def video_encoder(self) -> VisionEncoder:
+        """The encoder video frames go through (the video tower / video preprocessing where the family has one)."""
+        if "video" not in self._encoders:
+            family = self.family
+            tower = getattr(self.inner, family.video_tower)
+            layer = self.config.get("vision_feature_layer", -2)
+            strategy = self.config.get("vision_feature_select_strategy", "default")
+            resampler = None
+            if family.model_type == "llava_next_video":
+                resampler = getattr(self.inner, "vision_resampler", None)
+            if family.model_type == "video_llava":
+                strategy = "full"  # Video-LLaVA keeps CLS for video frames
+            if family.video_input == "video" and self.video_config is not None:
+                spec = Preprocess.from_config(self.video_config, anyres=False)
+            else:
+                spec = Preprocess.from_config(self.image_config, anyres=True)
+            self._encoders["video"] = VisionEncoder(tower, spec, vision_feature_layer=layer, select_strategy=strategy,
+                                                    resampler=resampler)
+        return self._encoders["video"]
+
+
+def _processor_configs(folder: str) -> tuple[dict, dict | None]:
+    nested = _read_json(folder, "processor_config.json") or {}
+    image = nested.get("image_processor") or _read_json(folder, "preprocessor_config.json")
+    video = nested.get("video_processor") or _read_json(folder, "video_preprocessor_config.json")
+    if image is None:
+        raise VisionZipError(f"{folder}: no image processor settings (preprocessor_config.json or processor_config.json)")
+    return image, video
+
+
+def load_vlm(
+    path_or_id: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    quantization: str | None = None,
+    allow_pickle: bool = False,
+) -> VisionLanguageModel:
+    """Load a LLaVA-family checkpoint from a folder (or a Hugging Face id where the network allows).
+
+    Args:
+        device: "auto"/None (cuda > mps > cpu), "cuda", "cuda:1", "cpu", "mps".
+        dtype: "auto"/None (fp16 on GPU, fp32 on CPU), "fp32", "fp16", "bf16".
+        attn_implementation: "sdpa" (default), "eager", or "flash_attention_2" where installed.
+        quantization: None, "8bit" or "4bit" (bitsandbytes, CUDA only).
+        allow_pickle: also accept pickled ``.bin`` weights (only for files you trust).
+    """
+    import transformers
+
+    folder = resolve_model_path(path_or_id)
+    family, config = detect_family(folder)
+    files = os.listdir(folder)
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    if not has_safetensors and not allow_pickle:
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        raise VisionZipError(
+            f"{folder}: no .safetensors weights" + (f" (found pickled {pickles[:3]})" if pickles else "")
+            + "; convert them to safetensors, or pass allow_pickle=True if you trust the files"
+        )
+    device_ = _pick_device(device)
+    dtype_ = _pick_dtype(dtype, device_)
+    cls = getattr(transformers, family.class_name, None)
+    if cls is None:
+        raise VisionZipError(f"this transformers ({transformers.__version__}) has no {family.class_name}; upgrade transformers")
+    kwargs: dict[str, Any] = dict(attn_implementation=attn_implementation, use_safetensors=has_safetensors,
+                                  trust_remote_code=False)
+    quant = _quantization_config(quantization, device_)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device_.index or 0})
+    kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype_
+    try:
+        model = cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise VisionZipError(f"{folder}: loading the {family.display} weights failed: {str(e).splitlines()[0][:300]}") from e
+    if quant is None:
+        model.to(device_)
+    model.eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    image_config, video_config = _processor_configs(folder)
+    log.info("loaded %s (%s) on %s in %s", folder, family.display, device_, dtype_)
+    return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_)
