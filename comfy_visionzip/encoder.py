@@ -142,12 +142,18 @@ def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[in
 
 
 def preprocess_frames(
-    frames: torch.Tensor, spec: Preprocess, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    frames: torch.Tensor,
+    spec: Preprocess,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """uint8 [T, H, W, 3] frames (all the same size) -> pixel values.
 
     Returns (T, 3, S, S), or (T, 1 + tiles, 3, S, S) with anyres (the resized whole image first, then
-    the grid tiles row by row), normalised as the checkpoint's processor does.
+    the grid tiles row by row), normalised as the checkpoint's processor does (``normalize=False``:
+    the 0..255 pixels the model looks at, for previews).
     """
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise VisionZipError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(frames.shape)}")
@@ -169,6 +175,8 @@ def preprocess_frames(
             tiles = resize_bicubic(tiles, *spec.resize_hw)
         if spec.crop_hw is not None:
             tiles = _center_crop(tiles, *spec.crop_hw)
+        if not normalize:
+            return tiles.to(dtype)
         return ((tiles * spec.rescale - mean) / std).to(dtype)
 
     if not spec.pinpoints:
@@ -190,6 +198,14 @@ def preprocess_frames(
     return out.view(both.shape[0], both.shape[1], *out.shape[1:])
 
 
+def model_view(frames: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """uint8 (T, S, S, 3): the whole-frame image a model with ``spec`` sees (resized / cropped, not normalised)."""
+    if spec.pinpoints:  # anyres: the first crop is the whole frame squashed to a square
+        spec = Preprocess(resize_hw=(spec.tile, spec.tile), mean=spec.mean, std=spec.std)
+    pixels = preprocess_frames(frames, spec, device="cpu", normalize=False)
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 # ----------------------------------------------------------------------------------- the encoder
 
 
@@ -206,9 +222,18 @@ class EncodedImages:
     keys: torch.Tensor  # (N, S, head_dim): the select layer's keys averaged over heads (float32)
     cls_token: bool
     grid: tuple[int, int]  # patch rows, cols
+    crops: int = 1  # images per frame (anyres: the whole image + grid tiles)
+    timestamps: list[float] = field(default_factory=list)  # per frame, when known
+    indices: list[int] = field(default_factory=list)  # per frame
+    views: torch.Tensor | None = None  # uint8 (frames, S, S, 3): what the model saw of each frame (previews)
+    encoder: VisionEncoder | None = None  # the encoder that made them (compressing needs its settings)
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return len(self) // self.crops
 
 
 def _layers_of(tower: torch.nn.Module):
@@ -330,18 +355,21 @@ class VisionEncoder:
             scores = received / (H * S)  # (B, S): mean over heads and query rows
         return EncodedImages(captured["hidden"], scores, keys, self.cls_token, self.grid)
 
-    def encode(self, frames: torch.Tensor, *, batch_size: int = 8) -> tuple[EncodedImages, int]:
-        """uint8 [T, H, W, 3] frames -> select-layer outputs of every image the model sees.
-
-        Returns the encoded images (T x crops of them with anyres) and the number of crops per frame.
-        """
+    def encode(self, frames: torch.Tensor, *, batch_size: int = 8) -> EncodedImages:
+        """uint8 [T, H, W, 3] frames (or a float 0..1 IMAGE) -> select-layer outputs of every image the
+        model sees: T of them, or T x crops with anyres (``.crops`` per frame, frame by frame)."""
         pixels = self.preprocess(frames)
         crops = 1
         if pixels.dim() == 5:  # anyres: (T, crops, 3, S, S)
             crops = pixels.shape[1]
             pixels = pixels.flatten(0, 1)
         parts = [self.encode_pixels(pixels[i: i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
-        return _concat(parts), crops
+        encoded = _concat(parts)
+        encoded.crops = crops
+        return encoded
+
+    def view(self, frames: torch.Tensor) -> torch.Tensor:
+        return model_view(frames, self.preprocess_spec)
 
     def zip(self, encoded: EncodedImages, dominant: int, contextual: int, method: str = "visionzip") -> ZipResult:
         """Compress encoded images. ``full`` returns exactly what the model itself would project."""
@@ -377,7 +405,7 @@ def _concat(parts: list[EncodedImages]) -> EncodedImages:
         return first
     return EncodedImages(
         torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]),
-        first.cls_token, first.grid,
+        first.cls_token, first.grid, first.crops,
     )
 
 
@@ -392,7 +420,7 @@ class CompressedVideo:
     """
 
     tokens: torch.Tensor  # (frames, crops * tokens_per_crop, D) on the CPU, the tower's dtype
-    timestamps: list[float]  # seconds, one per frame
+    timestamps: list[float]  # seconds, one per frame (empty when unknown, e.g. a plain IMAGE batch)
     indices: list[int]  # source frame numbers
     method: str
     dominant: int
@@ -402,6 +430,7 @@ class CompressedVideo:
     cls_token: bool = True
     scores: torch.Tensor | None = None  # (frames * crops, S') float16, for heatmaps
     assignment: torch.Tensor | None = None  # (frames * crops, S) int16: output token carrying each input token
+    preprocess: Preprocess | None = None  # how frames were turned into pixels (to draw heatmaps on frames)
     source: str = ""
     meta: dict = field(default_factory=dict)  # model name, settings (for saving and checking)
 
@@ -417,6 +446,78 @@ class CompressedVideo:
     def total_tokens(self) -> int:
         return self.num_frames * self.tokens_per_frame
 
+    def summary(self) -> str:
+        where = f" of {self.source}" if self.source else ""
+        return (f"{self.num_frames} frames{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
+                f"({self.method}: {self.dominant} dominant + {self.contextual} contextual per image, {self.crops} image(s) per frame)")
+
+
+def _unpack(chunk) -> tuple[torch.Tensor, list[float], list[int]]:
+    if hasattr(chunk, "frames"):
+        return chunk.frames, list(chunk.timestamps), list(chunk.indices)
+    if isinstance(chunk, tuple) and len(chunk) == 3:
+        return chunk
+    if isinstance(chunk, torch.Tensor):  # bare frames: times unknown
+        return chunk, [], list(range(chunk.shape[0]))
+    raise VisionZipError(f"cannot encode a {type(chunk).__name__}; give VideoClip chunks or frame tensors")
+
+
+def _batches(chunks: Iterable, batch_size: int):
+    """(frames, timestamps, indices) batches of at most ``batch_size`` frames from any chunk stream."""
+    for chunk in chunks:
+        frames, times, indices = _unpack(chunk)
+        for start in range(0, frames.shape[0], batch_size):
+            yield (frames[start: start + batch_size], list(times[start: start + batch_size]),
+                   list(indices[start: start + batch_size]), getattr(chunk, "source", ""))
+
+
+def encode_frames(
+    encoder: VisionEncoder,
+    chunks: Iterable,
+    *,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
+    keep_views: bool = True,
+) -> EncodedImages:
+    """Encode every frame and keep the uncompressed select-layer outputs (for a handful of frames:
+    previews, side-by-side method comparisons). Long videos go through :func:`compress_frames`."""
+    parts, views, times, indices = [], [], [], []
+    done = 0
+    for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size):
+        encoded = encoder.encode(frames, batch_size=batch_size * 8)
+        parts.append(EncodedImages(encoded.hidden.to("cpu"), encoded.scores.to("cpu"), encoded.keys.to("cpu"),
+                                   encoded.cls_token, encoded.grid, encoded.crops))
+        if keep_views:
+            views.append(encoder.view(frames))
+        times += batch_times
+        indices += batch_indices
+        done += frames.shape[0]
+        if progress is not None:
+            progress(done, total or done)
+    if not parts:
+        raise VisionZipError("no frames to encode")
+    merged = _concat(parts)
+    merged.timestamps, merged.indices = times, indices
+    merged.views = torch.cat(views) if keep_views else None
+    merged.encoder = encoder
+    return merged
+
+
+def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant: int, contextual: int,
+                     method: str = "visionzip", keep_maps: bool = True) -> CompressedVideo:
+    """Compress encoded frames (all crops of a frame stay together, in order)."""
+    result = encoder.zip(encoded, dominant, contextual, method)
+    frames = encoded.num_frames
+    tokens = result.tokens.reshape(frames, -1, result.tokens.shape[-1])  # (frames, crops * K, D)
+    return CompressedVideo(
+        tokens=tokens.to("cpu"), timestamps=list(encoded.timestamps), indices=list(encoded.indices), method=method,
+        dominant=dominant, contextual=contextual, crops=encoded.crops, grid=encoded.grid, cls_token=encoded.cls_token,
+        scores=encoded.scores.to("cpu", torch.float16) if keep_maps else None,
+        assignment=result.assignment.to("cpu", torch.int16) if keep_maps else None,
+        preprocess=encoder.preprocess_spec,
+    )
+
 
 def compress_frames(
     encoder: VisionEncoder,
@@ -430,48 +531,42 @@ def compress_frames(
     progress: Callable[[int, int], None] | None = None,
     total: int | None = None,
 ) -> CompressedVideo:
-    """Stream frames (VideoClip chunks, or (frames, timestamps, indices) tuples) through encode + zip.
+    """Stream frames (VideoClip chunks, (frames, timestamps, indices) tuples or frame tensors) through
+    encode + zip, ``batch_size`` frames at a time.
 
-    Each chunk is encoded and compressed, then dropped: only the compressed tokens (and, with
-    ``keep_maps``, small per-token maps for heatmaps) are kept. ``progress(done_frames, total)``
-    is called after every batch; raising from it cancels.
+    Each batch is encoded, compressed and dropped: only the compressed tokens (and, with ``keep_maps``,
+    small per-token maps for heatmaps) are kept. ``progress(done_frames, total)`` is called after every
+    batch; raising from it cancels.
     """
-    tokens, times, indices, scores, assignments = [], [], [], [], []
-    crops = 1
+    parts: list[CompressedVideo] = []
     done = 0
     source = ""
-    for chunk in chunks:
-        frames, chunk_times, chunk_indices = _unpack(chunk)
-        source = source or getattr(chunk, "source", "")
-        for start in range(0, frames.shape[0], batch_size):
-            batch = frames[start: start + batch_size]
-            encoded, crops = encoder.encode(batch, batch_size=batch_size * 8)
-            result = encoder.zip(encoded, dominant, contextual, method)
-            per_frame = result.tokens.reshape(batch.shape[0], -1, result.tokens.shape[-1])
-            tokens.append(per_frame.to("cpu"))
-            if keep_maps:
-                scores.append(encoded.scores.to("cpu", torch.float16))
-                assignments.append(result.assignment.to("cpu", torch.int16))
-            done += batch.shape[0]
-            if progress is not None:
-                progress(done, total or done)
-        times += list(chunk_times)
-        indices += list(chunk_indices)
-    if not tokens:
+    for frames, times, indices, chunk_source in _batches(chunks, batch_size):
+        source = source or chunk_source
+        encoded = encoder.encode(frames, batch_size=batch_size * 8)
+        encoded.timestamps, encoded.indices = times, indices
+        parts.append(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual, method=method,
+                                      keep_maps=keep_maps))
+        done += frames.shape[0]
+        if progress is not None:
+            progress(done, total or done)
+    if not parts:
         raise VisionZipError("no frames to encode")
+    first = parts[0]
     return CompressedVideo(
-        tokens=torch.cat(tokens), timestamps=times, indices=indices, method=method, dominant=dominant,
-        contextual=contextual, crops=crops, grid=encoder.grid, cls_token=encoder.cls_token,
-        scores=torch.cat(scores) if keep_maps else None, assignment=torch.cat(assignments) if keep_maps else None,
-        source=str(source),
+        tokens=torch.cat([p.tokens for p in parts]), timestamps=sum((p.timestamps for p in parts), []),
+        indices=sum((p.indices for p in parts), []), method=method, dominant=dominant, contextual=contextual,
+        crops=first.crops, grid=first.grid, cls_token=first.cls_token,
+        scores=torch.cat([p.scores for p in parts]) if keep_maps else None,
+        assignment=torch.cat([p.assignment for p in parts]) if keep_maps else None,
+        preprocess=encoder.preprocess_spec, source=str(source),
     )
 
 
-def _unpack(chunk) -> tuple[torch.Tensor, list[float], list[int]]:
-    if hasattr(chunk, "frames"):
-        return chunk.frames, list(chunk.timestamps), list(chunk.indices)
-    if isinstance(chunk, tuple) and len(chunk) == 3:
-        return chunk
-    if isinstance(chunk, torch.Tensor):  # bare frames: times unknown
-        return chunk, [], list(range(chunk.shape[0]))
-    raise VisionZipError(f"cannot encode a {type(chunk).__name__}; give VideoClip chunks or frame tensors")
+def kept_count(video: CompressedVideo) -> int:
+    """How many of each image's output tokens are kept tokens (drawn as such in previews)."""
+    if video.method == "visionzip":
+        return video.dominant
+    if video.method in ("uniform", "full"):
+        return video.tokens_per_frame // max(video.crops, 1)
+    return 0  # pool: every token is a merge of a cell

@@ -47,3 +47,80 @@ def save_png(image: np.ndarray, path: str | os.PathLike[str]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+# Anchor colours of a perceptually ordered dark-to-bright map (close to matplotlib's "inferno").
+_INFERNO = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                     [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in 0..1 to uint8 RGB (dark purple = low, bright yellow = high)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * (len(_INFERNO) - 1)
+    low = np.floor(v).astype(int)
+    high = np.minimum(low + 1, len(_INFERNO) - 1)
+    frac = (v - low)[..., None]
+    return (_INFERNO[low] * (1 - frac) + _INFERNO[high] * frac).round().astype(np.uint8)
+
+
+def _patch_grid(values: torch.Tensor, grid: tuple[int, int], cls_token: bool) -> torch.Tensor:
+    """Per-token values (with CLS first when ``cls_token``) -> (rows, cols) over the patches."""
+    patches = values[1:] if cls_token and values.shape[0] == grid[0] * grid[1] + 1 else values
+    return patches.reshape(grid)
+
+
+def _upsample(grid_values: np.ndarray, height: int, width: int) -> np.ndarray:
+    rows, cols = grid_values.shape
+    ys = np.minimum((np.arange(height) * rows) // height, rows - 1)
+    xs = np.minimum((np.arange(width) * cols) // width, cols - 1)
+    return grid_values[ys][:, xs]
+
+
+def attention_overlays(views: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int], *, cls_token: bool,
+                       alpha: float = 0.6) -> np.ndarray:
+    """The attention each patch gets at the select layer, over what the model saw of each frame.
+
+    ``views`` uint8 (T, S, S, 3); ``scores`` (T, P) CLS attention to each patch, or attention received.
+    Each frame is scaled to its own range. Returns uint8 (T, S, S, 3).
+    """
+    out = []
+    for view, score in zip(views.numpy(), scores.float()):
+        heat = _patch_grid(score, grid, False).numpy()
+        heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+        colour = colormap(_upsample(heat, *view.shape[:2])).astype(np.float32)
+        out.append((view.astype(np.float32) * (1 - alpha) + colour * alpha).round().astype(np.uint8))
+    return np.stack(out)
+
+
+def _group_colour(j: int) -> np.ndarray:
+    hue = (j * 0.618033988749895) % 1.0  # golden-ratio hues: neighbours look different
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
+    return (255 * (1 - np.clip(np.minimum(k, 4 - k), 0, 1) * 0.85)).astype(np.float32)
+
+
+def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[int, int], *, cls_token: bool,
+                   kept: int) -> np.ndarray:
+    """Which patches were kept and which were merged into which token.
+
+    ``assignment`` (T, S): the output token carrying each input token (-1 dropped). Tokens ``< kept`` are
+    kept as they are (dominant): drawn in full colour; patches merged into token j are tinted with j's
+    colour over a dimmed frame; dropped patches are dark. Returns uint8 (T, S, S, 3).
+    """
+    out = []
+    for view, assign in zip(views.numpy(), assignment.long()):
+        cells = _patch_grid(assign, grid, cls_token).numpy()
+        pixel_cells = _upsample(cells, *view.shape[:2])
+        img = view.astype(np.float32)
+        result = img * 0.25  # dropped: dark
+        dominant = (pixel_cells >= 0) & (pixel_cells < kept)
+        result[dominant] = img[dominant]
+        for j in np.unique(pixel_cells[pixel_cells >= kept]):
+            where = pixel_cells == j
+            result[where] = img[where] * 0.35 + _group_colour(int(j)) * 0.65
+        # grid lines between patches of different tokens
+        edges = np.zeros(pixel_cells.shape, bool)
+        edges[1:] |= pixel_cells[1:] != pixel_cells[:-1]
+        edges[:, 1:] |= pixel_cells[:, 1:] != pixel_cells[:, :-1]
+        result[edges] = result[edges] * 0.5
+        out.append(result.round().clip(0, 255).astype(np.uint8))
+    return np.stack(out)

@@ -156,6 +156,14 @@ class VisionLanguageModel:
         inner = getattr(self.model, "model", None)
         return inner if hasattr(inner, "multi_modal_projector") else self.model
 
+    def to(self, device: str | torch.device) -> VisionLanguageModel:
+        """Move the model (e.g. to the GPU for a run and back to the CPU after)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.model.to(device)
+            self.device = device
+        return self
+
     @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.path))

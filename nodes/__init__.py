@@ -3,10 +3,12 @@
 Imports of the library are relative: ComfyUI does not put custom-node folders on ``sys.path``.
 """
 
-from .video import NODE_CLASS_MAPPINGS as _VIDEO
-from .video import NODE_DISPLAY_NAME_MAPPINGS as _VIDEO_NAMES
+from . import encode, model, video
 
-NODE_CLASS_MAPPINGS = {**_VIDEO}
-NODE_DISPLAY_NAME_MAPPINGS = {**_VIDEO_NAMES}
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _module in (video, model, encode):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

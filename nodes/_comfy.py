@@ -64,3 +64,71 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
         bar.update_absolute(done, total)
 
     return progress
+
+
+MODEL_FOLDER = "visionzip"  # ComfyUI/models/visionzip/<checkpoint folder>
+EXTRA_MODEL_FOLDERS = ("LLM", "llava")  # where other packs put VLMs; listed too when present
+
+
+def model_roots() -> list[str]:
+    """Folders holding checkpoint folders: ComfyUI/models/visionzip (registered on first use), models/LLM, ..."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(MODEL_FOLDER, default)
+    roots = list(folder_paths.get_folder_paths(MODEL_FOLDER))
+    roots += [os.path.join(folder_paths.models_dir, name) for name in EXTRA_MODEL_FOLDERS]
+    return [r for r in dict.fromkeys(roots) if os.path.isdir(r)]
+
+
+def list_model_folders() -> list[str]:
+    """Checkpoint folders (those with a config.json) under the model roots, as 'root-name/folder'."""
+    found = []
+    for root in model_roots():
+        for name in sorted(os.listdir(root)):
+            if os.path.isfile(os.path.join(root, name, "config.json")):
+                found.append(name)
+    return list(dict.fromkeys(found))
+
+
+def resolve_model(name: str) -> str:
+    for root in model_roots():
+        candidate = os.path.join(root, name)
+        if os.path.isdir(candidate):
+            return candidate
+    return name
+
+
+def devices() -> tuple[str, str]:
+    """(load device, offload device) as ComfyUI's model management sees them; ("auto", "cpu") without it."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return "auto", "cpu"
+    return str(mm.get_torch_device()), str(mm.unet_offload_device())
+
+
+def make_room(model) -> None:
+    """Ask ComfyUI to unload its other models so this one fits on the GPU."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    mm.free_memory(size * 1.2, mm.get_torch_device())
+
+
+def release(vlm, keep_loaded: bool) -> None:
+    """After a run: move the model to the offload device unless it should stay loaded."""
+    if keep_loaded or getattr(vlm, "quantized", False):
+        return
+    _load, offload = devices()
+    vlm.to(offload)
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.soft_empty_cache()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..comfy_visionzip import VideoHandle, frames_for_budget, sample_video
-from ..comfy_visionzip.video import BACKENDS, uniform_pick
+from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
 
 CATEGORY = "VisionZip/video"
@@ -70,11 +70,13 @@ class VisionZipLoadVideo:
 
     @staticmethod
     def _source(video: str, path: str = "", video_input=None):
+        """A path / file object to stream from, or the core VIDEO's frames when it has no stream."""
         if video_input is not None:
-            get_source = getattr(video_input, "get_stream_source", None)
-            if get_source is None:
-                raise ValueError("this VIDEO input has no stream to read; connect its frames as IMAGE to the encoder instead")
-            return get_source()
+            try:
+                return video_input.get_stream_source()
+            except Exception:  # noqa: BLE001 - a VIDEO built from images has no stream (ComfyUI raises ValueError)
+                components = video_input.get_components()
+                return components
         return _comfy.resolve_input_path(path or video)
 
     @classmethod
@@ -102,17 +104,16 @@ class VisionZipLoadVideo:
         source = self._source(video, path, video_input)
         if isinstance(source, str) and not source:
             raise ValueError("no video given: pick a file, type a path, or connect a VIDEO input")
-        handle = VideoHandle(
-            source,
-            num_frames=num_frames if mode == "num_frames" else None,
-            fps=fps if mode == "fps" else None,
-            every=every if mode == "every" else None,
-            start=float(start),
-            end=float(end) if end and end > 0 else None,
-            max_frames=max_frames or None,
-            backend=backend,
-            max_size=max_size or None,
-        )
+        plan = dict(num_frames=num_frames if mode == "num_frames" else None, fps=fps if mode == "fps" else None,
+                    every=every if mode == "every" else None, start=float(start),
+                    end=float(end) if end and end > 0 else None, max_frames=max_frames or None)
+        if hasattr(source, "images"):  # core VIDEO components: frames already decoded
+            handle = FramesHandle(source.images, float(source.frame_rate), **plan)
+            indices, times = handle.plan()
+            keep = indices if not preview_frames else [indices[i] for i in uniform_pick(len(indices), preview_frames)]
+            preview = handle.frames[keep].float() / 255
+            return (preview, _format_timestamps([times[indices.index(k)] for k in keep]), handle, len(indices))
+        handle = VideoHandle(source, backend=backend, max_size=max_size or None, **plan)
         indices, _times = handle.plan()
         keep = indices if not preview_frames else [indices[i] for i in uniform_pick(len(indices), preview_frames)]
         preview = sample_video(source, frames=keep, backend=backend, max_size=handle.max_size,

@@ -106,7 +106,8 @@ def test_video_encoder_hidden_equals_the_models_own_features(family, tiny_model_
     encoder = vlm.video_encoder()
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 40, 70, 3), dtype=np.uint8))
     pixels = encoder.preprocess(frames)
-    encoded, crops = encoder.encode(frames)
+    encoded = encoder.encode(frames)
+    crops = encoded.crops
     tower = getattr(vlm.inner, vlm.family.video_tower)
     flat = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_zip_of_encoded_frames_matches_visionzip_on_the_hook_outputs(tiny_model_
     vlm = load_vlm(tiny_model_dir("video_llava"), device="cpu")
     encoder = vlm.video_encoder()
     frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 48, 64, 3), dtype=np.uint8))
-    encoded, _ = encoder.encode(frames)
+    encoded = encoder.encode(frames)
     result = encoder.zip(encoded, 10, 4)
     direct = visionzip(encoded.hidden, encoded.scores, encoded.keys, 10, 4)
     assert torch.equal(result.tokens, direct.tokens) and result.tokens.shape == (3, 14, 32)
@@ -216,7 +217,7 @@ def test_streaming_keeps_only_compressed_tokens(tiny_model_dir, clip_factory):
     assert video.scores.shape == (20, 64) and video.assignment.shape == (20, 65)
     # the same as encoding every frame at once
     whole = sample_video(path, every=3)
-    encoded, _ = encoder.encode(whole.frames)
+    encoded = encoder.encode(whole.frames)
     torch.testing.assert_close(video.tokens, encoder.zip(encoded, 12, 4).tokens)
 
 

@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from comfy_visionzip.synthetic import read_frame_number
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pack():
-    """Load the repo root like ComfyUI's load_custom_node does (module named after the folder path)."""
-    name = "ComfyUI-VisionZip-under-test"
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    yield module
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
 
 
 def test_mappings_ids_categories_and_tooltips(pack):

@@ -1,12 +1,13 @@
 """Frame sampling for long videos: plans (pure), a PyAV frame index, decoder backends, the public API."""
 
-from .api import VideoClip, VideoHandle, iter_video, sample_video
+from .api import FramesHandle, VideoClip, VideoHandle, iter_video, sample_video
 from .backends import BACKENDS, resolve_backend
 from .plan import check_plan_args, plan_frames, uniform_pick
 from .probe import StreamIndex, build_index, get_index
 
 __all__ = [
     "BACKENDS",
+    "FramesHandle",
     "StreamIndex",
     "VideoClip",
     "VideoHandle",

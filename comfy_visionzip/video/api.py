@@ -78,6 +78,44 @@ class VideoHandle:
         return iter_video(self.source, chunk_size=chunk_size, progress=progress, **self.options())
 
 
+@dataclass(frozen=True)
+class FramesHandle:
+    """Frames already in memory (e.g. a ComfyUI VIDEO made from images) behind the VideoHandle interface."""
+
+    frames: torch.Tensor  # uint8 [N, H, W, 3] (a float 0..1 IMAGE is converted)
+    frame_rate: float
+    num_frames: int | None = None
+    fps: float | None = None
+    every: int | None = None
+    start: float = 0.0
+    end: float | None = None
+    max_frames: int | None = None
+    source: str = "<frames in memory>"
+
+    def __post_init__(self):
+        frames = self.frames
+        if frames.is_floating_point():
+            object.__setattr__(self, "frames", (frames.clamp(0, 1) * 255).round().to(torch.uint8))
+        if not (self.frame_rate and self.frame_rate > 0):
+            raise VisionZipError(f"frame_rate must be positive, got {self.frame_rate!r}")
+
+    def plan(self) -> tuple[list[int], list[float]]:
+        indices = plan_frames(int(self.frames.shape[0]), float(self.frame_rate), num_frames=self.num_frames,
+                              target_fps=self.fps, every=self.every, start=self.start, end=self.end,
+                              max_frames=self.max_frames)
+        return indices, [round(i / float(self.frame_rate), 6) for i in indices]
+
+    def iter(self, chunk_size: int = 32, progress: Progress | None = None) -> Iterator[VideoClip]:
+        indices, times = self.plan()
+        total = len(indices)
+        for start in range(0, total, chunk_size):
+            part = indices[start: start + chunk_size]
+            if progress is not None:
+                progress(min(start + chunk_size, total), total)
+            yield VideoClip(self.frames[part], times[start: start + chunk_size], part, float(self.frame_rate),
+                            self.frames.shape[0] / float(self.frame_rate), "memory", self.source, int(self.frames.shape[0]))
+
+
 def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
     try:
         return plan_frames(

@@ -1,0 +1,188 @@
+"""Encode / compress / preview nodes: thin wrappers over comfy_visionzip.encoder and .zip."""
+
+from __future__ import annotations
+
+import torch
+
+from ..comfy_visionzip.encoder import compress_encoded, compress_frames, encode_frames, kept_count, model_view
+from ..comfy_visionzip.errors import VisionZipError
+from ..comfy_visionzip.video import uniform_pick
+from ..comfy_visionzip.viz import attention_overlays, token_overlays
+from ..comfy_visionzip.zip import METHODS, split_tokens
+from . import _comfy
+from .model import MODEL_TYPE
+from .video import VIDEO_TYPE
+
+FEATURES_TYPE = "VISIONZIP_FEATURES"  # uncompressed select-layer outputs of a few frames
+TOKENS_TYPE = "VISIONZIP_TOKENS"  # CompressedVideo: what the answerer consumes
+
+COUNTS = {
+    "method": (list(METHODS), {"default": "visionzip",
+                               "tooltip": "visionzip: dominant + contextual tokens (the paper). full: no compression. pool: average pooling. uniform: evenly spaced patches. Baselines use dominant + contextual as their token count."}),
+    "dominant": ("INT", {"default": 54, "min": 1, "max": 4096,
+                         "tooltip": "Dominant tokens per image (the CLS token counts as one): the patches the encoder attends to most."}),
+    "contextual": ("INT", {"default": 10, "min": 0, "max": 4096,
+                           "tooltip": "Contextual tokens per image: the other patches merged by key similarity. 0 = dominant only."}),
+    "tokens_per_frame": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                 "tooltip": "If > 0, overrides dominant/contextual with the paper's ratio (64 -> 54+10, 17 -> 14+3). Per image: LLaVA-NeXT frames have several crops."}),
+}
+
+
+def _counts(dominant: int, contextual: int, tokens_per_frame: int) -> tuple[int, int]:
+    return split_tokens(tokens_per_frame) if tokens_per_frame else (dominant, contextual)
+
+
+def _parse_times(text: str) -> list[float]:
+    if not text or not text.strip():
+        return []
+    try:
+        return [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
+    except ValueError as e:
+        raise VisionZipError(f"timestamps must be numbers separated by commas (like Load Video's output), got {text[:80]!r}") from e
+
+
+class VisionZipEncodeFrames:
+    DESCRIPTION = ("Runs the vision encoder on frames (an IMAGE batch or a video handle) to the select layer, "
+                   "reading the attention scores and keys VisionZip needs. Keeps uncompressed features: for a "
+                   "handful of frames (previews, comparing methods). For long videos use Video to Tokens.")
+    CATEGORY = "VisionZip/encode"
+    FUNCTION = "encode"
+    RETURN_TYPES = (FEATURES_TYPE,)
+    RETURN_NAMES = ("features",)
+    OUTPUT_TOOLTIPS = ("Select-layer features, scores and keys of every frame (uncompressed).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
+                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Frames per encoder batch."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "Frames as an IMAGE batch (all the same size)."}),
+                "video": (VIDEO_TYPE, {"tooltip": "A video handle from Load Video (VisionZip): every planned frame is encoded."}),
+                "timestamps": ("STRING", {"forceInput": True, "tooltip": "Seconds of each IMAGE frame (Load Video's timestamps output)."}),
+            },
+        }
+
+    def encode(self, model, batch_size, images=None, video=None, timestamps=""):
+        if (images is None) == (video is None):
+            raise ValueError("connect exactly one of 'images' or 'video'")
+        with model as vlm:
+            encoder = vlm.video_encoder()
+            if video is not None:
+                total = len(video.plan()[0])
+                chunks = video.iter(chunk_size=batch_size)
+            else:
+                times = _parse_times(timestamps)
+                if times and len(times) != images.shape[0]:
+                    raise ValueError(f"{len(times)} timestamps for {images.shape[0]} frames")
+                total = images.shape[0]
+                chunks = [(images, times, list(range(total)))]
+            return (encode_frames(encoder, chunks, batch_size=batch_size, progress=_comfy.progress_callback(total),
+                                  total=total),)
+
+
+class VisionZipCompress:
+    DESCRIPTION = "Compresses encoded frames to dominant + contextual tokens per image (or a baseline method)."
+    CATEGORY = "VisionZip/encode"
+    FUNCTION = "compress"
+    RETURN_TYPES = (TOKENS_TYPE, "STRING")
+    RETURN_NAMES = ("tokens", "summary")
+    OUTPUT_TOOLTIPS = ("Compressed visual tokens, for Answer / Save Tokens / Attention Heatmap.", "What was kept.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"features": (FEATURES_TYPE, {"tooltip": "From Encode Frames."}), **COUNTS}}
+
+    def compress(self, features, method, dominant, contextual, tokens_per_frame):
+        dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
+        video = compress_encoded(features.encoder, features, dominant=dominant, contextual=contextual, method=method)
+        return {"ui": {"text": [video.summary()]}, "result": (video, video.summary())}
+
+
+class VisionZipVideoToTokens:
+    DESCRIPTION = ("Long video straight to compressed tokens: samples, encodes and compresses chunk by chunk, so "
+                   "only the compressed tokens are ever kept (thousands of frames in little memory).")
+    CATEGORY = "VisionZip/encode"
+    FUNCTION = "run"
+    RETURN_TYPES = (TOKENS_TYPE, "STRING")
+    RETURN_NAMES = ("tokens", "summary")
+    OUTPUT_TOOLTIPS = ("Compressed visual tokens of every planned frame.", "Frames and tokens used.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
+                "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): the file and its frame plan."}),
+                **COUNTS,
+                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Frames decoded and encoded at a time."}),
+            }
+        }
+
+    def run(self, model, video, method, dominant, contextual, tokens_per_frame, batch_size):
+        dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
+        total = len(video.plan()[0])
+        with model as vlm:
+            tokens = compress_frames(vlm.video_encoder(), video.iter(chunk_size=batch_size), dominant=dominant,
+                                     contextual=contextual, method=method, batch_size=batch_size,
+                                     progress=_comfy.progress_callback(total), total=total)
+        tokens.meta.update(model=vlm.name, family=vlm.family.model_type)
+        return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
+
+
+class VisionZipAttentionHeatmap:
+    DESCRIPTION = ("Shows what VisionZip sees: the attention each patch gets at the select layer, and which patches "
+                   "were kept as dominant tokens (full colour) and which were merged into which contextual token "
+                   "(one tint per token).")
+    CATEGORY = "VisionZip/preview"
+    FUNCTION = "draw"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("attention", "kept_tokens")
+    OUTPUT_TOOLTIPS = ("Attention heatmap over what the model saw of each frame.",
+                       "Kept (dominant) patches in colour; merged patches tinted by the contextual token they joined.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "tokens": (TOKENS_TYPE, {"tooltip": "From VisionZip Compress or Video to Tokens."}),
+            },
+            "optional": {
+                "images": ("IMAGE", {"tooltip": "The frames to draw on (e.g. Load Video's preview). If the tokens hold more frames, the overlays use evenly spaced ones, which is how Load Video picks its preview."}),
+                "features": (FEATURES_TYPE, {"tooltip": "From Encode Frames: its stored views are used when no images are given."}),
+            },
+        }
+
+    def draw(self, tokens, images=None, features=None):
+        if tokens.scores is None or tokens.assignment is None:
+            raise ValueError("these tokens carry no attention maps (made with keep_maps off, or loaded from a file)")
+        crops = max(tokens.crops, 1)
+        if images is not None:
+            picks = uniform_pick(tokens.num_frames, images.shape[0])
+            views = model_view(images[: len(picks)], tokens.preprocess)
+        elif features is not None and features.views is not None:
+            picks = list(range(min(tokens.num_frames, features.views.shape[0])))
+            views = features.views[: len(picks)]
+        else:
+            raise ValueError("connect 'images' (or 'features' from Encode Frames) to draw on")
+        rows = torch.tensor([p * crops for p in picks])  # the whole-frame image of each picked frame
+        heat = attention_overlays(views, tokens.scores[rows], tokens.grid, cls_token=tokens.cls_token)
+        kept = token_overlays(views, tokens.assignment[rows], tokens.grid, cls_token=tokens.cls_token,
+                              kept=kept_count(tokens))
+        return (torch.from_numpy(heat).float() / 255, torch.from_numpy(kept).float() / 255)
+
+
+NODE_CLASS_MAPPINGS = {
+    "VisionZipEncodeFrames": VisionZipEncodeFrames,
+    "VisionZipCompress": VisionZipCompress,
+    "VisionZipVideoToTokens": VisionZipVideoToTokens,
+    "VisionZipAttentionHeatmap": VisionZipAttentionHeatmap,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VisionZipEncodeFrames": "Encode Frames (VisionZip)",
+    "VisionZipCompress": "VisionZip Compress",
+    "VisionZipVideoToTokens": "Video to Tokens (VisionZip)",
+    "VisionZipAttentionHeatmap": "Attention Heatmap (VisionZip)",
+}

@@ -1,0 +1,97 @@
+"""Model, encode, compress and preview nodes on tiny random checkpoints, called as ComfyUI calls them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_visionzip import VisionZipError
+from comfy_visionzip.vlm import load_vlm
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def _model(nodes, folder):
+    return nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
+                                             attention="sdpa", keep_loaded=True, path=folder)[0]
+
+
+def test_image_batch_encode_compress_heatmap(nodes, tiny_model_dir):
+    model = _model(nodes, tiny_model_dir("llava"))
+    images = torch.rand(3, 40, 60, 3)
+    features = nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2, images=images,
+                                                       timestamps="0.0, 1.5, 3.0")[0]
+    assert features.hidden.shape == (3, 65, 32) and features.timestamps == [0.0, 1.5, 3.0]
+    out = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=9, contextual=3,
+                                                tokens_per_frame=0)
+    tokens, summary = out["result"]
+    assert tokens.tokens.shape == (3, 12, 32) and tokens.total_tokens == 36
+    assert "3 frames x 12 tokens = 36 visual tokens" in summary and out["ui"]["text"] == [summary]
+    # the paper's ratio from a single number
+    tokens64 = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=1, contextual=0,
+                                                     tokens_per_frame=64)["result"][0]
+    assert (tokens64.dominant, tokens64.contextual) == (54, 10)
+    full = nodes["VisionZipCompress"]().compress(features=features, method="full", dominant=1, contextual=0,
+                                                 tokens_per_frame=0)["result"][0]
+    assert full.tokens.shape == (3, 64, 32)  # LLaVA drops CLS: every patch
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=images)
+    assert heat.shape == kept.shape == (3, 48, 48, 3) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+    # dominant patches are drawn as they are, merged ones tinted: the images differ where merged
+    view = torch.from_numpy(np.asarray(features.views, dtype=np.float32)) / 255
+    assert not torch.allclose(kept, view)
+
+
+def test_video_to_tokens_streams_the_plan(nodes, tiny_model_dir, clip_factory):
+    model = _model(nodes, tiny_model_dir("llava_onevision"))
+    path = clip_factory("n.mp4", frames=45, options={"g": "10"})
+    _image, _ts, handle, count = nodes["VisionZipLoadVideo"]().load(
+        video="", mode="every", num_frames=1, fps=1.0, every=5, start=0.0, end=0.0, max_frames=0, max_size=0,
+        preview_frames=3, backend="auto", path=path)
+    out = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=10,
+                                                contextual=2, tokens_per_frame=0, batch_size=4)
+    tokens = out["result"][0]
+    assert count == 9 and tokens.num_frames == 9 and tokens.tokens_per_frame == 12
+    assert tokens.indices == list(range(0, 45, 5)) and tokens.timestamps[1] == pytest.approx(5 / 30, abs=1e-3)
+    assert tokens.cls_token is False  # SigLIP
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=_image)
+    assert heat.shape == (3, 48, 48, 3)
+
+
+def test_encode_frames_needs_exactly_one_input(nodes, tiny_model_dir):
+    model = _model(nodes, tiny_model_dir("llava"))
+    with pytest.raises(ValueError, match="exactly one of 'images' or 'video'"):
+        nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2)
+    with pytest.raises(ValueError, match="2 timestamps for 3 frames"):
+        nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2, images=torch.rand(3, 32, 32, 3),
+                                                timestamps="0, 1")
+
+
+def test_load_vlm_rejects_wrong_folders(tmp_path, tiny_model_dir):
+    with pytest.raises(VisionZipError, match="no config.json, so not a Hugging Face model folder"):
+        load_vlm(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(VisionZipError, match=r"model_type 'bert' \(BertModel\) is not supported; supported: LLaVA-1.5 \(llava\)"):
+        load_vlm(str(tmp_path))
+    with pytest.raises(VisionZipError, match="no such model folder"):
+        load_vlm(str(tmp_path / "nope"))
+    # pickled weights only: refused unless allowed
+    folder = tmp_path / "pickled"
+    src = tiny_model_dir("llava")
+    os.makedirs(folder)
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            (folder / name).write_bytes((open(os.path.join(src, name), "rb")).read())
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(VisionZipError, match=r"no \.safetensors weights \(found pickled \['pytorch_model.bin'\]\)"):
+        load_vlm(str(folder))
+    with pytest.raises(VisionZipError, match="unknown dtype 'fp8'"):
+        load_vlm(src, dtype="fp8")
+    with pytest.raises(VisionZipError, match="needs a CUDA GPU"):
+        load_vlm(src, device="cpu", quantization="4bit")
