@@ -252,3 +252,39 @@ def load_vlm(
     image_config, video_config = _processor_configs(folder)
     log.info("loaded %s (%s) on %s in %s", folder, family.display, device_, dtype_)
     return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_)
+
+
+def compress_video(
+    vlm: VisionLanguageModel,
+    source,
+    *,
+    dominant: int = 54,
+    contextual: int = 10,
+    method: str = "visionzip",
+    batch_size: int = 8,
+    progress=None,
+    **sample_kwargs,
+):
+    """Sample -> encode -> zip a video file (or a VideoHandle / FramesHandle) in chunks with this model.
+
+    ``sample_kwargs`` are :func:`~comfy_visionzip.video.iter_video`'s (num_frames, fps, start, end, ...).
+    Returns a :class:`~comfy_visionzip.encoder.CompressedVideo` labelled with the model it was made with.
+    """
+    from .encoder import compress_frames
+    from .video import VideoHandle, get_index
+
+    handle = source if hasattr(source, "iter") else VideoHandle(source, **sample_kwargs)
+    total = len(handle.plan()[0])
+    video = compress_frames(vlm.video_encoder(), handle.iter(chunk_size=batch_size), dominant=dominant,
+                            contextual=contextual, method=method, batch_size=batch_size, progress=progress, total=total)
+    label_tokens(vlm, video)
+    if isinstance(handle, VideoHandle):
+        video.meta["duration"] = get_index(handle.source).duration
+        video.source = str(handle.source)
+    return video
+
+
+def label_tokens(vlm: VisionLanguageModel, video) -> None:
+    """Record which model made the tokens (checked when they are answered from or loaded again)."""
+    tower = getattr(vlm.inner, vlm.family.video_tower)
+    video.meta.update(model=vlm.name, family=vlm.family.model_type, vision_hidden=int(tower.config.hidden_size))
