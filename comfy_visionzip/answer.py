@@ -88,7 +88,7 @@ def check_compatible(vlm: VisionLanguageModel, video: CompressedVideo) -> None:
     """Tokens made with another model cannot be projected by this one: a clear error naming both."""
     made_with = video.meta.get("family"), video.meta.get("vision_hidden")
     hidden = int(video.tokens.shape[-1])
-    expected = int(getattr(getattr(vlm.inner, vlm.family.video_tower), "config").hidden_size)
+    expected = int(getattr(vlm.inner, vlm.family.video_tower).config.hidden_size)
     if hidden != expected or (made_with[0] and made_with[0] != vlm.family.model_type):
         raise VisionZipError(
             f"these tokens were made with {video.meta.get('model', 'another model')} ({made_with[0] or 'unknown family'}, "
@@ -282,7 +282,8 @@ class Chat:
         placeholders = [i for i in (self.vlm.config.get("image_token_index"), self.vlm.config.get("video_token_index"))
                         if isinstance(i, int) and i < logits.shape[-1]]
         for _ in range(config.max_new_tokens):
-            logits[placeholders] = -float("inf")  # an image/video placeholder is never a word to say
+            if placeholders:  # an image/video placeholder is never a word to say
+                logits = logits.index_fill(0, torch.tensor(placeholders, device=logits.device), -float("inf"))
             token = _pick(logits, config, generator)
             if token in eos:
                 break

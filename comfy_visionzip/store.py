@@ -6,8 +6,6 @@ import dataclasses
 import json
 import os
 
-import torch
-
 from .encoder import CompressedVideo, Preprocess
 from .errors import VisionZipError
 
