@@ -227,6 +227,7 @@ class EncodedImages:
     indices: list[int] = field(default_factory=list)  # per frame
     views: torch.Tensor | None = None  # uint8 (frames, S, S, 3): what the model saw of each frame (previews)
     encoder: VisionEncoder | None = None  # the encoder that made them (compressing needs its settings)
+    meta: dict = field(default_factory=dict)  # the model that made them
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])

@@ -132,3 +132,29 @@ def release(vlm, keep_loaded: bool) -> None:
     except ImportError:
         return
     mm.soft_empty_cache()
+
+
+def output_directory() -> str:
+    try:
+        import folder_paths
+    except ImportError:
+        return os.path.abspath("output")
+    return folder_paths.get_output_directory()
+
+
+def output_path(prefix: str, suffix: str) -> str:
+    """A new numbered file for ``prefix`` (relative to the output folder unless absolute)."""
+    base = prefix if os.path.isabs(prefix) else os.path.join(output_directory(), prefix)
+    folder, stem = os.path.split(base)
+    os.makedirs(folder or ".", exist_ok=True)
+    n = 1
+    while os.path.exists(os.path.join(folder, f"{stem}_{n:05d}{suffix}")):
+        n += 1
+    return os.path.join(folder, f"{stem}_{n:05d}{suffix}")
+
+
+def output_path_existing(path: str) -> str:
+    path = (path or "").strip().strip('"')
+    if not path:
+        raise ValueError("no tokens file given")
+    return path if os.path.isabs(path) else os.path.join(output_directory(), path)

@@ -8,6 +8,7 @@ from ..comfy_visionzip.encoder import compress_encoded, compress_frames, encode_
 from ..comfy_visionzip.errors import VisionZipError
 from ..comfy_visionzip.video import uniform_pick
 from ..comfy_visionzip.viz import attention_overlays, token_overlays
+from ..comfy_visionzip.vlm import label_tokens
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
 from .model import MODEL_TYPE
@@ -79,8 +80,10 @@ class VisionZipEncodeFrames:
                     raise ValueError(f"{len(times)} timestamps for {images.shape[0]} frames")
                 total = images.shape[0]
                 chunks = [(images, times, list(range(total)))]
-            return (encode_frames(encoder, chunks, batch_size=batch_size, progress=_comfy.progress_callback(total),
-                                  total=total),)
+            features = encode_frames(encoder, chunks, batch_size=batch_size, progress=_comfy.progress_callback(total),
+                                     total=total)
+            label_tokens(vlm, features)
+            return (features,)
 
 
 class VisionZipCompress:
@@ -98,6 +101,7 @@ class VisionZipCompress:
     def compress(self, features, method, dominant, contextual, tokens_per_frame):
         dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
         video = compress_encoded(features.encoder, features, dominant=dominant, contextual=contextual, method=method)
+        video.meta.update(features.meta)
         return {"ui": {"text": [video.summary()]}, "result": (video, video.summary())}
 
 
@@ -128,7 +132,7 @@ class VisionZipVideoToTokens:
             tokens = compress_frames(vlm.video_encoder(), video.iter(chunk_size=batch_size), dominant=dominant,
                                      contextual=contextual, method=method, batch_size=batch_size,
                                      progress=_comfy.progress_callback(total), total=total)
-        tokens.meta.update(model=vlm.name, family=vlm.family.model_type)
+        label_tokens(vlm, tokens)
         return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
 
 

@@ -33,6 +33,9 @@ def test_demo_runs_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("frame numbers drawn in the frames: OK") == 4
+    assert "visionzip 30 frames x 17 tokens =  510 visual tokens" in result.stdout
+    assert "follow-up prefilled 8 (reused" in result.stdout
+    assert (tmp_path / "visionzip_tokens.png").exists()
     assert "MISMATCH" not in result.stdout
     assert (tmp_path / "contact_sheet_generated_30s.png").exists()
 
@@ -41,3 +44,30 @@ def test_contact_sheet_layout():
     frames = np.zeros((5, 90, 160, 3), np.uint8)
     sheet = contact_sheet(frames, [str(i) for i in range(5)], columns=3, tile_width=100)
     assert sheet.shape == (2 * (56 + 16), 300, 3)
+
+
+def test_ask_prints_answer_tokens_frames_and_timings(tiny_model_dir, clip_factory, tmp_path, capsys):
+    path = clip_factory("ask.mp4", frames=90, options={"g": "15"})
+    model = tiny_model_dir("llava")
+    saved = tmp_path / "t.safetensors"
+    code = main(["ask", path, "What happens ?", "--model", model, "--budget", "130", "--dominant", "9",
+                 "--contextual", "3", "--max-new-tokens", "5", "--follow-up", "and then ?", "--save-tokens", str(saved),
+                 "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "budget 130 tokens at 12 per frame: 10 frames" in out
+    assert "10 frames of" in out and "x 12 tokens = 120 visual tokens" in out
+    assert out.count("\nQ: ") == 2 and "reused 0 from the cache" in out
+    assert "timings: load model" in out and "sample + encode + zip" in out
+    assert saved.exists()
+    # again from the saved tokens: no video decoding at all
+    assert main(["ask", "ignored.mp4", "What happens ?", "--model", model, "--tokens", str(saved),
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert "load tokens" in capsys.readouterr().out
+
+
+def test_ask_with_a_wrong_model_folder_is_one_clear_line(tmp_path, clip_factory, capsys):
+    path = clip_factory("ask2.mp4", frames=10)
+    assert main(["ask", path, "q", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no config.json, so not a Hugging Face model folder" in err and "Traceback" not in err
