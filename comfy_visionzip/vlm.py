@@ -157,8 +157,8 @@ class VisionLanguageModel:
         return inner if hasattr(inner, "multi_modal_projector") else self.model
 
     def to(self, device: str | torch.device) -> VisionLanguageModel:
-        """Move the model (e.g. to the GPU for a run and back to the CPU after)."""
-        device = torch.device(device)
+        """Move the model (e.g. to the GPU for a run and back to the CPU after); "auto" picks the best device."""
+        device = _pick_device(device)
         if device != self.device:
             self.model.to(device)
             self.device = device

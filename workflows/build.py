@@ -1,0 +1,236 @@
+"""Writes the saved workflows from one description: UI format (drag into ComfyUI), API format (POST to
+/prompt, or run headless with run_headless.py) and a .jpg diagram of each graph.
+
+    python workflows/build.py
+
+The widget order of the UI format is taken from the nodes' own INPUT_TYPES, so the files stay valid
+when inputs are added (node ids and input names never change once landed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LINK_TYPES = {"IMAGE", "VIDEO", "VISIONZIP_VIDEO", "VISIONZIP_MODEL", "VISIONZIP_FEATURES", "VISIONZIP_TOKENS",
+              "VISIONZIP_CHAT"}
+CORE = {  # the core nodes the workflows use: (inputs, outputs)
+    "PreviewImage": ({"images": "IMAGE"}, []),
+}
+
+MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint: put it in ComfyUI/models/visionzip/
+VIDEO = "pancake.mkv"  # a file in ComfyUI/input
+
+GEN = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+LOAD_VLM = {"model": MODEL, "dtype": "auto", "device": "auto", "quantization": "none", "attention": "sdpa",
+            "keep_loaded": True, "path": ""}
+
+
+def load_video(**overrides):
+    values = {"video": VIDEO, "mode": "fps", "num_frames": 16, "fps": 1.0, "every": 30, "start": 0.0, "end": 0.0,
+              "max_frames": 256, "max_size": 768, "preview_frames": 8, "backend": "auto", "path": ""}
+    values.update(overrides)
+    return values
+
+
+WORKFLOWS = {
+    "long_video_qa": {
+        "title": "Long video QA: sample at 1 fps -> VisionZip 54+10 tokens/frame -> answer, then a cached follow-up",
+        "nodes": {
+            1: ("VisionZipLoadVideo", load_video(), {}),
+            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            3: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0,
+                                           "batch_size": 8}, {"model": (2, 0), "video": (1, 2)}),
+            4: ("VisionZipAnswer", {"question": "What happens in this video? Describe it step by step.", **GEN,
+                                    "timestamps": True, "stop": "", "system": ""}, {"model": (2, 0), "tokens": (3, 0)}),
+            5: ("VisionZipChat", {"question": "At what time does the most important moment happen?", **GEN, "stop": ""},
+                {"chat": (4, 1)}),
+            6: ("VisionZipAttentionHeatmap", {}, {"tokens": (3, 0), "images": (1, 0)}),
+            7: ("PreviewImage", {}, {"images": (6, 1)}),
+        },
+    },
+    "compare_methods": {
+        "title": "Same frames, two compressions: VisionZip vs average pooling at 64 tokens per frame",
+        "nodes": {
+            1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=8, preview_frames=8), {}),
+            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            3: ("VisionZipEncodeFrames", {"batch_size": 8}, {"model": (2, 0), "images": (1, 0), "timestamps": (1, 1)}),
+            4: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
+                {"features": (3, 0)}),
+            5: ("VisionZipCompress", {"method": "pool", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
+                {"features": (3, 0)}),
+            6: ("VisionZipAnswer", {"question": "What is the person doing?", **GEN, "timestamps": True, "stop": "",
+                                    "system": ""}, {"model": (2, 0), "tokens": (4, 0)}),
+            7: ("VisionZipAnswer", {"question": "What is the person doing?", **GEN, "timestamps": True, "stop": "",
+                                    "system": ""}, {"model": (2, 0), "tokens": (5, 0)}),
+            8: ("VisionZipAttentionHeatmap", {}, {"tokens": (4, 0), "features": (3, 0)}),
+            9: ("PreviewImage", {}, {"images": (8, 0)}),
+            10: ("PreviewImage", {}, {"images": (8, 1)}),
+        },
+    },
+    "budget_save_and_ask_later": {
+        "title": "Fit a token budget, compress once, save the tokens; load them later and ask without the video",
+        "nodes": {
+            1: ("VisionZipFrameBudget", {"token_budget": 4096, "tokens_per_frame": 64, "reserved": 256, "max_frames": 0}, {}),
+            2: ("VisionZipLoadVideo", load_video(mode="num_frames", preview_frames=4), {"num_frames": (1, 0)}),
+            3: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 64,
+                                           "batch_size": 8}, {"model": (3, 0), "video": (2, 2)}),
+            5: ("VisionZipSaveTokens", {"filename_prefix": "visionzip/pancake"}, {"tokens": (4, 0)}),
+            6: ("VisionZipAnswer", {"question": "Summarise the video in one sentence.", **GEN, "timestamps": True,
+                                    "stop": "", "system": ""}, {"model": (3, 0), "tokens": (4, 0)}),
+        },
+    },
+}
+
+
+def load_pack():
+    name = "ComfyUI-VisionZip-workflows"
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.NODE_CLASS_MAPPINGS
+
+
+def _signature(mappings, class_type):
+    """(ordered inputs [(name, type, is_widget, options)], outputs [(name, type)]) of a node."""
+    if class_type in CORE:
+        ins, outs = CORE[class_type]
+        return [(n, t, False, {}) for n, t in ins.items()], outs
+    cls = mappings[class_type]
+    spec = cls.INPUT_TYPES()
+    inputs = []
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in spec.get(section, {}).items():
+            options = rest[0] if rest else {}
+            is_list = isinstance(kind, list)
+            widget = (is_list or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")) and not options.get("forceInput")
+            inputs.append((name, "COMBO" if is_list else kind, widget, options))
+    return inputs, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+
+
+def api_format(mappings, workflow) -> dict:
+    prompt = {}
+    for node_id, (class_type, values, links) in workflow["nodes"].items():
+        inputs, _outs = _signature(mappings, class_type)
+        known = {name for name, *_ in inputs}
+        unknown = (set(values) | set(links)) - known
+        if unknown:
+            raise ValueError(f"{class_type} has no inputs {sorted(unknown)}")
+        entry = {name: value for name, value in values.items() if name not in links}
+        entry.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        prompt[str(node_id)] = {"class_type": class_type, "inputs": entry, "_meta": {"title": class_type}}
+    return prompt
+
+
+def ui_format(mappings, workflow) -> dict:
+    nodes, link_rows, link_id = [], [], 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    depth = _depths(workflow)
+    column_rows: dict[int, int] = {}
+    placed = {}
+    for node_id, (class_type, values, links) in workflow["nodes"].items():
+        col = depth[node_id]
+        row = column_rows.get(col, 0)
+        column_rows[col] = row + 1
+        placed[node_id] = (40 + col * 380, 40 + row * 330)
+    for order, (node_id, (class_type, values, links)) in enumerate(workflow["nodes"].items()):
+        inputs, outputs = _signature(mappings, class_type)
+        ui_inputs, widgets = [], []
+        for name, kind, is_widget, options in inputs:
+            if name in links:
+                link_id += 1
+                src, slot = links[name]
+                src_type = _signature(mappings, workflow["nodes"][src][0])[1][slot][1]
+                link_rows.append([link_id, src, slot, node_id, len(ui_inputs), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                entry = {"name": name, "type": kind, "link": link_id}
+                if is_widget:
+                    entry["widget"] = {"name": name}
+                ui_inputs.append(entry)
+            elif not is_widget:
+                ui_inputs.append({"name": name, "type": kind, "link": None})
+            if is_widget:
+                default = options.get("default", kind[0] if isinstance(kind, list) else None)
+                widgets.append(values.get(name, default))
+                if name == "seed":
+                    widgets.append("fixed")  # the front end's "control after generate" value
+        nodes.append({"id": node_id, "type": class_type, "pos": list(placed[node_id]), "size": [340, 290], "flags": {},
+                      "order": order, "mode": 0, "inputs": ui_inputs,
+                      "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+                      "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})
+    for node in nodes:
+        for i, out in enumerate(node["outputs"]):
+            out["links"] = out_links.get((node["id"], i), [])
+    return {"last_node_id": max(workflow["nodes"]), "last_link_id": link_id, "nodes": nodes, "links": link_rows,
+            "groups": [], "config": {}, "extra": {"visionzip": workflow["title"]}, "version": 0.4}
+
+
+def _depths(workflow) -> dict[int, int]:
+    depth: dict[int, int] = {}
+
+    def of(node_id):
+        if node_id not in depth:
+            links = workflow["nodes"][node_id][2]
+            depth[node_id] = 1 + max((of(src) for src, _ in links.values()), default=-1)
+        return depth[node_id]
+
+    for node_id in workflow["nodes"]:
+        of(node_id)
+    return depth
+
+
+def diagram(mappings, workflow, path: Path) -> None:
+    """A .jpg picture of the graph: one box per node (title, key settings), arrows for links."""
+    from PIL import Image, ImageDraw
+
+    depth = _depths(workflow)
+    cols: dict[int, list[int]] = {}
+    for node_id in workflow["nodes"]:
+        cols.setdefault(depth[node_id], []).append(node_id)
+    box_w, box_h, gap_x, gap_y = 250, 92, 70, 26
+    width = len(cols) * (box_w + gap_x) + gap_x
+    height = max(len(v) for v in cols.values()) * (box_h + gap_y) + gap_y + 40
+    img = Image.new("RGB", (width, height), (32, 33, 38))
+    draw = ImageDraw.Draw(img)
+    draw.text((gap_x, 12), workflow["title"], fill=(220, 220, 220))
+    where = {}
+    for col, ids in cols.items():
+        for row, node_id in enumerate(ids):
+            x, y = gap_x + col * (box_w + gap_x), 40 + gap_y + row * (box_h + gap_y)
+            where[node_id] = (x, y)
+    for node_id, (_cls, _values, links) in workflow["nodes"].items():
+        for src, _slot in links.values():
+            (x0, y0), (x1, y1) = where[src], where[node_id]
+            draw.line([(x0 + box_w, y0 + box_h // 2), (x1, y1 + box_h // 2)], fill=(120, 170, 240), width=2)
+    for node_id, (class_type, values, _links) in workflow["nodes"].items():
+        x, y = where[node_id]
+        colour = (58, 78, 110) if class_type.startswith("VisionZip") else (70, 70, 70)
+        draw.rounded_rectangle([x, y, x + box_w, y + box_h], radius=8, fill=colour, outline=(150, 150, 160))
+        title = mappings[class_type].__name__.replace("VisionZip", "") if class_type in mappings else class_type
+        draw.text((x + 8, y + 6), f"#{node_id} {title}", fill=(255, 255, 255))
+        shown = [f"{k}: {v}" for k, v in values.items() if k in ("mode", "fps", "num_frames", "method", "dominant",
+                                                                    "contextual", "question", "model", "token_budget",
+                                                                    "tokens_per_frame", "filename_prefix")]
+        for i, line in enumerate(shown[:4]):
+            draw.text((x + 8, y + 24 + 15 * i), line[:38], fill=(210, 210, 215))
+    img.save(path, quality=90)
+
+
+def main() -> int:
+    mappings = load_pack()
+    for name, workflow in WORKFLOWS.items():
+        (HERE / f"{name}.json").write_text(json.dumps(ui_format(mappings, workflow), indent=1) + "\n")
+        (HERE / f"{name}_api.json").write_text(json.dumps(api_format(mappings, workflow), indent=1) + "\n")
+        diagram(mappings, workflow, HERE / f"{name}.jpg")
+        print(f"wrote workflows/{name}.json, {name}_api.json, {name}.jpg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
