@@ -134,7 +134,7 @@ def ui_format(mappings, workflow) -> dict:
     depth = _depths(workflow)
     column_rows: dict[int, int] = {}
     placed = {}
-    for node_id, (class_type, values, links) in workflow["nodes"].items():
+    for node_id in workflow["nodes"]:
         col = depth[node_id]
         row = column_rows.get(col, 0)
         column_rows[col] = row + 1
