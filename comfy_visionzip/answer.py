@@ -63,7 +63,8 @@ def project(vlm: VisionLanguageModel, video: CompressedVideo) -> torch.Tensor:
 
     Family details reproduced exactly for uncompressed input ("full"): LLaVA-OneVision pools each frame
     2x bilinearly after projecting and ends the video with its ``image_newline``; LLaVA-NeXT-Video's
-    2x2 pooling happened in the encoder. With VisionZip the compressed tokens replace that pooling.
+    2x2 pooling happened in the encoder; LLaVA-NeXT packs its anyres tiles (unpadded, a newline per
+    row). With VisionZip the compressed tokens replace that pooling / packing (NeXT: a newline per frame).
     """
     check_compatible(vlm, video)
     inner = vlm.inner
@@ -77,8 +78,18 @@ def project(vlm: VisionLanguageModel, video: CompressedVideo) -> torch.Tensor:
             flat = projected.reshape(-1, projected.shape[-1])
             return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
         if family == "llava_next":
-            # one image_newline closes each frame (the model's own packing puts one after every row of
-            # its unpadded grid; compressed tokens have no rows)
+            size = video.meta.get("frame_size")
+            if video.method == "full" and video.crops > 1 and size:
+                # uncompressed: the model's own packing (unpad the tile grid, a newline after every row)
+                strategy = vlm.config.get("vision_feature_select_strategy", "default")
+                per_crop = projected.view(projected.shape[0], video.crops, -1, projected.shape[-1])
+                packed = []
+                for frame in per_crop:
+                    out = inner.pack_image_features([frame], torch.tensor([list(size)]), strategy,
+                                                    image_newline=inner.image_newline)[0]
+                    packed.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)  # 5.x: a list
+                return torch.cat(packed, dim=0)
+            # compressed tokens have no rows: one image_newline closes each frame
             newline = inner.image_newline[None, None].to(projected).expand(projected.shape[0], 1, -1)
             projected = torch.cat([projected, newline], dim=1)
         return projected.reshape(-1, projected.shape[-1])

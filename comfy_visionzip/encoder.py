@@ -367,6 +367,7 @@ class VisionEncoder:
         parts = [self.encode_pixels(pixels[i: i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
         encoded = _concat(parts)
         encoded.crops = crops
+        encoded.meta["frame_size"] = (int(frames.shape[1]), int(frames.shape[2]))  # (H, W) as shown
         return encoded
 
     def view(self, frames: torch.Tensor) -> torch.Tensor:
@@ -488,7 +489,7 @@ def encode_frames(
     for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size):
         encoded = encoder.encode(frames, batch_size=batch_size * 8)
         parts.append(EncodedImages(encoded.hidden.to("cpu"), encoded.scores.to("cpu"), encoded.keys.to("cpu"),
-                                   encoded.cls_token, encoded.grid, encoded.crops))
+                                   encoded.cls_token, encoded.grid, encoded.crops, meta=encoded.meta))
         if keep_views:
             views.append(encoder.view(frames))
         times += batch_times
@@ -502,6 +503,7 @@ def encode_frames(
     merged.timestamps, merged.indices = times, indices
     merged.views = torch.cat(views) if keep_views else None
     merged.encoder = encoder
+    merged.meta = dict(parts[0].meta)
     return merged
 
 
@@ -516,7 +518,7 @@ def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant
         dominant=dominant, contextual=contextual, crops=encoded.crops, grid=encoded.grid, cls_token=encoded.cls_token,
         scores=encoded.scores.to("cpu", torch.float16) if keep_maps else None,
         assignment=result.assignment.to("cpu", torch.int16) if keep_maps else None,
-        preprocess=encoder.preprocess_spec,
+        preprocess=encoder.preprocess_spec, meta=dict(encoded.meta),
     )
 
 
@@ -560,7 +562,7 @@ def compress_frames(
         crops=first.crops, grid=first.grid, cls_token=first.cls_token,
         scores=torch.cat([p.scores for p in parts]) if keep_maps else None,
         assignment=torch.cat([p.assignment for p in parts]) if keep_maps else None,
-        preprocess=encoder.preprocess_spec, source=str(source),
+        preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
     )
 
 

@@ -42,7 +42,7 @@ def _model_logits(vlm, ids, **pixels):
         return vlm.model(input_ids=torch.tensor([ids]), **pixels).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next_video", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_compression_off_matches_the_models_own_forward(family, tiny_model_dir, clip):
     """Our projected tokens spliced into inputs_embeds give the same next-token logits as the model's own
     forward from pixel values (its get_*_features + placeholder scatter): splicing and order are right."""
@@ -59,6 +59,9 @@ def test_compression_off_matches_the_models_own_forward(family, tiny_model_dir, 
     pixels = encoder.preprocess(frames.frames)
     if vlm.family.video_input == "video":
         theirs = _model_logits(vlm, ids, pixel_values_videos=pixels[None])
+    elif family == "llava_next":  # anyres: (frames, crops, 3, S, S) and each frame's size
+        height, width = frames.frames.shape[1:3]
+        theirs = _model_logits(vlm, ids, pixel_values=pixels, image_sizes=torch.tensor([[height, width]] * 3))
     else:
         theirs = _model_logits(vlm, ids, pixel_values=pixels)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
