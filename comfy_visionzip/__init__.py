@@ -1,23 +1,47 @@
 """ComfyUI-VisionZip library: ask LLaVA-family models about long videos with VisionZip token compression.
 
-Pure Python + torch; never imports ComfyUI. See DESIGN in the README for the data flow:
-sample (video) -> encode (vision tower + one attention row) -> zip (dominant + contextual) -> answer.
+Pure Python + torch; never imports ComfyUI. The data flow runs one way:
+sample (video) -> encode (vision tower to the select layer + one attention row) -> zip (dominant +
+contextual tokens) -> answer (projector, prompt, generation, chat with a kept KV cache).
+transformers is imported only when a model is loaded.
 """
 
+from .answer import Chat, GenerationConfig
 from .budget import frames_for_budget
+from .encoder import CompressedVideo, Preprocess, VisionEncoder, compress_frames, encode_frames
 from .errors import VideoError, VideoNotFoundError, VisionZipError
-from .video import VideoClip, VideoHandle, iter_video, plan_frames, sample_video
+from .store import load_tokens, save_tokens
+from .video import FramesHandle, VideoClip, VideoHandle, iter_video, plan_frames, sample_video
+from .vlm import VisionLanguageModel, compress_video, load_vlm
+from .zip import ZipResult, compress, split_tokens, visionzip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chat",
+    "CompressedVideo",
+    "FramesHandle",
+    "GenerationConfig",
+    "Preprocess",
     "VideoClip",
     "VideoError",
     "VideoHandle",
     "VideoNotFoundError",
+    "VisionEncoder",
+    "VisionLanguageModel",
     "VisionZipError",
+    "ZipResult",
+    "compress",
+    "compress_frames",
+    "compress_video",
+    "encode_frames",
     "frames_for_budget",
     "iter_video",
+    "load_tokens",
+    "load_vlm",
     "plan_frames",
     "sample_video",
+    "save_tokens",
+    "split_tokens",
+    "visionzip",
 ]

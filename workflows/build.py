@@ -9,13 +9,11 @@ when inputs are added (node ids and input names never change once landed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 LINK_TYPES = {"IMAGE", "VIDEO", "VISIONZIP_VIDEO", "VISIONZIP_MODEL", "VISIONZIP_FEATURES", "VISIONZIP_TOKENS",
               "VISIONZIP_CHAT"}
 CORE = {  # the core nodes the workflows use: (inputs, outputs)
@@ -86,15 +84,6 @@ WORKFLOWS = {
         },
     },
 }
-
-
-def load_pack():
-    name = "ComfyUI-VisionZip-workflows"
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.NODE_CLASS_MAPPINGS
 
 
 def _signature(mappings, class_type):
@@ -223,6 +212,9 @@ def diagram(mappings, workflow, path: Path) -> None:
 
 
 def main() -> int:
+    sys.path.insert(0, str(HERE))
+    from run_headless import load_pack  # the same loader ComfyUI's import mimics
+
     mappings = load_pack()
     for name, workflow in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(ui_format(mappings, workflow), indent=1) + "\n")
