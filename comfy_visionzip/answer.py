@@ -265,8 +265,13 @@ class Chat:
         return logits, len(ids) - common, common
 
     def ask(self, question: str, config: GenerationConfig | None = None,
-            on_text: Callable[[str], None] | None = None) -> str:
-        """Ask a question; returns the answer. ``on_text`` receives the text as it is generated."""
+            on_text: Callable[[str], None] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> str:
+        """Ask a question; returns the answer.
+
+        ``on_text`` receives the text as it is generated; ``progress(tokens, max_new_tokens)`` is called
+        after every token (raise from it to stop: the conversation is then left as it was).
+        """
         config = config or GenerationConfig()
         config.check()
         if not isinstance(question, str) or not question.strip():
@@ -277,14 +282,18 @@ class Chat:
         t1 = time.perf_counter()
         logits, prefilled, reused = self.prefill(ids)
         t2 = time.perf_counter()
-        answer, generated = self._generate(logits, config, on_text)
+        try:
+            answer, generated = self._generate(logits, config, on_text, progress)
+        except BaseException:
+            self.cache, self.cached_ids = None, []  # half a turn in the cache: start clean next time
+            raise
         t3 = time.perf_counter()
         self.messages = [*messages, {"role": "assistant", "text": answer}]
         self.turns.append(Turn(question, answer, generated, prefilled, reused,
                                {"prompt": t1 - t0, "prefill": t2 - t1, "generate": t3 - t2}))
         return answer
 
-    def _generate(self, logits: torch.Tensor, config: GenerationConfig, on_text) -> tuple[str, int]:
+    def _generate(self, logits: torch.Tensor, config: GenerationConfig, on_text, progress) -> tuple[str, int]:
         tokenizer = self.vlm.tokenizer
         eos = set(_as_list(self.vlm.model.generation_config.eos_token_id) or []) | {tokenizer.eos_token_id}
         generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
@@ -299,6 +308,8 @@ class Chat:
             if token in eos:
                 break
             out.append(token)
+            if progress is not None:
+                progress(len(out), config.max_new_tokens)
             text = tokenizer.decode(out, skip_special_tokens=True)
             stop_at = min((text.find(s) for s in config.stop if s and s in text), default=-1)
             if stop_at >= 0:

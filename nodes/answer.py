@@ -37,7 +37,7 @@ class ChatState:
     def ask(self, question: str, config: GenerationConfig) -> ChatState:
         branch = ChatState(self.handle, self.chat.fork())  # ComfyUI may reuse this state: never mutate it
         with self.handle:
-            branch.chat.ask(question, config)
+            branch.chat.ask(question, config, progress=_comfy.progress_callback(config.max_new_tokens))
         return branch
 
     def transcript(self) -> str:

@@ -183,3 +183,24 @@ def test_projection_of_compressed_tokens_is_the_projector(tiny_model_dir, clip):
         expected = vlm.inner.multi_modal_projector(video.tokens).reshape(-1, 32)
     torch.testing.assert_close(project(vlm, video), expected)
     assert np.isfinite(project(vlm, video).numpy()).all()
+
+
+def test_cancelling_generation_leaves_the_chat_usable(tiny_model_dir, clip):
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    chat = Chat(vlm, compress_video(vlm, clip, num_frames=2, dominant=6, contextual=2))
+    first = chat.ask("What is in this video ?", GenerationConfig(max_new_tokens=4))
+
+    class Cancelled(Exception):
+        pass
+
+    def stop(done, total):
+        if done == 2:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        chat.ask("and then ?", GenerationConfig(max_new_tokens=6), progress=stop)
+    assert len(chat.turns) == 1 and chat.messages[-1]["text"] == first
+    again = chat.ask("and then ?", GenerationConfig(max_new_tokens=6))
+    reference = Chat(vlm, chat.video)
+    reference.messages = chat.messages[:2]
+    assert again == reference.ask("and then ?", GenerationConfig(max_new_tokens=6))
