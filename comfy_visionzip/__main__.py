@@ -1,10 +1,11 @@
-"""Command line: ``python -m comfy_visionzip {demo,ask,frames} ...``.
+"""Command line: ``python -m comfy_visionzip {demo,ask,frames,bench} ...``.
 
 demo    the whole pipeline on a generated clip (and the real-world clip in ../shared/media when it is
         there) with a tiny random-weight LLaVA: sampling, encoding with attention, VisionZip, answering
         and a cached follow-up. No download, no GPU.
 ask     ask a LLaVA-family checkpoint about a video.
 frames  sample a video file and write a contact sheet PNG.
+bench   run a benchmark from bench/ (video, encoder, prefill).
 """
 
 from __future__ import annotations
@@ -211,6 +212,18 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             print(f"  attention heatmaps and kept/merged tokens -> {target}")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one of the repository's benchmarks (bench/bench_<name>.py) with the remaining arguments."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise VisionZipError(f"{script} not found: benchmarks live in the repository checkout, not in an installed package")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def cmd_frames(args: argparse.Namespace) -> int:
     clip = sample_video(args.video, num_frames=args.num_frames, fps=args.fps, every=args.every, start=args.start,
                         end=args.end, max_frames=args.max_frames, backend=args.backend, max_size=args.max_size)
@@ -254,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
     ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding the video")
     ask.set_defaults(func=cmd_ask)
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (video, encoder, prefill)")
+    bench.add_argument("name", choices=["video", "encoder", "prefill"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
+    bench.set_defaults(func=cmd_bench)
     frames = sub.add_parser("frames", help="sample a video and write a contact sheet")
     frames.add_argument("video")
     mode = frames.add_mutually_exclusive_group()
