@@ -86,3 +86,33 @@ def test_frame_budget_node(pack):
     assert "120 frames x 17 tokens = 2040 of 2048" in out["ui"]["text"][0]
     with pytest.raises(ValueError, match="cannot hold one frame"):
         node.plan(token_budget=100, tokens_per_frame=576)
+
+
+def test_core_video_without_a_stream_uses_its_frames(pack):
+    # A VIDEO made from images (CreateVideo) raises in get_stream_source in ComfyUI; its frames are used.
+    import torch
+
+    from comfy_visionzip.synthetic import draw_frame
+
+    frames = torch.stack([torch.from_numpy(draw_frame(k, 64, 48)) for k in range(20)]).float() / 255
+
+    class Components:
+        images = frames
+        frame_rate = 10
+
+    class ComponentsVideo:
+        def get_stream_source(self):
+            raise ValueError("Could not determine output format")
+
+        def get_components(self):
+            return Components()
+
+    image, timestamps, handle, count = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]().load(
+        video="", mode="fps", num_frames=1, fps=2.0, every=1, start=0.0, end=0.0, max_frames=0, max_size=0,
+        preview_frames=2, backend="auto", video_input=ComponentsVideo())
+    assert count == 4 and timestamps == "0.000, 1.500"
+    numbers = [read_frame_number((f.numpy() * 255).round().astype(np.uint8)) for f in image]
+    assert numbers == [0, 15]
+    chunks = list(handle.iter(chunk_size=3))
+    assert sum((c.indices for c in chunks), []) == [0, 5, 10, 15]
+    assert chunks[0].frames.dtype == torch.uint8
