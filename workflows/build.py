@@ -1,5 +1,6 @@
 """Writes the saved workflows from one description: UI format (drag into ComfyUI), API format (POST to
-/prompt, or run headless with run_headless.py) and a .jpg diagram of each graph.
+/prompt, or run headless with run_headless.py), and a .jpg diagram of each graph where no thumbnail
+(a screenshot from ComfyUI) exists yet.
 
     python workflows/build.py
 
@@ -121,13 +122,13 @@ def ui_format(mappings, workflow) -> dict:
     nodes, link_rows, link_id = [], [], 0
     out_links: dict[tuple[int, int], list[int]] = {}
     depth = _depths(workflow)
-    column_rows: dict[int, int] = {}
+    column_y: dict[int, int] = {}
     placed = {}
     for node_id in workflow["nodes"]:
         col = depth[node_id]
-        row = column_rows.get(col, 0)
-        column_rows[col] = row + 1
-        placed[node_id] = (40 + col * 380, 40 + row * 330)
+        y = column_y.get(col, 40)
+        placed[node_id] = (40 + col * 420, y)
+        column_y[col] = y + _height(mappings, workflow["nodes"][node_id][0]) + 60
     for order, (node_id, (class_type, values, links)) in enumerate(workflow["nodes"].items()):
         inputs, outputs = _signature(mappings, class_type)
         ui_inputs, widgets = [], []
@@ -149,7 +150,8 @@ def ui_format(mappings, workflow) -> dict:
                 widgets.append(values.get(name, default))
                 if name == "seed":
                     widgets.append("fixed")  # the front end's "control after generate" value
-        nodes.append({"id": node_id, "type": class_type, "pos": list(placed[node_id]), "size": [340, 290], "flags": {},
+        nodes.append({"id": node_id, "type": class_type, "pos": list(placed[node_id]),
+                      "size": [360, _height(mappings, class_type)], "flags": {},
                       "order": order, "mode": 0, "inputs": ui_inputs,
                       "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
                       "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})
@@ -158,6 +160,15 @@ def ui_format(mappings, workflow) -> dict:
             out["links"] = out_links.get((node["id"], i), [])
     return {"last_node_id": max(workflow["nodes"]), "last_link_id": link_id, "nodes": nodes, "links": link_rows,
             "groups": [], "config": {}, "extra": {"visionzip": workflow["title"]}, "version": 0.4}
+
+
+def _height(mappings, class_type) -> int:
+    """Roughly how tall the front end draws a node: slots, then one row per widget (multiline: four)."""
+    inputs, outputs = _signature(mappings, class_type)
+    widgets = sum(4 if options.get("multiline") else 1 for _n, _k, is_widget, options in inputs if is_widget)
+    slots = max(len(outputs), sum(1 for _n, _k, is_widget, _o in inputs if not is_widget))
+    upload = any(options.get("video_upload") for *_rest, options in inputs)  # an upload button + video preview
+    return 40 + 26 * slots + 28 * widgets + (320 if upload else 0)
 
 
 def _depths(workflow) -> dict[int, int]:
@@ -212,6 +223,8 @@ def diagram(mappings, workflow, path: Path) -> None:
 
 
 def main() -> int:
+    """Write the JSON files; the .jpg thumbnails are screenshots from ComfyUI, drawn here only when missing
+    (or with --diagrams)."""
     sys.path.insert(0, str(HERE))
     from run_headless import load_pack  # the same loader ComfyUI's import mimics
 
@@ -219,8 +232,10 @@ def main() -> int:
     for name, workflow in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(ui_format(mappings, workflow), indent=1) + "\n")
         (HERE / f"{name}_api.json").write_text(json.dumps(api_format(mappings, workflow), indent=1) + "\n")
-        diagram(mappings, workflow, HERE / f"{name}.jpg")
-        print(f"wrote workflows/{name}.json, {name}_api.json, {name}.jpg")
+        picture = HERE / f"{name}.jpg"
+        if "--diagrams" in sys.argv or not picture.exists():
+            diagram(mappings, workflow, picture)
+        print(f"wrote workflows/{name}.json, {name}_api.json" + (", a diagram in .jpg" if picture.exists() else ""))
     return 0
 
 
