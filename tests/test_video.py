@@ -335,3 +335,25 @@ def test_explicit_frames(clip_factory):
         sample_video(path, frames=[1, 60])
     with pytest.raises(VisionZipError, match="either frames or a plan"):
         sample_video(path, frames=[1], num_frames=3)
+
+
+def test_truncated_faststart_mp4_returns_the_frames_that_exist(tmp_path, caplog):
+    # moov first ("faststart", as streaming sites write MP4s): the index survives, the media data is cut
+    import av
+
+    path = tmp_path / "fs.mp4"
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=30, options={"g": "10"})
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for k in range(120):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(draw_frame(k, 160, 120), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING):
+        clip = sample_video(cut, num_frames=8)
+    assert 4 <= len(clip) <= 8 and _numbers(clip) == clip.indices
+    assert any("truncated" in r.message for r in caplog.records)
