@@ -7,7 +7,7 @@ transformers is imported only when a model is loaded.
 """
 
 from .answer import Chat, GenerationConfig
-from .budget import frames_for_budget
+from .budget import BudgetPlan, context_length, frames_for_budget, plan_budget
 from .encoder import CompressedVideo, Preprocess, VisionEncoder, compress_frames, encode_frames
 from .errors import VideoError, VideoNotFoundError, VisionZipError
 from .store import load_tokens, save_tokens
@@ -18,6 +18,7 @@ from .zip import ZipResult, compress, split_tokens, visionzip
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetPlan",
     "Chat",
     "CompressedVideo",
     "FramesHandle",
@@ -34,11 +35,13 @@ __all__ = [
     "compress",
     "compress_frames",
     "compress_video",
+    "context_length",
     "encode_frames",
     "frames_for_budget",
     "iter_video",
     "load_tokens",
     "load_vlm",
+    "plan_budget",
     "plan_frames",
     "sample_video",
     "save_tokens",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import VisionZipError, frames_for_budget, sample_video
+from . import VisionZipError, sample_video
 from .synthetic import make_clip, read_frame_number
 from .video import get_index
 from .viz import contact_sheet, save_png
@@ -29,6 +29,9 @@ REAL_CLIP_CANDIDATES = [
     Path(__file__).resolve().parents[2] / "shared" / "media" / "flipping_a_pancake.mkv",  # beside the repo
     Path.cwd().parent / "shared" / "media" / "flipping_a_pancake.mkv",
 ]
+DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
+SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)
+TILE_WIDTH = 240  # contact sheet tiles are this wide: frames are decoded no bigger than needed for them
 
 
 def _describe(clip, label: str) -> None:
@@ -93,58 +96,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens_per_frame(vlm, path: str, per_image: int) -> int:
-    """Visual tokens one frame of ``path`` costs with this model (anyres models see several crops)."""
-    from .encoder import select_best_resolution
-
-    spec = vlm.video_encoder().preprocess_spec
-    crops = 1
-    if spec.pinpoints:
-        width, height = get_index(path).display_size
-        rows, cols = (side // spec.tile for side in select_best_resolution(height, width, spec.pinpoints))
-        crops = 1 + rows * cols
-    extra = 1 if vlm.family.model_type == "llava_next" else 0  # a newline token per frame
-    return crops * per_image + extra
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
     from .answer import Chat, GenerationConfig
+    from .budget import plan_budget
     from .store import load_tokens, save_tokens
     from .vlm import compress_video, load_vlm
-    from .zip import split_tokens
 
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    config.check()  # cheap things first: nothing is loaded for a nonsense option
+    tokens_per_frame = _tokens_per_frame_arg(args.tokens_per_frame)
+    if args.budget is not None and args.budget < 0:
+        raise VisionZipError(f"--budget must be >= 0 tokens (0 = the model's context), got {args.budget}")
+    if not args.tokens and not os.path.exists(args.video):
+        raise VisionZipError(f"{args.video}: file not found")
     times: dict[str, float] = {}
     t = time.perf_counter()
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     times["load model"] = time.perf_counter() - t
-    dominant, contextual = (split_tokens(args.tokens_per_frame) if args.tokens_per_frame
-                            else (args.dominant, args.contextual))
     t = time.perf_counter()
     if args.tokens:
         video = load_tokens(args.tokens, model=vlm)
         times["load tokens"] = time.perf_counter() - t
     else:
-        num_frames, fps = args.frames, args.fps
-        if args.budget:
-            per_frame = _tokens_per_frame(vlm, args.video, dominant + contextual)
-            num_frames = frames_for_budget(args.budget, per_frame)
-            print(f"budget {args.budget} tokens at {per_frame} per frame: {num_frames} frames")
-        if num_frames is None and fps is None:
-            num_frames = 16
-        video = compress_video(vlm, args.video, num_frames=num_frames, fps=fps, max_frames=args.max_frames,
-                               dominant=dominant, contextual=contextual, method=args.method, batch_size=args.batch_size,
-                               progress=_progress_bar(args))
+        num_frames = args.frames
+        if num_frames is None and args.fps is None and args.every is None and args.budget is None:
+            num_frames = DEFAULT_FRAMES
+        plan = plan_budget(vlm, args.video, args.question, budget=args.budget or 0, policy=args.policy,
+                           method=args.method, dominant=args.dominant, contextual=args.contextual,
+                           tokens_per_frame=tokens_per_frame, max_new_tokens=args.max_new_tokens,
+                           follow_ups=args.follow_up, timestamps=not args.no_timestamps, context=args.context,
+                           num_frames=num_frames, fps=args.fps, every=args.every, max_frames=args.max_frames,
+                           start=args.start, end=args.end)
+        times["plan"] = time.perf_counter() - t
+        print(f"plan: {plan.summary()}")
+        t = time.perf_counter()
+        video = compress_video(vlm, plan.video, dominant=plan.dominant, contextual=plan.contextual, method=plan.method,
+                               batch_size=args.batch_size, progress=_progress_bar("sample + encode + zip", "frame"))
         times["sample + encode + zip"] = time.perf_counter() - t
         if args.save_tokens:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
-    chat = Chat(vlm, video, timestamps=not args.no_timestamps)
+    chat = Chat(vlm, video, timestamps=not args.no_timestamps, policy=args.policy, context=args.context)
     times["project"] = chat.project_seconds
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
     print(f"{video.summary()}\nvisual tokens in the prompt: {chat.visual.shape[0]}")
     for question in [args.question, *args.follow_up]:
         print(f"\nQ: {question}\nA: ", end="", flush=True)
         chat.ask(question, config, on_text=lambda text: print(text, end="", flush=True))
+        if chat.note and len(chat.turns) == 1:
+            print(f"\n   ({chat.note})", end="")
         turn = chat.turns[-1]
         print(f"\n   ({turn.new_tokens} tokens generated; prefilled {turn.prefill_tokens}, reused {turn.cached_tokens} "
               f"from the cache; prefill {turn.seconds['prefill'] * 1000:.0f} ms, generate {turn.seconds['generate'] * 1000:.0f} ms)")
@@ -152,18 +151,32 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(args):
+def _tokens_per_frame_arg(value: str | None):
+    if value in (None, "", "0"):
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except ValueError:
+        raise VisionZipError(f"--tokens-per-frame must be a number of tokens or 'auto', got {value!r}") from None
+    if number < 1:
+        raise VisionZipError(f"--tokens-per-frame must be >= 1 (or 'auto'), got {number}")
+    return number
+
+
+def _progress_bar(desc: str, unit: str):
+    """A tqdm bar (with the time left) for a library ``progress(done, total)`` callback; None without tqdm."""
     try:
         from tqdm import tqdm
-    except ImportError:
+    except ImportError:  # tqdm comes with transformers' huggingface_hub, but is optional here
         return None
     bar = {}
 
     def progress(done: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc="encoding frames", unit="frame", leave=False)
-        bar["bar"].n = done
-        bar["bar"].refresh()
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        bar["bar"].update(done - bar["bar"].n)
         if done >= total:
             bar["bar"].close()
 
@@ -225,12 +238,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
-    clip = sample_video(args.video, num_frames=args.num_frames, fps=args.fps, every=args.every, start=args.start,
-                        end=args.end, max_frames=args.max_frames, backend=args.backend, max_size=args.max_size)
-    _describe(clip, Path(args.video).name)
+    """Print the plan; decode at most SHEET_FRAMES of its frames (evenly spread), as thumbnails, for the sheet."""
+    from .video import VideoHandle, iter_video, uniform_pick
+
+    given = any(v is not None for v in (args.num_frames, args.fps, args.every))
+    handle = VideoHandle(args.video, num_frames=args.num_frames if given else DEFAULT_FRAMES, fps=args.fps,
+                         every=args.every, start=args.start, end=args.end, max_frames=args.max_frames,
+                         backend=args.backend, max_size=args.max_size)
+    indices, timestamps = handle.plan()
+    index = handle.index()
+    shown = ", ".join(f"{t:.2f}" for t in timestamps[:12]) + (" ..." if len(indices) > 12 else "")
+    print(f"  {Path(args.video).name:<28} {len(indices):>4} frames  [{shown}] s"
+          + ("" if given else f"  (no plan given: {DEFAULT_FRAMES} frames spread over the video)"))
+    print(f"  {'':<28} indices {indices[:12]}{' ...' if len(indices) > 12 else ''}")
+    picks = [indices[p] for p in uniform_pick(len(indices), SHEET_FRAMES)]
+    t = time.perf_counter()
+    tiles, labels = [], []
+    cover = (TILE_WIDTH * index.display_size[1] // max(index.display_size[0], 1) or 1, TILE_WIDTH)
+    for chunk in iter_video(args.video, frames=picks, backend=args.backend, max_size=args.max_size, cover=cover,
+                            chunk_size=16):
+        tiles.append(chunk.frames)
+        labels += [f"#{i} @ {s:.2f}s" for i, s in zip(chunk.indices, chunk.timestamps)]
+    print(f"  {'':<28} decoded {len(labels)} of them{' for the sheet' if args.out else ''} "
+          f"in {(time.perf_counter() - t) * 1000:.0f} ms")
     if args.out:
-        labels = [f"#{i} @ {t:.2f}s" for i, t in zip(clip.indices, clip.timestamps)]
-        print(f"  contact sheet -> {save_png(contact_sheet(clip.frames, labels), args.out)}")
+        import torch
+
+        print(f"  contact sheet -> {save_png(contact_sheet(torch.cat(tiles), labels), args.out)}"
+              + (f" (every {len(indices) / len(picks):.1f}th planned frame)" if len(picks) < len(indices) else ""))
     return 0
 
 
@@ -242,20 +277,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline on a generated clip (no download)")
     demo.add_argument("--out", default="out", help="folder for the pictures (default: ./out)")
     demo.set_defaults(func=cmd_demo)
-    ask = sub.add_parser("ask", help="ask a LLaVA-family model about a video")
+    ask = sub.add_parser("ask", help="ask a LLaVA-family model about a video",
+                         description="Ask a LLaVA-family model about a video. The budget planner counts the whole "
+                                     "prompt with the model's template and tokenizer and keeps it, plus the answer, "
+                                     "inside the model's context.")
     ask.add_argument("video")
     ask.add_argument("question")
     ask.add_argument("--model", required=True, help="checkpoint folder (or Hugging Face id where the network allows)")
     plan = ask.add_mutually_exclusive_group()
-    plan.add_argument("--frames", type=int, help="frames to sample uniformly (default 16)")
+    plan.add_argument("--frames", type=int, help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
+                                                  "or as many as the budget holds when --budget is given)")
     plan.add_argument("--fps", type=float, help="frames per second of video")
-    plan.add_argument("--budget", type=int, help="visual token budget: as many frames as fit")
+    plan.add_argument("--every", type=int, help="every n-th frame")
+    ask.add_argument("--start", type=float, default=0.0, help="seconds")
+    ask.add_argument("--end", type=float, default=None, help="seconds")
     ask.add_argument("--max-frames", type=int, default=None)
+    ask.add_argument("--budget", type=int, default=None,
+                     help="tokens the whole prompt + answer may use (default and 0: the model's context); alone, "
+                          "as many frames as fit, spread over the video")
+    ask.add_argument("--policy", choices=["fit", "strict"], default="fit",
+                     help="when the plan does not fit: fit (default) drops frames evenly; strict refuses with the numbers")
+    ask.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
     ask.add_argument("--dominant", type=int, default=54)
     ask.add_argument("--contextual", type=int, default=10)
-    ask.add_argument("--tokens-per-frame", type=int, default=0, help="split into dominant + contextual with the paper's ratio")
+    ask.add_argument("--tokens-per-frame", default=None,
+                     help="tokens per image, split into dominant + contextual with the paper's ratio; 'auto': the "
+                          "most of 192/128/64/32/16 at which every asked frame fits")
     ask.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
-    ask.add_argument("--batch-size", type=int, default=8)
+    ask.add_argument("--batch-size", type=int, default=0, help="frames per encoder batch (default 0: sized to the device)")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -263,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", default="auto")
     ask.add_argument("--dtype", default="auto")
     ask.add_argument("--no-timestamps", action="store_true", help="do not tell the model when frames were taken")
-    ask.add_argument("--follow-up", action="append", default=[], help="another question (repeatable; reuses the cache)")
+    ask.add_argument("--follow-up", action="append", default=[],
+                     help="another question (repeatable; reuses the cache; room for it is reserved in the plan)")
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
     ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding the video")
     ask.set_defaults(func=cmd_ask)
@@ -271,10 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["video", "encoder", "prefill"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
     bench.set_defaults(func=cmd_bench)
-    frames = sub.add_parser("frames", help="sample a video and write a contact sheet")
+    frames = sub.add_parser("frames", help="sample a video and write a contact sheet",
+                            description=f"Print which frames a plan samples (nothing is decoded for that) and write a "
+                                        f"contact sheet of at most {SHEET_FRAMES} of them, evenly spread, decoded as "
+                                        f"small thumbnails: memory stays bounded on any video. Without a plan: "
+                                        f"{DEFAULT_FRAMES} frames spread over the video.")
     frames.add_argument("video")
     mode = frames.add_mutually_exclusive_group()
-    mode.add_argument("--num-frames", type=int, help="N frames uniformly over [start, end)")
+    mode.add_argument("--num-frames", type=int, help=f"N frames uniformly over [start, end) (default {DEFAULT_FRAMES})")
     mode.add_argument("--fps", type=float, help="frames per second of video")
     mode.add_argument("--every", type=int, help="every n-th frame")
     frames.add_argument("--start", type=float, default=0.0, help="seconds")

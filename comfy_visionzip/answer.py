@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget import context_length, fit_frames
 from .encoder import CompressedVideo
 from .errors import VisionZipError
+from .projection import check_compatible, project, visual_layout
+from .prompt import PromptBuilder, PromptVideo, time_instruction
+from .video import uniform_pick
 from .vlm import VisionLanguageModel
+
+__all__ = ["Chat", "GenerationConfig", "Turn", "check_compatible", "project", "time_instruction"]
 
 log = logging.getLogger(__name__)
 
@@ -58,94 +64,6 @@ class Turn:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def project(vlm: VisionLanguageModel, video: CompressedVideo) -> torch.Tensor:
-    """(N, D_text): every visual token of the video, projected by the model's own projector, in prompt order.
-
-    Family details reproduced exactly for uncompressed input ("full"): LLaVA-OneVision pools each frame
-    2x bilinearly after projecting and ends the video with its ``image_newline``; LLaVA-NeXT-Video's
-    2x2 pooling happened in the encoder; LLaVA-NeXT packs its anyres tiles (unpadded, a newline per
-    row). With VisionZip the compressed tokens replace that pooling / packing (NeXT: a newline per frame).
-    """
-    check_compatible(vlm, video)
-    inner = vlm.inner
-    tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
-    with torch.inference_mode():
-        projected = inner.multi_modal_projector(tokens)  # (frames, K, D_text)
-        family = vlm.family.model_type
-        if family == "llava_onevision":
-            if video.method == "full":
-                projected = inner.apply_pooling(projected)
-            flat = projected.reshape(-1, projected.shape[-1])
-            return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
-        if family == "llava_next":
-            size = video.meta.get("frame_size")
-            if video.method == "full" and video.crops > 1 and size:
-                # uncompressed: the model's own packing (unpad the tile grid, a newline after every row)
-                strategy = vlm.config.get("vision_feature_select_strategy", "default")
-                per_crop = projected.view(projected.shape[0], video.crops, -1, projected.shape[-1])
-                packed = []
-                for frame in per_crop:
-                    out = inner.pack_image_features([frame], torch.tensor([list(size)]), strategy,
-                                                    image_newline=inner.image_newline)[0]
-                    packed.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)  # 5.x: a list
-                return torch.cat(packed, dim=0)
-            # compressed tokens have no rows: one image_newline closes each frame
-            newline = inner.image_newline[None, None].to(projected).expand(projected.shape[0], 1, -1)
-            projected = torch.cat([projected, newline], dim=1)
-        return projected.reshape(-1, projected.shape[-1])
-
-
-def check_compatible(vlm: VisionLanguageModel, video: CompressedVideo) -> None:
-    """Tokens made with another model cannot be projected by this one: a clear error naming both."""
-    made_with = video.meta.get("family"), video.meta.get("vision_hidden")
-    hidden = int(video.tokens.shape[-1])
-    expected = int(getattr(vlm.inner, vlm.family.video_tower).config.hidden_size)
-    if hidden != expected or (made_with[0] and made_with[0] != vlm.family.model_type):
-        raise VisionZipError(
-            f"these tokens were made with {video.meta.get('model', 'another model')} ({made_with[0] or 'unknown family'}, "
-            f"vision width {hidden}); {vlm.name} is {vlm.family.model_type} with vision width {expected}: "
-            "encode the video again with this model"
-        )
-
-
-def _placeholder(vlm: VisionLanguageModel) -> tuple[str, int, str]:
-    """(content type for the template, placeholder token id, its text) for frames of this family."""
-    config = vlm.config
-    if vlm.family.video_input == "video":
-        token_id = config.get("video_token_index", config.get("video_token_id"))
-        kind = "video"
-    else:
-        token_id = config.get("image_token_index", config.get("image_token_id"))
-        kind = "image"
-    if token_id is None:
-        raise VisionZipError(f"{vlm.path}: config.json names no {kind} token id")
-    return kind, int(token_id), vlm.tokenizer.convert_ids_to_tokens(int(token_id))
-
-
-def _chat_template(vlm: VisionLanguageModel) -> str:
-    import json
-    import os
-
-    for name in ("chat_template.jinja",):
-        path = os.path.join(vlm.path, name)
-        if os.path.isfile(path):
-            return open(path, encoding="utf-8").read()
-    path = os.path.join(vlm.path, "chat_template.json")
-    if os.path.isfile(path):
-        return json.load(open(path, encoding="utf-8"))["chat_template"]
-    if getattr(vlm.tokenizer, "chat_template", None):
-        return vlm.tokenizer.chat_template
-    raise VisionZipError(f"{vlm.path}: no chat template (chat_template.jinja / .json or in the tokenizer config)")
-
-
-def time_instruction(video: CompressedVideo) -> str:
-    """LLaVA-Video's wording for where the sampled frames lie in time."""
-    times = ", ".join(f"{t:.2f}s" for t in video.timestamps)
-    length = video.meta.get("duration") or (video.timestamps[-1] if video.timestamps else 0.0)
-    return (f"The video lasts for {length:.2f} seconds, and {video.num_frames} frames are sampled from it. "
-            f"These frames are located at {times}. Please answer the following questions related to this video.\n")
-
-
 def _logits_kwarg(model) -> str | None:
     params = inspect.signature(model.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):
@@ -163,16 +81,28 @@ class Chat:
         timestamps: tell the model when frames were taken ("frame at 12.5 s" for image models,
             LLaVA-Video's time instruction for video models); only where the video has timestamps.
         system: an optional system message (if the chat template supports one).
+        policy: what the first question does when the prompt plus the answer (``max_new_tokens``)
+            would not fit the model's context: "fit" (default) drops frames evenly until it fits and
+            says so in :attr:`note`; "strict" refuses with the numbers. A follow-up that would not fit
+            is always refused: no prefill ever runs past the context.
+        context: the context length in tokens (default: the checkpoint's, see
+            :func:`~comfy_visionzip.budget.context_length`).
     """
 
     def __init__(self, vlm: VisionLanguageModel, video: CompressedVideo, *, timestamps: bool = True,
-                 system: str | None = None) -> None:
+                 system: str | None = None, policy: str = "fit", context: int | None = None) -> None:
+        if policy not in ("fit", "strict"):
+            raise VisionZipError(f"unknown policy {policy!r}; valid: fit (drop frames to fit), strict (refuse)")
         self.vlm = vlm
         self.video = video
-        self.kind, self.token_id, self.token_text = _placeholder(vlm)
-        self.template = _chat_template(vlm)
-        self.timestamps = timestamps and bool(video.timestamps)
+        self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps))
+        self.kind, self.token_id, self.token_text = self.prompt.kind, self.prompt.token_id, self.prompt.token_text
+        self.template = self.prompt.template
+        self.timestamps = self.prompt.timestamps
         self.system = system
+        self.policy = policy
+        self.context = int(context) if context else context_length(vlm)
+        self.note = ""  # what the fit policy changed, if anything
         t = time.perf_counter()
         self.visual = project(vlm, video)  # (N, D_text)
         self.project_seconds = time.perf_counter() - t
@@ -182,45 +112,59 @@ class Chat:
         self.cached_ids: list[int] = []
         self.pending: int | None = None  # the last generated token: produced but not yet run through the model
         self._logits_kwarg = _logits_kwarg(vlm.model)
+        # transformers >= 5.2x calls the cache `cache` (past_key_values is deprecated); 4.50 only knows past_key_values
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
 
     # ---- prompt
-    def _visual_text(self) -> str:
-        per_frame = self.visual.shape[0] // max(self.video.num_frames, 1)
-        if self.kind == "video":
-            return self.token_text * self.visual.shape[0]
-        parts = []
-        for k in range(self.video.num_frames):
-            label = f"frame at {self.video.timestamps[k]:.1f} s: " if self.timestamps else ""
-            parts.append(label + self.token_text * per_frame)
-        return "\n".join(parts)
+    def prompt_video(self) -> PromptVideo:
+        """What the prompt says about the video (frames, visual tokens, times)."""
+        video = self.video
+        return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps), video.meta.get("duration"))
 
     def render(self, messages: list[dict], *, generation_prompt: bool = True) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
-        convo = []
-        if self.system:
-            convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
-        for i, m in enumerate(messages):
-            if m["role"] == "user" and i == 0:
-                text = (time_instruction(self.video) if self.timestamps and self.kind == "video" else "") + m["text"]
-                content = [{"type": self.kind}, {"type": "text", "text": text}]
-            else:
-                content = [{"type": "text", "text": m["text"]}]
-            convo.append({"role": m["role"], "content": content})
-        text = self.vlm.tokenizer.apply_chat_template(convo, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
-        if text.count(self.token_text) != 1:
-            raise VisionZipError(f"the chat template rendered {text.count(self.token_text)} {self.token_text!r} "
-                                 "placeholders for one video; expected exactly one")
-        return text.replace(self.token_text, self._visual_text())
+        return self.prompt.render(self.prompt_video(), messages, generation_prompt=generation_prompt)
 
     def _ids(self, messages: list[dict]) -> list[int]:
-        ids = self.vlm.tokenizer(self.render(messages), add_special_tokens=True)["input_ids"]
-        count = sum(1 for i in ids if i == self.token_id)
-        if count != self.visual.shape[0]:
+        return self.prompt.ids(self.prompt_video(), messages)
+
+    def _check_room(self, ids: list[int], messages: list[dict], config: GenerationConfig) -> list[int]:
+        """The ids to prefill, after making sure prompt + answer fit the context (fitting the video if allowed)."""
+        need = len(ids) + config.max_new_tokens
+        if need <= self.context:
+            return ids
+        first = not self.turns
+        if not first:
             raise VisionZipError(
-                f"prompt and visual tokens do not match: the prompt holds {count} placeholder tokens, the video "
-                f"{self.visual.shape[0]} ({self.video.num_frames} frames x {self.video.tokens_per_frame} tokens per frame)"
-            )
+                f"this follow-up does not fit the context: the conversation is {len(ids)} tokens and the answer may take "
+                f"{config.max_new_tokens} more ({need} > {self.context}); lower max_new_tokens, or start a new chat "
+                "with fewer frames or tokens per frame")
+        frames = self.video.num_frames
+        layout = visual_layout(self.vlm, method=self.video.method, dominant=self.video.dominant,
+                               contextual=self.video.contextual, frame_size=self.video.meta.get("frame_size"))
+        if layout.total(frames) != self.visual.shape[0]:  # tokens of an unusual make: count from what is there
+            layout = type(layout)(self.visual.shape[0] // max(frames, 1), self.visual.shape[0] % max(frames, 1),
+                                  layout.crops, layout.per_image)
+
+        def count(n: int) -> int:
+            keep = uniform_pick(frames, n)
+            times = tuple(self.video.timestamps[k] for k in keep) if self.video.timestamps else ()
+            info = PromptVideo(n, layout.total(n), times, self.video.meta.get("duration"))
+            return self.prompt.count(info, messages) + config.max_new_tokens
+
+        fitted = fit_frames(count, self.context, frames)
+        numbers = (f"{frames} frames x {layout.per_frame} tokens make a prompt of {len(ids)} tokens, plus "
+                   f"{config.max_new_tokens} for the answer = {need} > the context of {self.context}")
+        if self.policy == "strict" or fitted == 0:
+            fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
+                   else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
+            raise VisionZipError(f"the video does not fit: {numbers}; {fix}")
+        self.video = self.video.select(uniform_pick(frames, fitted))
+        self.visual = project(self.vlm, self.video)
+        ids = self._ids(messages)
+        self.note = (f"fitted to the context: {numbers}; kept {fitted} of {frames} frames (evenly spread): "
+                     f"prompt {len(ids)} + answer {config.max_new_tokens} <= {self.context}")
+        log.warning("%s", self.note)
         return ids
 
     # ---- model
@@ -242,12 +186,12 @@ class Chat:
 
         if self.cache is None:
             self.cache = DynamicCache()
-        kwargs = {"inputs_embeds": emb, "past_key_values": self.cache, "use_cache": True}
+        kwargs = {"inputs_embeds": emb, self._cache_kwarg: self.cache, "use_cache": True}
         if self._logits_kwarg:
             kwargs[self._logits_kwarg] = 1
         with torch.inference_mode():
             out = self.vlm.model(**kwargs)
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self._cache_kwarg)
         return out.logits[0, -1].float()
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int, int]:
@@ -278,7 +222,7 @@ class Chat:
             raise VisionZipError("the question is empty")
         t0 = time.perf_counter()
         messages = [*self.messages, {"role": "user", "text": question.strip()}]
-        ids = self._ids(messages)
+        ids = self._check_room(self._ids(messages), messages, config)
         t1 = time.perf_counter()
         logits, prefilled, reused = self.prefill(ids)
         t2 = time.perf_counter()

@@ -1,25 +1,59 @@
-"""Token budget planning: how many frames fit in a context window."""
+"""Token budget planning: what fits in the model's context, counted exactly, before anything is decoded.
+
+The planner is the one place that knows the context window and counts the prompt; the command line,
+the nodes and the Python API ask it, so "fits" means the same everywhere:
+
+  - the context length comes from the checkpoint's text config (:func:`context_length`);
+  - the whole first prompt is counted with the checkpoint's own chat template and tokenizer (system
+    prompt, the video's placeholder tokens with every per-frame timestamp label or LLaVA-Video's time
+    instruction, newline tokens, the question), see :class:`~comfy_visionzip.prompt.PromptBuilder`;
+  - visual tokens per frame come from the family's own arranging code run on zeros
+    (:func:`~comfy_visionzip.projection.visual_layout`);
+  - room is reserved for the answer (``max_new_tokens``) and, where asked, for follow-up turns.
+
+Policies: ``fit`` (default) thins the asked frame plan evenly until it fits and says so; ``strict``
+refuses with the numbers and how to fix them. The planned prompt length is the prefilled one, to
+the token (the chat checks it again before every prefill and never runs past the context).
+"""
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from . import vlm as vlm_module
 from .errors import VisionZipError
+from .projection import visual_layout
+from .prompt import PromptBuilder, PromptVideo
+from .video import uniform_pick
+from .zip import split_tokens
+
+POLICIES = ("fit", "strict")
+# tokens per image tried by tokens_per_frame="auto", most first: the paper's LLaVA-1.5 settings, then below
+TOKEN_LADDER = (192, 128, 64, 32, 16)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise VisionZipError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int = 0, max_frames: int | None = None) -> int:
-    """How many frames of ``tokens_per_frame`` visual tokens fit in ``token_budget`` tokens.
+    """How many frames of ``tokens_per_frame`` visual tokens fit in ``token_budget`` tokens (arithmetic only).
 
     ``reserved`` tokens are kept free for the prompt and the answer. E.g. a budget of 2048 with
     VisionZip's 17 tokens per frame (Video-LLaVA setting) fits 120 frames; uncompressed (257) only 7.
+    Without a model this cannot count the prompt's text; :func:`plan_budget` does, exactly.
 
     Raises:
         VisionZipError: non-positive numbers, or a budget that cannot hold a single frame.
     """
-    for name, value, low in (("token_budget", token_budget, 1), ("tokens_per_frame", tokens_per_frame, 1),
-                             ("reserved", reserved, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise VisionZipError(f"{name} must be an integer >= {low}, got {value!r}")
+    _check_int("token_budget", token_budget, 1)
+    _check_int("tokens_per_frame", tokens_per_frame, 1)
+    _check_int("reserved", reserved, 0)
     usable = int(token_budget) - int(reserved)
     frames = usable // int(tokens_per_frame)
     if frames < 1:
@@ -32,3 +66,224 @@ def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int
             raise VisionZipError(f"max_frames must be a positive integer or None, got {max_frames!r}")
         frames = min(frames, int(max_frames))
     return frames
+
+
+def context_length(vlm) -> int:
+    """The language model's context window in tokens, from the checkpoint's text config."""
+    config = vlm.config if isinstance(vlm.config, dict) else {}
+    text = config.get("text_config") or {}
+    for source in (text, config):
+        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+            value = source.get(key) if isinstance(source, dict) else None
+            if isinstance(value, int) and value > 0:
+                return value
+    model_config = getattr(getattr(vlm, "model", None), "config", None)
+    if model_config is not None and hasattr(model_config, "get_text_config"):
+        value = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise VisionZipError(f"{getattr(vlm, 'path', 'the model')}: its config states no context length "
+                         "(text_config.max_position_embeddings); give the context explicitly")
+
+
+def fit_frames(count: Callable[[int], int], limit: int, frames: int) -> int:
+    """The largest n in 1..frames with ``count(n) <= limit`` (count grows with n); 0 if not even one fits."""
+    if frames < 1 or count(1) > limit:
+        return 0
+    low, high = 1, frames  # count(low) fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count(mid) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+@dataclass
+class BudgetPlan:
+    """What the planner chose, the exact counts behind it, and why (:meth:`summary`)."""
+
+    video: Any  # the handle to sample: the asked one, or thinned to the chosen frames
+    frames: int  # frames chosen
+    asked_frames: int  # frames the asked plan had
+    indices: list[int]
+    timestamps: list[float]
+    method: str
+    dominant: int
+    contextual: int
+    per_frame: int  # visual tokens per frame in the prompt (crops and newlines included)
+    visual_tokens: int  # placeholders in the first prompt
+    prompt_tokens: int  # the first prompt, exactly what the first question prefills
+    answer_tokens: int  # reserved for the answer (max_new_tokens)
+    follow_up_tokens: int  # reserved for follow-up turns
+    budget: int  # tokens the run may use (<= context)
+    context: int  # the model's context window
+    policy: str
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.answer_tokens + self.follow_up_tokens
+
+    @property
+    def fitted(self) -> bool:
+        return self.frames < self.asked_frames
+
+    def summary(self) -> str:
+        reserve = f" + answer {self.answer_tokens}"
+        if self.follow_up_tokens:
+            reserve += f" + follow-ups {self.follow_up_tokens}"
+        split = f" ({self.dominant}+{self.contextual} per image)" if self.method == "visionzip" else f" ({self.method})"
+        head = (f"{self.frames} frames x {self.per_frame} tokens{split} = {self.visual_tokens} visual tokens; "
+                f"prompt {self.prompt_tokens}{reserve} = {self.total_tokens} of {self.budget} tokens"
+                f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
+        return "; ".join([head, *self.reasons])
+
+
+def plan_budget(
+    vlm,
+    video,
+    question: str,
+    *,
+    budget: int = 0,
+    policy: str = "fit",
+    method: str = "visionzip",
+    dominant: int = 54,
+    contextual: int = 10,
+    tokens_per_frame: int | str | None = None,
+    max_new_tokens: int = 256,
+    follow_ups: Sequence[str] = (),
+    follow_up_tokens: int = 0,
+    system: str | None = None,
+    timestamps: bool = True,
+    context: int | None = None,
+    **sample_kwargs,
+) -> BudgetPlan:
+    """Choose frames x tokens per frame so that the whole first prompt plus the reserves fits.
+
+    Args:
+        vlm: the loaded model (its config, tokenizer, chat template and encoder are used; nothing runs
+            on pixels).
+        video: a :class:`~comfy_visionzip.video.VideoHandle` / ``FramesHandle``, or a path with
+            ``sample_kwargs`` (num_frames, fps, every, start, end, max_frames, backend, ...). The
+            asked plan is the handle's; with no plan at all, every frame is asked (and thinned).
+        question: the first question (counted exactly).
+        budget: tokens the run may use; 0 (default) means the model's context.
+        policy: "fit" thins the asked frames evenly to fit; "strict" raises instead.
+        method, dominant, contextual: the compression (as :func:`~comfy_visionzip.vlm.compress_video`).
+        tokens_per_frame: an int splits into dominant + contextual with the paper's ratio; "auto" picks
+            the largest of :data:`TOKEN_LADDER` at which every asked frame fits (then thins, if even
+            the smallest does not).
+        max_new_tokens: reserved for the answer.
+        follow_ups: follow-up questions to keep room for (their text and an answer of max_new_tokens each);
+            ``follow_up_tokens`` reserves a plain number of tokens besides.
+        system, timestamps: as :class:`~comfy_visionzip.answer.Chat` will be given them.
+        context: override the checkpoint's context length.
+
+    Raises:
+        VisionZipError: nonsense numbers, a strict plan that does not fit (naming the counts and the
+        largest plan that would), or a budget too small for a single frame.
+    """
+    if policy not in POLICIES:
+        raise VisionZipError(f"unknown policy {policy!r}; valid: fit (thin the frames to fit), strict (refuse)")
+    budget = _check_int("budget", budget, 0)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    follow_up_tokens = _check_int("follow_up_tokens", follow_up_tokens, 0)
+    if not isinstance(question, str) or not question.strip():
+        raise VisionZipError("the question is empty")
+    auto = tokens_per_frame == "auto"
+    if auto and method != "visionzip":
+        raise VisionZipError(f"tokens_per_frame 'auto' chooses VisionZip settings; method is {method!r}")
+    if tokens_per_frame not in (None, 0, "auto"):
+        dominant, contextual = split_tokens(tokens_per_frame)
+    context = _check_int("context", context, 1) if context else context_length(vlm)
+    reasons: list[str] = []
+    if budget == 0:
+        budget = context
+    elif budget > context:
+        if policy == "strict":
+            raise VisionZipError(f"a budget of {budget} tokens is more than the model's context of {context}; "
+                                 f"use at most {context} (or 0 for the context)")
+        reasons.append(f"budget {budget} capped at the context of {context}")
+        budget = context
+    source = vlm_module.video_source(vlm, video, **sample_kwargs)
+    asked, asked_times = source.plan()
+    duration = source.duration()
+    frame_size = source.frame_size()
+    builder = PromptBuilder(vlm, system=system, timestamps=timestamps)
+    first = [{"role": "user", "text": question.strip()}]
+
+    # follow-ups: each closes the previous answer and adds its question (counted with the template), + its answer
+    follow_reserve = follow_up_tokens
+    convo = list(first)
+    probe = PromptVideo(1, 1, (0.0,), duration)
+    for q in follow_ups:
+        before = builder.count(probe, convo)
+        convo = [*convo, {"role": "assistant", "text": ""}, {"role": "user", "text": str(q).strip()}]
+        follow_reserve += builder.count(probe, convo) - before + max_new_tokens
+    limit = budget - max_new_tokens - follow_reserve
+    if limit < 1:
+        raise VisionZipError(f"the budget of {budget} tokens leaves no room for the video after reserving "
+                             f"{max_new_tokens} for the answer and {follow_reserve} for follow-ups")
+
+    def picks(n: int) -> list[int]:
+        return [asked[p] for p in uniform_pick(len(asked), n)]
+
+    def counter(layout):
+        def count(n: int) -> int:
+            chosen = uniform_pick(len(asked), n)
+            times = tuple(asked_times[p] for p in chosen)
+            return builder.count(PromptVideo(n, layout.total(n), times, duration), first)
+        return count
+
+    if auto:  # the rungs an image of this tower can give (fewer than its own token count)
+        most = vlm.video_encoder().tokens_per_image
+        ladder = [split_tokens(t) for t in TOKEN_LADDER if t < most] or [split_tokens(min(TOKEN_LADDER[-1], most))]
+    else:
+        ladder = [(dominant, contextual)]
+    for step, (d, c) in enumerate(ladder):
+        layout = visual_layout(vlm, method=method, dominant=d, contextual=c, frame_size=frame_size)
+        count = counter(layout)
+        asked_count = count(len(asked))
+        if asked_count <= limit or step == len(ladder) - 1:
+            break
+    dominant, contextual = d, c
+    if auto:
+        reasons.append(f"{layout.per_image} tokens per image ({d}+{c}): "
+                       + ("the most of " + "/".join(map(str, TOKEN_LADDER)) + " at which every asked frame fits"
+                          if asked_count <= limit else "the fewest tried, and still too many frames"))
+    frames = len(asked)
+    if asked_count > limit:
+        fitted = fit_frames(count, limit, len(asked))
+        numbers_ = (f"the asked {len(asked)} frames x {layout.per_frame} tokens make a prompt of {asked_count} tokens; "
+                    f"with {max_new_tokens} for the answer{f' and {follow_reserve} for follow-ups' if follow_reserve else ''} "
+                    f"that is {asked_count + budget - limit} > {budget}")
+        if fitted == 0:
+            raise VisionZipError(f"not even one frame fits: {numbers_}; raise the budget, use fewer tokens per frame "
+                                 "or a smaller max_new_tokens")
+        if policy == "strict":
+            raise VisionZipError(f"the plan does not fit: {numbers_}; ask for at most {fitted} frames "
+                                 "(e.g. --frames / max_frames), fewer tokens per frame, or policy 'fit'")
+        frames = fitted
+        reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
+    chosen = picks(frames)
+    chosen_times = [asked_times[p] for p in uniform_pick(len(asked), frames)]
+    info = PromptVideo(frames, layout.total(frames), tuple(chosen_times), duration)
+    prompt_tokens = len(builder.ids(info, first))  # exact, with every placeholder tokenised
+    while prompt_tokens > limit and frames > 1:  # never expected (count() is exact); kept as a guarantee
+        frames -= 1
+        chosen = picks(frames)
+        chosen_times = [asked_times[p] for p in uniform_pick(len(asked), frames)]
+        info = PromptVideo(frames, layout.total(frames), tuple(chosen_times), duration)
+        prompt_tokens = len(builder.ids(info, first))
+    thinned = source if frames == len(asked) else source.pick(chosen)
+    return BudgetPlan(
+        video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
+        dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=layout.total(frames),
+        prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
+        context=context, policy=policy, reasons=reasons,
+    )
+
+
+__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "context_length", "fit_frames", "frames_for_budget", "plan_budget"]

@@ -18,6 +18,8 @@ bicubic resize is done in two passes with rounding to 0..255 in between, as PIL 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VisionZipError
+from .stream import prefetch
 from .zip import METHODS, ZipResult, compress
+
+log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# frames are decoded at this much more than the encoder's input size (then resized exactly as the processor does)
+DECODE_MARGIN = 1.25
 
 
 # ------------------------------------------------------------------------------------- preprocessing
@@ -308,6 +315,22 @@ class VisionEncoder:
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1] + (1 if self.cls_token else 0)
 
+    def decode_cover(self, margin: float = DECODE_MARGIN) -> tuple[int, int]:
+        """(height, width) a frame must still cover for this preprocessing to lose nothing, times ``margin``.
+
+        What frames are scaled to while decoding (``VideoHandle.cover``), so host memory per batch
+        depends on the encoder's input size, not on the source's resolution.
+        """
+        spec = self.preprocess_spec
+        if spec.pinpoints:  # anyres: the largest grid resolution (the tiles), and the square base image
+            height = max(max(h for h, _w in spec.pinpoints), spec.tile)
+            width = max(max(w for _h, w in spec.pinpoints), spec.tile)
+        elif spec.resize_hw is not None:
+            height, width = spec.resize_hw
+        else:
+            height = width = int(spec.shortest_edge)
+        return math.ceil(height * margin), math.ceil(width * margin)
+
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         return preprocess_frames(frames, self.preprocess_spec, device=self.device, dtype=self.dtype)
 
@@ -448,6 +471,19 @@ class CompressedVideo:
     def total_tokens(self) -> int:
         return self.num_frames * self.tokens_per_frame
 
+    def select(self, frames: Sequence[int]) -> CompressedVideo:
+        """A copy holding only the given frames (positions into this video, ascending), maps included."""
+        keep = sorted({int(f) for f in frames})
+        if not keep or keep[0] < 0 or keep[-1] >= self.num_frames:
+            raise VisionZipError(f"frames {keep[:4]}... are not all in 0..{self.num_frames - 1}")
+        crops = max(self.crops, 1)
+        rows = torch.tensor([f * crops + c for f in keep for c in range(crops)], dtype=torch.long)
+        return dataclasses.replace(
+            self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
+            indices=[self.indices[f] for f in keep] if self.indices else [],
+            scores=self.scores[rows] if self.scores is not None else None,
+            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta))
+
     def summary(self) -> str:
         where = f" of {self.source}" if self.source else ""
         return (f"{self.num_frames} frames{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
@@ -522,6 +558,32 @@ def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant
     )
 
 
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError) or isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()  # MPS, older CUDA builds
+
+
+def auto_batch_size(encoder: VisionEncoder, *, most: int = 64) -> int:
+    """Frames per encoder batch for this device: from free GPU memory on CUDA, 8 elsewhere.
+
+    Per image the forward to the select layer holds about S x 8 D activations in the tower's dtype
+    (hidden, q/k/v, the MLP's 4 D), our float32 query/key copies for the scores, and the pixels; half
+    of the free memory is used, the rest left to the allocator and the language model.
+    """
+    device = encoder.device
+    if device.type != "cuda":
+        return 8
+    free, _total = torch.cuda.mem_get_info(device)
+    seq = encoder.tokens_per_image
+    width = int(getattr(encoder.tower.config, "hidden_size", 1024))
+    size = encoder.preprocess_spec.tile
+    element = torch.finfo(encoder.dtype).bits // 8
+    crops = 1 + (len(encoder.preprocess_spec.pinpoints or ()) and 4)  # anyres: about 1 + 4 tiles per frame
+    per_frame = crops * (seq * width * (8 * element + 8) + 3 * size * size * 4)
+    return int(max(1, min(most, free * 0.5 // per_frame)))
+
+
 def compress_frames(
     encoder: VisionEncoder,
     chunks: Iterable,
@@ -529,27 +591,54 @@ def compress_frames(
     dominant: int,
     contextual: int,
     method: str = "visionzip",
-    batch_size: int = 8,
+    batch_size: int | None = 8,
     keep_maps: bool = True,
     progress: Callable[[int, int], None] | None = None,
     total: int | None = None,
+    prefetch_depth: int = 1,
 ) -> CompressedVideo:
     """Stream frames (VideoClip chunks, (frames, timestamps, indices) tuples or frame tensors) through
-    encode + zip, ``batch_size`` frames at a time.
+    encode + zip, ``batch_size`` frames at a time (None or 0: sized to the device, see
+    :func:`auto_batch_size`).
 
     Each batch is encoded, compressed and dropped: only the compressed tokens (and, with ``keep_maps``,
-    small per-token maps for heatmaps) are kept. ``progress(done_frames, total)`` is called after every
-    batch; raising from it cancels.
+    small per-token maps for heatmaps) are kept. The next chunk decodes in a background thread while
+    the current one encodes (``prefetch_depth`` chunks ahead; 0: no thread). An out-of-memory error
+    while encoding (CUDA OOM or a host ``MemoryError``) halves the batch and retries, with a log line.
+    ``progress(done_frames, total)`` is called after every batch; raising from it cancels.
     """
+    if method not in METHODS:
+        raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+    if not batch_size:
+        batch_size = auto_batch_size(encoder)
+        log.info("encoder batch: %d frames (sized to %s)", batch_size, encoder.device)
+    limit = int(batch_size)  # frames per forward; halved on out-of-memory
     parts: list[CompressedVideo] = []
     done = 0
     source = ""
-    for frames, times, indices, chunk_source in _batches(chunks, batch_size):
+    for frames, times, indices, chunk_source in _batches(prefetch(chunks, prefetch_depth), batch_size):
         source = source or chunk_source
-        encoded = encoder.encode(frames, batch_size=batch_size * 8)
-        encoded.timestamps, encoded.indices = times, indices
-        parts.append(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual, method=method,
-                                      keep_maps=keep_maps))
+        start = 0
+        while start < frames.shape[0]:
+            stop = start + limit
+            try:
+                encoded = encoder.encode(frames[start:stop], batch_size=limit * 8)
+                encoded.timestamps, encoded.indices = times[start:stop], indices[start:stop]
+                parts.append(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
+                                              method=method, keep_maps=keep_maps))
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
+                if not _is_out_of_memory(e):
+                    raise
+                encoded = None
+                if encoder.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if limit == 1:
+                    raise VisionZipError(f"out of memory encoding a single frame on {encoder.device} ({str(e)[:120]}); "
+                                         "free memory (other models), use a smaller dtype, or the CPU") from e
+                limit = max(1, limit // 2)
+                log.warning("out of memory encoding on %s; retrying with batches of %d frames", encoder.device, limit)
+                continue
+            start = stop
         done += frames.shape[0]
         if progress is not None:
             progress(done, total or done)

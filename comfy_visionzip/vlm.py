@@ -10,6 +10,7 @@ Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 
-from .encoder import Preprocess, VisionEncoder
+from .encoder import Preprocess, VisionEncoder, auto_batch_size, compress_frames
 from .errors import VisionZipError
+from .video import VideoHandle
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,24 @@ def load_vlm(
     return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_)
 
 
+def video_source(vlm: VisionLanguageModel, source, *, scale_at_decode: bool = True, **sample_kwargs):
+    """A handle to stream ``source`` (a path, file object, VideoHandle or FramesHandle) for this model.
+
+    File videos are scaled while decoding to what the model's encoder needs (a small margin above its
+    input size, see :meth:`~comfy_visionzip.encoder.VisionEncoder.decode_cover`) unless
+    ``scale_at_decode`` is off or the handle already says how to scale.
+    """
+    if hasattr(source, "iter") and hasattr(source, "plan"):
+        if sample_kwargs:
+            raise VisionZipError(f"give sampling options ({', '.join(sample_kwargs)}) to the handle, not with it")
+        handle = source
+    else:
+        handle = VideoHandle(source, **sample_kwargs)
+    if scale_at_decode and isinstance(handle, VideoHandle) and handle.cover is None:
+        handle = dataclasses.replace(handle, cover=vlm.video_encoder().decode_cover())
+    return handle
+
+
 def compress_video(
     vlm: VisionLanguageModel,
     source,
@@ -261,26 +281,28 @@ def compress_video(
     dominant: int = 54,
     contextual: int = 10,
     method: str = "visionzip",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress=None,
+    scale_at_decode: bool = True,
     **sample_kwargs,
 ):
     """Sample -> encode -> zip a video file (or a VideoHandle / FramesHandle) in chunks with this model.
 
     ``sample_kwargs`` are :func:`~comfy_visionzip.video.iter_video`'s (num_frames, fps, start, end, ...).
+    Frames are scaled at decode time to what the encoder needs (``scale_at_decode``), decoding overlaps
+    encoding, and ``batch_size`` None sizes the batch to the device (halved on out-of-memory).
     Returns a :class:`~comfy_visionzip.encoder.CompressedVideo` labelled with the model it was made with.
     """
-    from .encoder import compress_frames
-    from .video import VideoHandle, get_index
-
-    handle = source if hasattr(source, "iter") else VideoHandle(source, **sample_kwargs)
+    handle = video_source(vlm, source, scale_at_decode=scale_at_decode, **sample_kwargs)
     total = len(handle.plan()[0])
-    video = compress_frames(vlm.video_encoder(), handle.iter(chunk_size=batch_size), dominant=dominant,
+    encoder = vlm.video_encoder()
+    if not batch_size:
+        batch_size = auto_batch_size(encoder)
+    video = compress_frames(encoder, handle.iter(chunk_size=batch_size), dominant=dominant,
                             contextual=contextual, method=method, batch_size=batch_size, progress=progress, total=total)
     label_tokens(vlm, video)
-    if isinstance(handle, VideoHandle):
-        video.meta["duration"] = get_index(handle.source).duration
-        video.source = str(handle.source)
+    video.meta["duration"] = handle.duration()
+    video.source = str(getattr(handle, "source", ""))
     return video
 
 

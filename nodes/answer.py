@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..comfy_visionzip.answer import Chat, GenerationConfig
+from ..comfy_visionzip.budget import POLICIES
 from ..comfy_visionzip.store import load_tokens, save_tokens
 from . import _comfy
 from .encode import TOKENS_TYPE
@@ -46,8 +47,9 @@ class ChatState:
 
 def _result(state: ChatState):
     turn = state.chat.turns[-1]
+    note = f"; {state.chat.note}" if state.chat.note and len(state.chat.turns) == 1 else ""
     info = (f"{turn.answer}\n\n[{state.chat.video.total_tokens} visual tokens; prefilled {turn.prefill_tokens} new tokens, "
-            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated]")
+            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; context {state.chat.context}{note}]")
     return {"ui": {"text": [info]}, "result": (turn.answer, state)}
 
 
@@ -74,12 +76,15 @@ class VisionZipAnswer:
             "optional": {
                 "stop": ("STRING", {"default": "", "tooltip": "Stop strings, separated by |."}),
                 "system": ("STRING", {"default": "", "multiline": True, "tooltip": "An optional system message."}),
+                "policy": (list(POLICIES), {"default": "fit",
+                                            "tooltip": "If the video, question and answer do not fit the model's context: fit drops frames evenly (and says so); strict stops with the numbers."}),
             },
         }
 
-    def answer(self, model, tokens, question, max_new_tokens, temperature, top_p, seed, timestamps, stop="", system=""):
+    def answer(self, model, tokens, question, max_new_tokens, temperature, top_p, seed, timestamps, stop="", system="",
+               policy="fit"):
         with model as vlm:
-            chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None)
+            chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None, policy=policy)
         return _result(ChatState(model, chat).ask(question, _config(max_new_tokens, temperature, top_p, seed, stop)))
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..comfy_visionzip.encoder import compress_encoded, compress_frames, encode_frames, kept_count, model_view
+from ..comfy_visionzip.encoder import compress_encoded, encode_frames, kept_count, model_view
 from ..comfy_visionzip.errors import VisionZipError
 from ..comfy_visionzip.video import uniform_pick
 from ..comfy_visionzip.viz import attention_overlays, token_overlays
-from ..comfy_visionzip.vlm import label_tokens
+from ..comfy_visionzip.vlm import compress_video, label_tokens
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
 from .model import MODEL_TYPE
@@ -121,7 +121,7 @@ class VisionZipVideoToTokens:
                 "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
                 "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): the file and its frame plan."}),
                 **COUNTS,
-                "batch_size": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Frames decoded and encoded at a time."}),
+                "batch_size": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "Frames encoded at a time (the next ones decode meanwhile). 0 = sized to the GPU's free memory; halved automatically on out-of-memory."}),
             }
         }
 
@@ -129,10 +129,8 @@ class VisionZipVideoToTokens:
         dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
         total = len(video.plan()[0])
         with model as vlm:
-            tokens = compress_frames(vlm.video_encoder(), video.iter(chunk_size=batch_size), dominant=dominant,
-                                     contextual=contextual, method=method, batch_size=batch_size,
-                                     progress=_comfy.progress_callback(total), total=total)
-        label_tokens(vlm, tokens)
+            tokens = compress_video(vlm, video, dominant=dominant, contextual=contextual, method=method,
+                                    batch_size=batch_size or None, progress=_comfy.progress_callback(total))
         return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..comfy_visionzip import VideoHandle, frames_for_budget, sample_video
+from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sample_video
+from ..comfy_visionzip.budget import POLICIES
 from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
 
@@ -122,35 +123,66 @@ class VisionZipLoadVideo:
 
 
 class VisionZipFrameBudget:
-    """How many frames fit in a token budget: feed the result to Load Video's num_frames / max_frames."""
+    """How many frames fit: exactly, with the model and the video connected; by arithmetic without them."""
 
-    DESCRIPTION = "Frames that fit in a token budget at a given number of visual tokens per frame."
+    DESCRIPTION = ("Frames that fit in a token budget. With a model and a video connected it counts the whole prompt "
+                   "exactly (chat template, timestamps, the question) and reserves room for the answer, then thins the "
+                   "video's plan to fit (policy fit) or refuses (strict); its video output goes to Video to Tokens. "
+                   "Without them: frames x tokens per frame arithmetic only.")
     CATEGORY = CATEGORY
     FUNCTION = "plan"
-    RETURN_TYPES = ("INT", "STRING")
-    RETURN_NAMES = ("frames", "summary")
-    OUTPUT_TOOLTIPS = ("Number of frames that fit.", "A one-line explanation of the numbers.")
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("INT", "STRING", VIDEO_TYPE)
+    RETURN_NAMES = ("frames", "summary", "video")
+    OUTPUT_TOOLTIPS = ("Number of frames that fit.", "A one-line explanation of the numbers.",
+                       "The connected video with its plan thinned to the frames that fit (connect to Video to Tokens).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "token_budget": ("INT", {"default": 2048, "min": 1, "max": 1 << 22,
-                                         "tooltip": "Visual tokens you can afford (context length minus prompt and answer, or a speed target)."}),
-                "tokens_per_frame": ("INT", {"default": 17, "min": 1, "max": 100000,
-                                             "tooltip": "Tokens each frame keeps: dominant + contextual (e.g. 17 for Video-LLaVA at VisionZip's setting, 64 for LLaVA-1.5 54+10, 576 uncompressed)."}),
+                "token_budget": ("INT", {"default": 4096, "min": 0, "max": 1 << 22,
+                                         "tooltip": "Tokens the prompt and the answer may use. 0 = the model's context (needs the model connected)."}),
+                "tokens_per_frame": ("INT", {"default": 64, "min": 1, "max": 100000,
+                                             "tooltip": "Tokens each image keeps: dominant + contextual (64 = 54+10 for LLaVA-1.5, 17 for Video-LLaVA, 576 uncompressed). Set Video to Tokens to the same."}),
                 "reserved": ("INT", {"default": 0, "min": 0, "max": 1 << 22,
-                                     "tooltip": "Tokens of the budget kept free for the question and the answer."}),
+                                     "tooltip": "Tokens kept free besides: with a model, for follow-up questions (the prompt and the answer are counted exactly); without one, for the question and the answer too."}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
                                        "tooltip": "Never return more than this (0 = no cap)."}),
-            }
+            },
+            "optional": {
+                "model": ("VISIONZIP_MODEL", {"tooltip": "From Load VLM: count the prompt exactly with its template, tokenizer and context."}),
+                "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): its plan is what is asked; the output video holds what fits."}),
+                "question": ("STRING", {"default": "What happens in this video?", "multiline": True,
+                                        "tooltip": "The first question (counted exactly; Answer checks again with its own)."}),
+                "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
+                                           "tooltip": "Room kept for the answer (use Answer's max_new_tokens)."}),
+                "policy": (list(POLICIES), {"default": "fit",
+                                            "tooltip": "fit: thin the frames evenly until everything fits. strict: stop with the numbers instead."}),
+            },
         }
 
-    def plan(self, token_budget, tokens_per_frame, reserved=0, max_frames=0):
-        frames = frames_for_budget(token_budget, tokens_per_frame, reserved=reserved, max_frames=max_frames or None)
-        summary = (f"{frames} frames x {tokens_per_frame} tokens = {frames * tokens_per_frame} of {token_budget} "
-                   f"tokens ({reserved} reserved)")
-        return {"ui": {"text": [summary]}, "result": (frames, summary)}
+    def plan(self, token_budget, tokens_per_frame, reserved=0, max_frames=0, model=None, video=None,
+             question="What happens in this video?", max_new_tokens=256, policy="fit"):
+        if model is None or video is None:
+            if token_budget == 0:
+                raise ValueError("a token budget of 0 means the model's context: connect a model and a video")
+            frames = frames_for_budget(token_budget, tokens_per_frame, reserved=reserved, max_frames=max_frames or None)
+            summary = (f"{frames} frames x {tokens_per_frame} tokens = {frames * tokens_per_frame} of {token_budget} "
+                       f"tokens ({reserved} reserved); arithmetic only: connect a model and a video to count the prompt")
+            thinned = None
+            if video is not None:
+                indices, _times = video.plan()
+                thinned = video.pick([indices[i] for i in uniform_pick(len(indices), frames)]) if len(indices) > frames else video
+            return {"ui": {"text": [summary]}, "result": (frames, summary, thinned)}
+        if max_frames:
+            indices, _times = video.plan()
+            if len(indices) > max_frames:
+                video = video.pick([indices[i] for i in uniform_pick(len(indices), max_frames)])
+        plan = plan_budget(model.vlm, video, question or "?", budget=token_budget, policy=policy,
+                           tokens_per_frame=tokens_per_frame, max_new_tokens=max_new_tokens, follow_up_tokens=reserved)
+        summary = plan.summary()
+        return {"ui": {"text": [summary]}, "result": (plan.frames, summary, plan.video)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -55,8 +55,11 @@ def test_ask_prints_answer_tokens_frames_and_timings(tiny_model_dir, clip_factor
                  "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "budget 130 tokens at 12 per frame: 10 frames" in out
-    assert "10 frames of" in out and "x 12 tokens = 120 visual tokens" in out
+    # the budget is the whole prompt + answer + the follow-up's room, counted with the template and tokenizer
+    assert "plan: 5 frames x 12 tokens (9+3 per image) = 60 visual tokens; prompt 102 + answer 5 + follow-ups 13" in out
+    assert "so 5 of the 90 asked frames are kept" in out
+    assert "5 frames of" in out and "x 12 tokens = 60 visual tokens" in out
+    assert "prefilled 102, reused 0 from the cache" in out  # planned == prefilled, to the token
     assert out.count("\nQ: ") == 2 and "reused 0 from the cache" in out
     assert "timings: load model" in out and "sample + encode + zip" in out
     assert saved.exists()

@@ -24,6 +24,7 @@ CORE = {  # the core nodes the workflows use: (inputs, outputs)
 MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint: put it in ComfyUI/models/visionzip/
 VIDEO = "pancake.mkv"  # a file in ComfyUI/input
 
+SUMMARY_QUESTION = "Summarise the video in one sentence."
 GEN = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 LOAD_VLM = {"model": MODEL, "dtype": "auto", "device": "auto", "quantization": "none", "attention": "sdpa",
             "keep_loaded": True, "path": ""}
@@ -72,16 +73,18 @@ WORKFLOWS = {
         },
     },
     "budget_save_and_ask_later": {
-        "title": "Fit a token budget, compress once, save the tokens; load them later and ask without the video",
+        "title": "Fit the model's context exactly, compress once, save the tokens; load them later and ask without the video",
         "nodes": {
-            1: ("VisionZipFrameBudget", {"token_budget": 4096, "tokens_per_frame": 64, "reserved": 256, "max_frames": 0}, {}),
-            2: ("VisionZipLoadVideo", load_video(mode="num_frames", preview_frames=4), {"num_frames": (1, 0)}),
-            3: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            1: ("VisionZipLoadVideo", load_video(mode="fps", fps=1.0, max_frames=0, preview_frames=4), {}),
+            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            3: ("VisionZipFrameBudget", {"token_budget": 0, "tokens_per_frame": 64, "reserved": 0, "max_frames": 0,
+                                         "question": SUMMARY_QUESTION, "max_new_tokens": GEN["max_new_tokens"],
+                                         "policy": "fit"}, {"model": (2, 0), "video": (1, 2)}),
             4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 64,
-                                           "batch_size": 8}, {"model": (3, 0), "video": (2, 2)}),
+                                           "batch_size": 8}, {"model": (2, 0), "video": (3, 2)}),
             5: ("VisionZipSaveTokens", {"filename_prefix": "visionzip/pancake"}, {"tokens": (4, 0)}),
-            6: ("VisionZipAnswer", {"question": "Summarise the video in one sentence.", **GEN, "timestamps": True,
-                                    "stop": "", "system": ""}, {"model": (3, 0), "tokens": (4, 0)}),
+            6: ("VisionZipAnswer", {"question": SUMMARY_QUESTION, **GEN, "timestamps": True,
+                                    "stop": "", "system": "", "policy": "fit"}, {"model": (2, 0), "tokens": (4, 0)}),
         },
     },
 }

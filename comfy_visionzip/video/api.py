@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,11 +13,14 @@ import numpy as np
 import torch
 
 from ..errors import VideoError, VisionZipError
-from .backends import resolve_backend, target_size
+from .backends import _resize, output_size, resolve_backend, target_size
 from .plan import check_plan_args, plan_frames
 from .probe import StreamIndex, get_index
 
 log = logging.getLogger(__name__)
+
+# sample_video holds every frame it returns; above this many bytes it refuses (stream with iter_video instead)
+SAMPLE_MAX_BYTES = 1 << 30
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: called after each decoded frame. Raising from it stops the work."""
@@ -48,7 +52,9 @@ class VideoClip:
 class VideoHandle:
     """A video and how to sample it, without any decoded frame: what nodes pass to the encoder.
 
-    Cheap to hold and to copy; :meth:`iter` decodes chunk by chunk when asked.
+    Cheap to hold and to copy; :meth:`iter` decodes chunk by chunk when asked. ``cover`` (height,
+    width) scales frames down at decode time to what the encoder needs (see ``target_size``);
+    ``picks`` replaces the plan by explicit frame numbers (what the budget planner chose).
     """
 
     source: Any
@@ -60,9 +66,12 @@ class VideoHandle:
     max_frames: int | None = None
     backend: str = "auto"
     max_size: int | None = None
+    cover: tuple[int, int] | None = None
+    picks: tuple[int, ...] | None = None
 
     def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("num_frames", "fps", "every", "start", "end", "max_frames", "backend", "max_size")}
+        return {k: getattr(self, k) for k in ("num_frames", "fps", "every", "start", "end", "max_frames", "backend",
+                                               "max_size", "cover")}
 
     def index(self) -> StreamIndex:
         return get_index(self.source)
@@ -70,11 +79,25 @@ class VideoHandle:
     def plan(self) -> tuple[list[int], list[float]]:
         """(frame indices, timestamps) that :meth:`iter` will return, without decoding."""
         index = self.index()
-        indices = _plan(index, self.options())
+        indices = list(self.picks) if self.picks is not None else _plan(index, self.options())
         ts = index.timestamps
         return indices, [float(ts[i]) for i in indices]
 
+    def pick(self, indices: Sequence[int]) -> VideoHandle:
+        """The same video with these frames (source frame numbers) instead of the plan."""
+        return dataclasses.replace(self, picks=tuple(int(i) for i in indices))
+
+    def duration(self) -> float:
+        return float(self.index().duration)
+
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames :meth:`iter` yields (display orientation, after scaling)."""
+        return output_size(self.index(), self.max_size, self.cover)
+
     def iter(self, chunk_size: int = 32, progress: Progress | None = None) -> Iterator[VideoClip]:
+        if self.picks is not None:
+            return iter_video(self.source, frames=list(self.picks), backend=self.backend, max_size=self.max_size,
+                              cover=self.cover, chunk_size=chunk_size, progress=progress)
         return iter_video(self.source, chunk_size=chunk_size, progress=progress, **self.options())
 
 
@@ -91,6 +114,7 @@ class FramesHandle:
     end: float | None = None
     max_frames: int | None = None
     source: str = "<frames in memory>"
+    picks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         frames = self.frames
@@ -100,10 +124,22 @@ class FramesHandle:
             raise VisionZipError(f"frame_rate must be positive, got {self.frame_rate!r}")
 
     def plan(self) -> tuple[list[int], list[float]]:
-        indices = plan_frames(int(self.frames.shape[0]), float(self.frame_rate), num_frames=self.num_frames,
-                              target_fps=self.fps, every=self.every, start=self.start, end=self.end,
-                              max_frames=self.max_frames)
+        if self.picks is not None:
+            indices = list(self.picks)
+        else:
+            indices = plan_frames(int(self.frames.shape[0]), float(self.frame_rate), num_frames=self.num_frames,
+                                  target_fps=self.fps, every=self.every, start=self.start, end=self.end,
+                                  max_frames=self.max_frames)
         return indices, [round(i / float(self.frame_rate), 6) for i in indices]
+
+    def pick(self, indices: Sequence[int]) -> FramesHandle:
+        return dataclasses.replace(self, picks=tuple(int(i) for i in indices))
+
+    def duration(self) -> float:
+        return int(self.frames.shape[0]) / float(self.frame_rate)
+
+    def frame_size(self) -> tuple[int, int]:
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
 
     def iter(self, chunk_size: int = 32, progress: Progress | None = None) -> Iterator[VideoClip]:
         indices, times = self.plan()
@@ -163,19 +199,31 @@ def iter_video(
     frames: Sequence[int] | None = None,
     chunk_size: int = 32,
     progress: Progress | None = None,
+    cover: tuple[int, int] | None = None,
 ) -> Iterator[VideoClip]:
     """Sample frames like :func:`sample_video`, yielding :class:`VideoClip` chunks of <= ``chunk_size`` frames.
 
     Only one chunk of decoded frames is held at a time, so a 1-hour video at 1 fps streams in bounded
     memory. Arguments are validated (and the file probed) before the first chunk is requested.
+    ``cover=(height, width)`` scales frames down while decoding so that they still cover that box.
     """
+    return _start(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames, backend=backend,
+                  every=every, max_size=max_size, frames=frames, chunk_size=chunk_size, progress=progress, cover=cover)[0]
+
+
+def _start(path, *, num_frames, fps, start, end, max_frames, backend, every, max_size, frames, chunk_size, progress,
+           cover):
+    """(chunk iterator, index, planned indices, output (height, width)); everything checked, nothing decoded."""
     check_plan_args(num_frames=num_frames, target_fps=fps, every=every, start=start, end=end, max_frames=max_frames)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise VisionZipError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chosen = resolve_backend(backend)
     t0 = time.perf_counter()
+    if cover is not None and not (isinstance(cover, tuple) and len(cover) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in cover)):
+        raise VisionZipError(f"cover must be a (height, width) pair of positive integers or None, got {cover!r}")
     index = get_index(path)
-    size = target_size(index, max_size)
+    size = target_size(index, max_size, cover)
     t1 = time.perf_counter()
     if frames is not None:
         indices = _explicit(index, frames, num_frames=num_frames, fps=fps, every=every, max_frames=max_frames)
@@ -183,21 +231,23 @@ def iter_video(
         indices = _plan(index, {"num_frames": num_frames, "fps": fps, "every": every, "start": start, "end": end,
                                 "max_frames": max_frames})
     t2 = time.perf_counter()
-    return _iter_chunks(index, indices, chosen.name, chosen.read, size, chunk_size, progress,
-                        {"probe": t1 - t0, "plan": t2 - t1})
+    chunks = _iter_chunks(index, indices, chosen.name, chosen.read, size, chunk_size, progress,
+                          {"probe": t1 - t0, "plan": t2 - t1})
+    return chunks, index, indices, output_size(index, max_size, cover)
 
 
 def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress, timings) -> Iterator[VideoClip]:
     ts = index.timestamps
     total = len(indices)
     done = 0
-    buf_frames: list[np.ndarray] = []
+    buf: torch.Tensor | None = None  # (n, H, W, 3) uint8, filled in place: no second copy of a chunk
+    filled = 0
     buf_idx: list[int] = []
     t_start = time.perf_counter()
 
     def flush() -> VideoClip:
         clip = VideoClip(
-            frames=torch.from_numpy(np.stack(buf_frames)),
+            frames=buf[:filled] if filled < buf.shape[0] else buf,
             timestamps=[float(ts[i]) for i in buf_idx],
             indices=list(buf_idx),
             fps=index.fps,
@@ -207,7 +257,6 @@ def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress,
             frame_count=index.frame_count,
             timings={**timings, "decode": time.perf_counter() - t_start},
         )
-        buf_frames.clear()
         buf_idx.clear()
         return clip
 
@@ -216,15 +265,22 @@ def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress,
         if position == last:
             continue  # an undecodable frame was replaced by the next one, which is also planned
         last = position
-        buf_frames.append(rgb)
+        if buf is None or filled == buf.shape[0]:
+            rows = min(chunk_size, total - done) if total > done else 1
+            buf, filled = torch.empty((rows, *rgb.shape), dtype=torch.uint8), 0
+        if rgb.shape != tuple(buf.shape[1:]):  # the stream changed resolution mid-way: match the first frames
+            rgb = _resize(rgb, (buf.shape[2], buf.shape[1]))
+        buf[filled] = torch.from_numpy(np.ascontiguousarray(rgb))
+        filled += 1
         buf_idx.append(position)
         done += 1
         if progress is not None:
             progress(done, total)
-        if len(buf_frames) >= chunk_size:
+        if filled == buf.shape[0]:
             yield flush()
+            buf = None
             t_start = time.perf_counter()
-    if buf_frames:
+    if buf is not None and filled:
         yield flush()
     elif done == 0:
         raise VideoError(index.source, "no frame could be decoded", "the file may be corrupt or truncated")
@@ -243,25 +299,44 @@ def sample_video(
     max_size: int | None = None,
     frames: Sequence[int] | None = None,
     progress: Progress | None = None,
+    cover: tuple[int, int] | None = None,
+    max_bytes: int | None = SAMPLE_MAX_BYTES,
 ) -> VideoClip:
     """Decode the planned frames of a video file (or file object) into one :class:`VideoClip`.
+
+    Every returned frame is held in memory, so the planned frames x their size is checked before
+    anything is decoded: above ``max_bytes`` (default 1 GiB: e.g. 43 frames of 4K, 170 of 1080p) it
+    raises instead of filling the memory. For long videos ask fewer frames, scale them (``max_size``)
+    or stream them in chunks with :func:`iter_video`.
 
     Args:
         path: a video file path, or a seekable binary file object (PyAV backend only).
         num_frames: N frames uniformly over [start, end), first and last included.
         fps: frames per second of video to take (the frame nearest each 1/fps tick).
-        every: every n-th frame. At most one of num_frames / fps / every; none means every frame.
+        every: every n-th frame. At most one of num_frames / fps / every; none means every frame
+            (within the ``max_bytes`` cap).
         start, end: seconds; frames with start <= t < end are considered.
         max_frames: cap; a longer plan is thinned uniformly over the whole range.
         backend: "auto" (= "pyav"), "pyav", "decord" or "opencv".
         max_size: scale frames down so that the longer side is at most this many pixels.
         frames: explicit frame numbers to decode instead of a plan (e.g. a plan made earlier).
         progress: ``progress(done, total)`` after each frame; raise from it to cancel.
+        cover: (height, width): scale frames down while decoding, keeping them at least this big.
+        max_bytes: refuse plans whose frames would take more memory than this (None: no cap).
 
     Raises:
         VideoError (a ValueError) naming the file and the problem; VisionZipError for bad options.
     """
-    chunks = list(iter_video(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames,
-                             backend=backend, every=every, max_size=max_size, frames=frames, chunk_size=1 << 30,
-                             progress=progress))
-    return chunks[0]
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise VisionZipError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
+    chunks, index, indices, (height, width) = _start(
+        path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames, backend=backend,
+        every=every, max_size=max_size, frames=frames, chunk_size=1 << 30, progress=progress, cover=cover)
+    need = len(indices) * height * width * 3
+    if max_bytes is not None and need > max_bytes:
+        fits = max(max_bytes // (height * width * 3), 1)
+        raise VideoError(index.source, f"the plan holds {len(indices)} frames of {width}x{height} ({need / 2**30:.2f} GiB) "
+                                       f"in memory, over sample_video's cap of {max_bytes / 2**30:.2f} GiB",
+                         f"ask for at most {fits} frames (num_frames / fps / max_frames), scale them with max_size, "
+                         "or stream them with iter_video")
+    return next(iter(chunks))

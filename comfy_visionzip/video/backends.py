@@ -41,17 +41,32 @@ class Backend:
     note: str
 
 
-def target_size(index: StreamIndex, max_size: int | None) -> tuple[int, int] | None:
-    """Coded (width, height) to scale decoded frames to so the longer display side is <= max_size."""
-    if max_size is None:
+def target_size(index: StreamIndex, max_size: int | None,
+                cover: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """Coded (width, height) to scale decoded frames to, or None to keep the decoded size.
+
+    ``max_size``: the longer display side is at most this. ``cover``: (height, width) of a box the
+    scaled frame must still cover (aspect kept; never scaled up), e.g. a little more than what the
+    vision encoder resizes to, so a 4K frame is not held at 4K just to be shrunk later.
+    """
+    scale = 1.0
+    if max_size is not None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:
+            raise VisionZipError(f"max_size must be an integer >= 16 (pixels) or None, got {max_size!r}")
+        scale = min(scale, max_size / max(index.width, index.height))
+    if cover is not None:
+        width, height = index.display_size
+        scale = min(scale, max(cover[0] / height, cover[1] / width))
+    if scale >= 1.0:
         return None
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 16:
-        raise VisionZipError(f"max_size must be an integer >= 16 (pixels) or None, got {max_size!r}")
-    longest = max(index.width, index.height)
-    if longest <= max_size:
-        return None
-    scale = max_size / longest
     return max(2, round(index.width * scale)), max(2, round(index.height * scale))
+
+
+def output_size(index: StreamIndex, max_size: int | None, cover: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of the frames a backend yields, display orientation, after any scaling."""
+    size = target_size(index, max_size, cover)
+    width, height = size if size is not None else (index.width, index.height)
+    return (width, height) if index.rotation in (90, 270) else (height, width)
 
 
 def _orient(rgb: np.ndarray, rotation: int) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""Visual tokens -> the language model's input space, in prompt order, and how many there will be.
+
+:func:`project` runs the checkpoint's own projector and then arranges the tokens the way the family
+does (pooling, anyres packing, newline tokens); :func:`visual_layout` answers "how many placeholder
+tokens do n frames become" with the very same arranging code, run on zeros, so the budget planner's
+count and the prefilled count cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encoder import CompressedVideo, EncodedImages, select_best_resolution
+from .errors import VisionZipError
+
+
+def check_compatible(vlm, video: CompressedVideo) -> None:
+    """Tokens made with another model cannot be projected by this one: a clear error naming both."""
+    made_with = video.meta.get("family"), video.meta.get("vision_hidden")
+    hidden = int(video.tokens.shape[-1])
+    expected = int(getattr(vlm.inner, vlm.family.video_tower).config.hidden_size)
+    if hidden != expected or (made_with[0] and made_with[0] != vlm.family.model_type):
+        raise VisionZipError(
+            f"these tokens were made with {video.meta.get('model', 'another model')} ({made_with[0] or 'unknown family'}, "
+            f"vision width {hidden}); {vlm.name} is {vlm.family.model_type} with vision width {expected}: "
+            "encode the video again with this model"
+        )
+
+
+def arrange(vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size) -> torch.Tensor:
+    """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order.
+
+    Family details reproduced exactly for uncompressed input ("full"): LLaVA-OneVision pools each frame
+    2x bilinearly after projecting and ends the video with its ``image_newline``; LLaVA-NeXT-Video's
+    2x2 pooling happened in the encoder; LLaVA-NeXT packs its anyres tiles (unpadded, a newline per
+    row). With VisionZip the compressed tokens replace that pooling / packing (NeXT: a newline per frame).
+    """
+    inner = vlm.inner
+    family = vlm.family.model_type
+    if family == "llava_onevision":
+        if method == "full":
+            projected = inner.apply_pooling(projected)
+        flat = projected.reshape(-1, projected.shape[-1])
+        return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
+    if family == "llava_next":
+        if method == "full" and crops > 1 and frame_size:
+            # uncompressed: the model's own packing (unpad the tile grid, a newline after every row)
+            strategy = vlm.config.get("vision_feature_select_strategy", "default")
+            per_crop = projected.view(projected.shape[0], crops, -1, projected.shape[-1])
+            packed = []
+            for frame in per_crop:
+                out = inner.pack_image_features([frame], torch.tensor([list(frame_size)]), strategy,
+                                                image_newline=inner.image_newline)[0]
+                packed.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)  # 5.x: a list
+            return torch.cat(packed, dim=0)
+        # compressed tokens have no rows: one image_newline closes each frame
+        newline = inner.image_newline[None, None].to(projected).expand(projected.shape[0], 1, -1)
+        projected = torch.cat([projected, newline], dim=1)
+    return projected.reshape(-1, projected.shape[-1])
+
+
+def project(vlm, video: CompressedVideo) -> torch.Tensor:
+    """(N, D_text): every visual token of the video, projected by the model's own projector, in prompt order."""
+    check_compatible(vlm, video)
+    tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
+    with torch.inference_mode():
+        projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
+        return arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"))
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """How many placeholder tokens a video of n frames becomes with one model and one setting."""
+
+    per_frame: int  # placeholders per frame (crops x tokens per image, plus any per-frame newline)
+    extra: int  # placeholders once per video (LLaVA-OneVision's closing newline)
+    crops: int  # images the tower sees per frame (anyres: the whole frame + tiles)
+    per_image: int  # tokens each image keeps
+
+    def total(self, frames: int) -> int:
+        return frames * self.per_frame + self.extra
+
+    def frames_for(self, visual_tokens: int) -> int:
+        return max((visual_tokens - self.extra) // self.per_frame, 0)
+
+
+def crops_per_frame(spec, frame_size) -> int:
+    """Images per frame: 1, or with anyres 1 + the tiles of the grid chosen for a frame of (H, W)."""
+    if not spec.pinpoints:
+        return 1
+    if not frame_size:
+        raise VisionZipError("an anyres model needs the frame size to count its tiles")
+    height, width = frame_size
+    rows, cols = (side // spec.tile for side in select_best_resolution(int(height), int(width), spec.pinpoints))
+    return 1 + rows * cols
+
+
+def visual_layout(vlm, *, method: str = "visionzip", dominant: int = 54, contextual: int = 10,
+                  frame_size: tuple[int, int] | None = None) -> VisualLayout:
+    """The exact placeholder count of frames of (H, W) ``frame_size`` compressed with ``method``.
+
+    Runs the encoder's own compressor and the family's own arranging on zeros (no pixels, no tower
+    forward), so it also validates ``dominant`` / ``contextual`` against the tower before any decoding.
+    """
+    encoder = vlm.video_encoder()
+    crops = crops_per_frame(encoder.preprocess_spec, frame_size)
+    seq = encoder.tokens_per_image
+    width = int(encoder.tower.config.hidden_size)
+    dtype, device = encoder.dtype, encoder.device
+    patches = seq - 1 if encoder.cls_token else seq
+    dummy = EncodedImages(torch.zeros(1, seq, width, dtype=dtype, device=device),
+                          torch.zeros(1, patches, device=device), torch.zeros(1, seq, 8, device=device),
+                          encoder.cls_token, encoder.grid)
+    with torch.inference_mode():
+        per_image = int(encoder.zip(dummy, dominant, contextual, method).tokens.shape[1])
+        text_width = int(vlm.inner.multi_modal_projector(torch.zeros(1, 1, width, dtype=vlm.dtype, device=vlm.device)).shape[-1])
+
+        def count(frames: int) -> int:
+            zeros = torch.zeros(frames, crops * per_image, text_width, dtype=vlm.dtype, device=vlm.device)
+            return int(arrange(vlm, zeros, method=method, crops=crops, frame_size=frame_size).shape[0])
+
+        one, two = count(1), count(2)
+    return VisualLayout(per_frame=two - one, extra=2 * one - two, crops=crops, per_image=per_image)

@@ -1,0 +1,138 @@
+"""Prompt building: the conversation as the checkpoint's chat template renders it, visual placeholders
+expanded to one placeholder token per visual token, timestamps told the family's way.
+
+One :class:`PromptBuilder` serves both the chat (which tokenises the prompt it prefills) and the budget
+planner (which counts the prompt of a plan before anything is decoded), so "the prompt is N tokens"
+means the same number in both places.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import VisionZipError
+
+
+@dataclass(frozen=True)
+class PromptVideo:
+    """What the prompt needs to know about a video: how many frames and visual tokens, and when."""
+
+    num_frames: int
+    visual_tokens: int  # placeholders in the prompt (all frames, newlines included)
+    timestamps: tuple[float, ...] = ()  # seconds, one per frame (empty: unknown)
+    duration: float | None = None  # the source's length in seconds (None: the last timestamp)
+
+
+def time_instruction(video: PromptVideo) -> str:
+    """LLaVA-Video's wording for where the sampled frames lie in time."""
+    times = ", ".join(f"{t:.2f}s" for t in video.timestamps)
+    length = video.duration or (video.timestamps[-1] if video.timestamps else 0.0)
+    return (f"The video lasts for {length:.2f} seconds, and {video.num_frames} frames are sampled from it. "
+            f"These frames are located at {times}. Please answer the following questions related to this video.\n")
+
+
+def frame_label(seconds: float) -> str:
+    """What precedes each frame's tokens for image models (which have no notion of video time)."""
+    return f"frame at {seconds:.1f} s: "
+
+
+def chat_template(vlm) -> str:
+    """The checkpoint's chat template (``chat_template.jinja`` / ``.json``, or the tokenizer's)."""
+    path = os.path.join(vlm.path, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(vlm.path, "chat_template.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["chat_template"]
+    if getattr(vlm.tokenizer, "chat_template", None):
+        return vlm.tokenizer.chat_template
+    raise VisionZipError(f"{vlm.path}: no chat template (chat_template.jinja / .json or in the tokenizer config)")
+
+
+def placeholder(vlm) -> tuple[str, int, str]:
+    """(content type for the template, placeholder token id, its text) for frames of this family."""
+    config = vlm.config
+    if vlm.family.video_input == "video":
+        token_id = config.get("video_token_index", config.get("video_token_id"))
+        kind = "video"
+    else:
+        token_id = config.get("image_token_index", config.get("image_token_id"))
+        kind = "image"
+    if token_id is None:
+        raise VisionZipError(f"{vlm.path}: config.json names no {kind} token id")
+    return kind, int(token_id), vlm.tokenizer.convert_ids_to_tokens(int(token_id))
+
+
+class PromptBuilder:
+    """Renders and tokenises conversations about one video for one checkpoint.
+
+    ``messages`` are ``{"role": "user" | "assistant", "text": ...}``; the video goes with the first user
+    message, as the LLaVA processors put it.
+    """
+
+    def __init__(self, vlm, *, system: str | None = None, timestamps: bool = True) -> None:
+        self.vlm = vlm
+        self.kind, self.token_id, self.token_text = placeholder(vlm)
+        self.template = chat_template(vlm)
+        self.system = system
+        self.timestamps = timestamps
+
+    def _visual_text(self, video: PromptVideo, per_frame: int | None = None) -> str:
+        """The placeholder run for the video (``per_frame`` overrides the count, for fast counting)."""
+        stamps = self.timestamps and bool(video.timestamps)
+        if self.kind == "video":
+            return self.token_text * (video.visual_tokens if per_frame is None else per_frame)
+        count = video.visual_tokens // max(video.num_frames, 1) if per_frame is None else per_frame
+        parts = []
+        for k in range(video.num_frames):
+            label = frame_label(video.timestamps[k]) if stamps else ""
+            parts.append(label + self.token_text * count)
+        return "\n".join(parts)
+
+    def render(self, video: PromptVideo, messages: list[dict], *, generation_prompt: bool = True,
+               per_frame: int | None = None) -> str:
+        """The conversation as text, visual tokens expanded (what gets tokenised)."""
+        stamps = self.timestamps and bool(video.timestamps)
+        convo = []
+        if self.system:
+            convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        for i, m in enumerate(messages):
+            if m["role"] == "user" and i == 0:
+                text = (time_instruction(video) if stamps and self.kind == "video" else "") + m["text"]
+                content = [{"type": self.kind}, {"type": "text", "text": text}]
+            else:
+                content = [{"type": "text", "text": m["text"]}]
+            convo.append({"role": m["role"], "content": content})
+        text = self.vlm.tokenizer.apply_chat_template(convo, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        if text.count(self.token_text) != 1:
+            raise VisionZipError(f"the chat template rendered {text.count(self.token_text)} {self.token_text!r} "
+                                 "placeholders for one video; expected exactly one")
+        return text.replace(self.token_text, self._visual_text(video, per_frame))
+
+    def ids(self, video: PromptVideo, messages: list[dict]) -> list[int]:
+        """The token ids of the conversation (what the model prefills), checked against the video."""
+        ids = self.vlm.tokenizer(self.render(video, messages), add_special_tokens=True)["input_ids"]
+        count = sum(1 for i in ids if i == self.token_id)
+        if count != video.visual_tokens:
+            raise VisionZipError(
+                f"prompt and visual tokens do not match: the prompt holds {count} placeholder tokens, the video "
+                f"{video.visual_tokens} ({video.num_frames} frames)"
+            )
+        return ids
+
+    def count(self, video: PromptVideo, messages: list[dict]) -> int:
+        """len(self.ids(video, messages)) without tokenising every placeholder.
+
+        The placeholder is one special token the tokenizer never merges with its neighbours, so the
+        prompt is rendered with one placeholder per frame (or per video) and the rest is added; the
+        planner calls this in its search, and checks its final choice with :meth:`ids`.
+        """
+        text = self.render(video, messages, per_frame=1)
+        ids = self.vlm.tokenizer(text, add_special_tokens=True)["input_ids"]
+        shown = sum(1 for i in ids if i == self.token_id)
+        return len(ids) - shown + video.visual_tokens
