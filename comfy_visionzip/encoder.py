@@ -613,7 +613,7 @@ def compress_frames(
         batch_size = auto_batch_size(encoder)
         log.info("encoder batch: %d frames (sized to %s)", batch_size, encoder.device)
     limit = int(batch_size)  # frames per forward; halved on out-of-memory
-    parts: list[CompressedVideo] = []
+    out = _Accumulator(total)
     done = 0
     source = ""
     for frames, times, indices, chunk_source in _batches(prefetch(chunks, prefetch_depth), batch_size):
@@ -624,8 +624,8 @@ def compress_frames(
             try:
                 encoded = encoder.encode(frames[start:stop], batch_size=limit * 8)
                 encoded.timestamps, encoded.indices = times[start:stop], indices[start:stop]
-                parts.append(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
-                                              method=method, keep_maps=keep_maps))
+                out.add(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
+                                         method=method, keep_maps=keep_maps))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
                 if not _is_out_of_memory(e):
                     raise
@@ -642,17 +642,83 @@ def compress_frames(
         done += frames.shape[0]
         if progress is not None:
             progress(done, total or done)
-    if not parts:
+    if out.first is None:
         raise VisionZipError("no frames to encode")
-    first = parts[0]
+    first = out.first
+    tokens, scores, assignment = out.result()
     return CompressedVideo(
-        tokens=torch.cat([p.tokens for p in parts]), timestamps=sum((p.timestamps for p in parts), []),
-        indices=sum((p.indices for p in parts), []), method=method, dominant=dominant, contextual=contextual,
-        crops=first.crops, grid=first.grid, cls_token=first.cls_token,
-        scores=torch.cat([p.scores for p in parts]) if keep_maps else None,
-        assignment=torch.cat([p.assignment for p in parts]) if keep_maps else None,
-        preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
+        tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
+        contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
+        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
     )
+
+
+class _Accumulator:
+    """Compressed batches written into tensors allocated once for the planned frame count.
+
+    Concatenating the parts at the end would hold the tokens twice; with the total known, the only
+    memory that grows with the video is the tokens' own (and the small heatmap maps).
+    """
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.first: CompressedVideo | None = None
+        self.parts: list[CompressedVideo] = []  # when the total is unknown
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.frames = 0
+        self.rows = 0  # frames x crops written to the maps
+        self.timestamps: list[float] = []
+        self.indices: list[int] = []
+
+    def add(self, part: CompressedVideo) -> None:
+        self.first = self.first or part
+        self.timestamps += part.timestamps
+        self.indices += part.indices
+        fields = {"tokens": part.tokens, "scores": part.scores, "assignment": part.assignment}
+        if not self.total or self.frames + part.num_frames > self.total or (
+                self.buffers and part.tokens.shape[1:] != self.buffers["tokens"].shape[1:]):
+            self._spill()
+            self.parts.append(part)
+            self.frames += part.num_frames
+            return
+        crops = max(part.crops, 1)
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if name not in self.buffers:
+                rows = self.total if name == "tokens" else self.total * crops
+                self.buffers[name] = torch.empty((rows, *value.shape[1:]), dtype=value.dtype)
+            if name == "tokens":
+                self.buffers[name][self.frames: self.frames + value.shape[0]] = value
+            else:
+                self.buffers[name][self.rows: self.rows + value.shape[0]] = value
+        self.frames += part.num_frames
+        self.rows += part.num_frames * crops
+
+    def _spill(self) -> None:
+        """Fall back to a list of parts (a total that was wrong, or a change of shape)."""
+        if self.buffers and not self.parts:
+            first = self.first
+            self.parts.append(dataclasses.replace(
+                first, tokens=self.buffers["tokens"][: self.frames],
+                scores=self.buffers["scores"][: self.rows] if "scores" in self.buffers else None,
+                assignment=self.buffers["assignment"][: self.rows] if "assignment" in self.buffers else None))
+            self.buffers = {}
+        self.total = None
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.parts:
+            def cat(name):
+                values = [getattr(p, name) for p in self.parts]
+                return None if any(v is None for v in values) else torch.cat(values)
+            return cat("tokens"), cat("scores"), cat("assignment")
+        tokens = self.buffers["tokens"]
+        tokens = tokens if self.frames == tokens.shape[0] else tokens[: self.frames].clone()
+        maps = []
+        for name in ("scores", "assignment"):
+            value = self.buffers.get(name)
+            maps.append(None if value is None else value if self.rows == value.shape[0] else value[: self.rows].clone())
+        return tokens, maps[0], maps[1]
 
 
 def kept_count(video: CompressedVideo) -> int:
