@@ -5,7 +5,7 @@ demo    the whole pipeline on a generated clip (and the real-world clip in ../sh
         and a cached follow-up. No download, no GPU.
 ask     ask a LLaVA-family checkpoint about a video.
 frames  sample a video file and write a contact sheet PNG.
-bench   run a benchmark from bench/ (video, encoder, prefill).
+bench   run a benchmark from bench/ (video, encoder, prefill, long_video).
 """
 
 from __future__ import annotations
@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
     ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding the video")
     ask.set_defaults(func=cmd_ask)
-    bench = sub.add_parser("bench", help="run a benchmark from bench/ (video, encoder, prefill)")
-    bench.add_argument("name", choices=["video", "encoder", "prefill"])
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (video, encoder, prefill, long_video)")
+    bench.add_argument("name", choices=["video", "encoder", "prefill", "long_video"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
     bench.set_defaults(func=cmd_bench)
     frames = sub.add_parser("frames", help="sample a video and write a contact sheet",

@@ -87,10 +87,13 @@ class Chat:
             is always refused: no prefill ever runs past the context.
         context: the context length in tokens (default: the checkpoint's, see
             :func:`~comfy_visionzip.budget.context_length`).
+        reserve: tokens the first question leaves free for follow-up turns (their questions and
+            answers): with it, prompt + answer + reserve must fit, and "fit" thins the video for it.
     """
 
     def __init__(self, vlm: VisionLanguageModel, video: CompressedVideo, *, timestamps: bool = True,
-                 system: str | None = None, policy: str = "fit", context: int | None = None) -> None:
+                 system: str | None = None, policy: str = "fit", context: int | None = None,
+                 reserve: int = 0) -> None:
         if policy not in ("fit", "strict"):
             raise VisionZipError(f"unknown policy {policy!r}; valid: fit (drop frames to fit), strict (refuse)")
         self.vlm = vlm
@@ -102,6 +105,9 @@ class Chat:
         self.system = system
         self.policy = policy
         self.context = int(context) if context else context_length(vlm)
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise VisionZipError(f"reserve must be an integer >= 0 (tokens kept for follow-ups), got {reserve!r}")
+        self.reserve = reserve
         self.note = ""  # what the fit policy changed, if anything
         t = time.perf_counter()
         self.visual = project(vlm, video)  # (N, D_text)
@@ -130,15 +136,16 @@ class Chat:
 
     def _check_room(self, ids: list[int], messages: list[dict], config: GenerationConfig) -> list[int]:
         """The ids to prefill, after making sure prompt + answer fit the context (fitting the video if allowed)."""
-        need = len(ids) + config.max_new_tokens
+        first = not self.turns
+        keep = config.max_new_tokens + (self.reserve if first else 0)
+        need = len(ids) + keep
         if need <= self.context:
             return ids
-        first = not self.turns
         if not first:
             raise VisionZipError(
                 f"this follow-up does not fit the context: the conversation is {len(ids)} tokens and the answer may take "
                 f"{config.max_new_tokens} more ({need} > {self.context}); lower max_new_tokens, or start a new chat "
-                "with fewer frames or tokens per frame")
+                "with fewer frames or tokens per frame (or more room reserved for follow-ups)")
         frames = self.video.num_frames
         layout = visual_layout(self.vlm, method=self.video.method, dominant=self.video.dominant,
                                contextual=self.video.contextual, frame_size=self.video.meta.get("frame_size"))
@@ -147,14 +154,15 @@ class Chat:
                                   layout.crops, layout.per_image)
 
         def count(n: int) -> int:
-            keep = uniform_pick(frames, n)
-            times = tuple(self.video.timestamps[k] for k in keep) if self.video.timestamps else ()
+            picked = uniform_pick(frames, n)
+            times = tuple(self.video.timestamps[k] for k in picked) if self.video.timestamps else ()
             info = PromptVideo(n, layout.total(n), times, self.video.meta.get("duration"))
-            return self.prompt.count(info, messages) + config.max_new_tokens
+            return self.prompt.count(info, messages) + keep
 
         fitted = fit_frames(count, self.context, frames)
+        room = f" and {self.reserve} for follow-ups" if self.reserve else ""
         numbers = (f"{frames} frames x {layout.per_frame} tokens make a prompt of {len(ids)} tokens, plus "
-                   f"{config.max_new_tokens} for the answer = {need} > the context of {self.context}")
+                   f"{config.max_new_tokens} for the answer{room} = {need} > the context of {self.context}")
         if self.policy == "strict" or fitted == 0:
             fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
                    else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
@@ -163,7 +171,8 @@ class Chat:
         self.visual = project(self.vlm, self.video)
         ids = self._ids(messages)
         self.note = (f"fitted to the context: {numbers}; kept {fitted} of {frames} frames (evenly spread): "
-                     f"prompt {len(ids)} + answer {config.max_new_tokens} <= {self.context}")
+                     f"prompt {len(ids)} + answer {config.max_new_tokens}{f' + follow-ups {self.reserve}' if self.reserve else ''}"
+                     f" <= {self.context}")
         log.warning("%s", self.note)
         return ids
 

@@ -135,7 +135,9 @@ class BudgetPlan:
         if self.follow_up_tokens:
             reserve += f" + follow-ups {self.follow_up_tokens}"
         split = f" ({self.dominant}+{self.contextual} per image)" if self.method == "visionzip" else f" ({self.method})"
-        head = (f"{self.frames} frames x {self.per_frame} tokens{split} = {self.visual_tokens} visual tokens; "
+        once = self.visual_tokens - self.frames * self.per_frame
+        extra = f" + {once} closing newline{'s' if once > 1 else ''}" if once else ""
+        head = (f"{self.frames} frames x {self.per_frame} tokens{split}{extra} = {self.visual_tokens} visual tokens; "
                 f"prompt {self.prompt_tokens}{reserve} = {self.total_tokens} of {self.budget} tokens"
                 f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
         return "; ".join([head, *self.reasons])
@@ -264,7 +266,7 @@ def plan_budget(
                                  "or a smaller max_new_tokens")
         if policy == "strict":
             raise VisionZipError(f"the plan does not fit: {numbers_}; ask for at most {fitted} frames "
-                                 "(e.g. --frames / max_frames), fewer tokens per frame, or policy 'fit'")
+                                 "(num_frames / max_frames), fewer tokens per frame, or policy 'fit'")
         frames = fitted
         reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
     chosen = picks(frames)

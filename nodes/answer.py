@@ -78,13 +78,16 @@ class VisionZipAnswer:
                 "system": ("STRING", {"default": "", "multiline": True, "tooltip": "An optional system message."}),
                 "policy": (list(POLICIES), {"default": "fit",
                                             "tooltip": "If the video, question and answer do not fit the model's context: fit drops frames evenly (and says so); strict stops with the numbers."}),
+                "follow_up_reserve": ("INT", {"default": 256, "min": 0, "max": 1 << 20,
+                                              "tooltip": "Tokens of the context kept free for follow-up questions (Chat nodes): the first answer never fills the context past this."}),
             },
         }
 
     def answer(self, model, tokens, question, max_new_tokens, temperature, top_p, seed, timestamps, stop="", system="",
-               policy="fit"):
+               policy="fit", follow_up_reserve=256):
         with model as vlm:
-            chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None, policy=policy)
+            chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None, policy=policy,
+                        reserve=follow_up_reserve)
         return _result(ChatState(model, chat).ask(question, _config(max_new_tokens, temperature, top_p, seed, stop)))
 
 

@@ -126,6 +126,9 @@ class VisionZipVideoToTokens:
         }
 
     def run(self, model, video, method, dominant, contextual, tokens_per_frame, batch_size):
+        if video is None:
+            raise ValueError("no video: Frame Budget's video output is empty when its own video input is not "
+                             "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here directly")
         dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
         total = len(video.plan()[0])
         with model as vlm:

@@ -206,3 +206,19 @@ def test_a_handle_is_planned_as_it_will_be_decoded(models, clip):
     assert plan.video.frame_size() == tuple(compress_video(vlm, plan.video).meta["frame_size"])
     assert os.path.basename(str(plan.video.source)) == os.path.basename(clip)
     assert torch.is_tensor(compress_video(vlm, plan.video).tokens)
+
+
+def test_room_reserved_for_follow_ups_when_the_chat_fits_the_video(models, clip):
+    vlm = models("llava")
+    video = compress_video(vlm, clip, num_frames=40, dominant=9, contextual=3)
+    crowded = Chat(vlm, video, context=400)
+    crowded.ask("What happens ?", GenerationConfig(max_new_tokens=5))
+    with pytest.raises(VisionZipError, match="this follow-up does not fit"):
+        crowded.ask("and then ?", GenerationConfig(max_new_tokens=5))
+    roomy = Chat(vlm, video, context=400, reserve=40)
+    roomy.ask("What happens ?", GenerationConfig(max_new_tokens=5))
+    assert "follow-ups 40" in roomy.note and roomy.video.num_frames < crowded.video.num_frames
+    roomy.ask("and then ?", GenerationConfig(max_new_tokens=5))
+    assert roomy.cache.get_seq_length() <= 400 and roomy.turns[1].cached_tokens > 0
+    with pytest.raises(VisionZipError, match="reserve must be an integer >= 0"):
+        Chat(vlm, video, reserve=-1)

@@ -48,3 +48,41 @@ def test_save_and_load_tokens_nodes(setup, tmp_path):
     assert loaded.total_tokens == tokens.total_tokens and "6 frames" in summary
     with pytest.raises(ValueError, match="tokens file not found"):
         nodes["VisionZipLoadTokens"]().load(path=str(tmp_path / "missing.safetensors"))
+
+
+def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, setup, clip_factory):
+    nodes, model, _tokens = setup
+    path = clip_factory("qa.mp4", frames=40, options={"g": "10"})
+    handle = nodes["VisionZipLoadVideo"]().load(video="", mode="every", num_frames=6, fps=1.0, every=1, start=0.0,
+                                                end=0.0, max_frames=0, max_size=0, preview_frames=2, backend="auto",
+                                                path=path)[2]
+    question = "What happens ?"
+    out = nodes["VisionZipFrameBudget"]().plan(token_budget=400, tokens_per_frame=10, reserved=0, max_frames=0,
+                                               model=model, video=handle, question=question, max_new_tokens=5,
+                                               policy="fit")
+    frames, summary, fitted = out["result"]
+    assert 1 <= frames < 40 and len(fitted.plan()[0]) == frames and "of the 40 asked frames are kept" in summary
+    tokens = nodes["VisionZipVideoToTokens"]().run(model=model, video=fitted, method="visionzip", dominant=9,
+                                                   contextual=1, tokens_per_frame=10, batch_size=0)["result"][0]
+    answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question=question, timestamps=True, **GEN)
+    prompt = int(summary.split("; prompt ")[1].split(" ")[0])
+    assert f"prefilled {prompt} new tokens" in answer["ui"]["text"][0]  # planned == prefilled, to the token
+    with pytest.raises(ValueError, match="the plan does not fit"):
+        nodes["VisionZipFrameBudget"]().plan(token_budget=400, tokens_per_frame=10, model=model, video=handle,
+                                             question=question, max_new_tokens=5, policy="strict")
+    with pytest.raises(ValueError, match="a token budget of 0 means the model's context: connect a model"):
+        nodes["VisionZipFrameBudget"]().plan(token_budget=0, tokens_per_frame=10)
+
+
+def test_answer_node_fits_or_refuses_tokens_over_the_context(setup):
+    nodes, model, tokens = setup
+    model.vlm.config["text_config"]["max_position_embeddings"] = 60  # this loaded copy only; restored below
+    try:
+        out = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
+                                                follow_up_reserve=0, **GEN)
+        assert "fitted to the context" in out["ui"]["text"][0] and "context 60" in out["ui"]["text"][0]
+        with pytest.raises(ValueError, match="the video does not fit"):
+            nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
+                                              policy="strict", follow_up_reserve=0, **GEN)
+    finally:
+        model.vlm.config["text_config"]["max_position_embeddings"] = 4096

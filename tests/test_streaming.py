@@ -32,7 +32,7 @@ def test_decoded_frames_do_not_depend_on_the_source_resolution(family, sizes, ti
     vlm = load_vlm(tiny_model_dir(family), device="cpu")
     cover = vlm.video_encoder().decode_cover()
     shapes = set()
-    for height, path in sizes.items():
+    for _height, path in sizes.items():
         handle = video_source(vlm, path, num_frames=3)
         chunk = next(iter(handle.iter(chunk_size=3)))
         assert tuple(chunk.frames.shape[1:3]) == handle.frame_size()
@@ -104,8 +104,7 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops():
 
     def items():
         try:
-            for i in range(10_000):
-                yield i
+            yield from range(10_000)
         finally:
             closed.set()
 

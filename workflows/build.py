@@ -84,7 +84,8 @@ WORKFLOWS = {
                                            "batch_size": 8}, {"model": (2, 0), "video": (3, 2)}),
             5: ("VisionZipSaveTokens", {"filename_prefix": "visionzip/pancake"}, {"tokens": (4, 0)}),
             6: ("VisionZipAnswer", {"question": SUMMARY_QUESTION, **GEN, "timestamps": True,
-                                    "stop": "", "system": "", "policy": "fit"}, {"model": (2, 0), "tokens": (4, 0)}),
+                                    "stop": "", "system": "", "policy": "fit", "follow_up_reserve": 0},
+                {"model": (2, 0), "tokens": (4, 0)}),
         },
     },
 }
