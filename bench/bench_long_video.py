@@ -321,10 +321,10 @@ def write(args, results: dict) -> None:
     if previous.exists():  # a run of some parts updates those parts and keeps the others
         kept = json.loads(previous.read_text())
         older = kept.get("commands") or {k: kept.get("command", "python bench/bench_long_video.py") for k in kept if k in PARTS}
-        commands = {**older, **{k: results["command"] for k in results if k in PARTS}}
+        commands = {**older, **{k: results["command"] for k in results if k in PARTS and "command" in results}}
         results = {**kept, **results, "commands": commands}
     else:
-        results["commands"] = {k: results["command"] for k in results if k in PARTS}
+        results["commands"] = {k: results.get("command", "") for k in results if k in PARTS}
     (out / f"{tag}.json").write_text(json.dumps(results, indent=2))
     lines = ["# Long-video benchmark", "",
              "Commands: " + "; ".join(f"{part}: `{cmd}`" for part, cmd in results["commands"].items()),
@@ -391,6 +391,9 @@ def plot(results: dict, path: Path) -> None:
             base = rows[0]["rss_peak"] - rows[0]["token_bytes"] - rows[0]["map_bytes"]
             ax.plot(minutes, [(base + r["token_bytes"] + r["map_bytes"]) / 2**20 for r in rows], "s--",
                     label="1-min peak - its tokens + each run's tokens")
+            ax.plot(minutes, [(r["rss_peak"] - r["token_bytes"] - r["map_bytes"]) / 2**20 for r in rows], "^-",
+                    label="peak RSS - the tokens' own bytes (flat = bounded)")
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("video length (minutes, sampled at 1 fps)")
             ax.set_ylabel("MiB")
             ax.set_title("Memory: file -> compressed tokens")
@@ -424,6 +427,7 @@ def main() -> int:
                         help="tower for the memory and overlap parts (default: full on CUDA, reduced elsewhere)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "visionzip-bench"),
                         help="where the generated clips and checkpoints are kept between runs")
+    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -433,6 +437,10 @@ def main() -> int:
         return child_memory(args)
     if args.child == "resolution":
         return child_resolution(args)
+    if args.replot:
+        saved = HERE / "results" / f"long_video_{args.device.split(':')[0]}_{args.dtype}.json"
+        write(args, {k: v for k, v in json.loads(saved.read_text()).items() if k in ("machine", "commands")})
+        return 0
     import torch
     import transformers
 

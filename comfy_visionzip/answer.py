@@ -9,6 +9,11 @@ tokens per frame works, so VisionZip's 64 instead of 576 need nothing special.
 The KV cache is kept between turns: a follow-up question only prefills its own new text (the video's
 tokens are question-agnostic, VisionZip's multi-turn advantage). :meth:`Chat.fork` copies the cache
 before branching a conversation, because generation mutates it in place.
+
+No prefill runs past the model's context: every prompt is counted before it runs (the same
+:class:`~comfy_visionzip.prompt.PromptBuilder` the budget planner counts with); a first question whose
+video does not fit is thinned evenly (policy "fit") or refused ("strict"), a follow-up that would not
+fit is refused with the numbers. Projection lives in :mod:`~comfy_visionzip.projection`.
 """
 
 from __future__ import annotations

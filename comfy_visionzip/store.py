@@ -8,6 +8,7 @@ import os
 
 from .encoder import CompressedVideo, Preprocess
 from .errors import VisionZipError
+from .projection import check_compatible
 
 FORMAT = "comfyui-visionzip/tokens/1"
 
@@ -65,7 +66,5 @@ def load_tokens(path: str | os.PathLike[str], *, model=None) -> CompressedVideo:
         preprocess=prep, source=meta.get("source", ""), meta=meta.get("meta", {}),
     )
     if model is not None:
-        from .answer import check_compatible
-
         check_compatible(model, video)
     return video
