@@ -55,7 +55,7 @@ def build(folder: str, *, tower: str) -> str:
     import torch
     import transformers as tf
 
-    from comfy_visionzip.tiny import CHAT_TEMPLATE, _clip_processor, make_tokenizer
+    from comfy_visionzip.tiny import _clip_processor, make_tokenizer, save_checkpoint
 
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -71,14 +71,7 @@ def build(folder: str, *, tower: str) -> str:
                                  patch_size=14, projection_dim=768)
     config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-    os.makedirs(folder, exist_ok=True)
-    tf.LlavaForConditionalGeneration(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(_clip_processor(336), f)
-    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
-    return folder
+    return save_checkpoint(folder, tf.LlavaForConditionalGeneration(config), tok, _clip_processor(336))
 
 
 def make_video(folder: str, minutes: float, *, size=(640, 360), fps: int = 5) -> str:

@@ -32,7 +32,7 @@ def build(folder: str):
     import torch
     import transformers as tf
 
-    from comfy_visionzip.tiny import CHAT_TEMPLATE, _clip_processor, make_tokenizer
+    from comfy_visionzip.tiny import _clip_processor, make_tokenizer, save_checkpoint
 
     torch.manual_seed(0)
     tok = make_tokenizer(32000)
@@ -43,12 +43,7 @@ def build(folder: str):
                                  image_size=336, patch_size=14)
     config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-    tf.LlavaForConditionalGeneration(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(_clip_processor(336), f)
-    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
+    save_checkpoint(folder, tf.LlavaForConditionalGeneration(config), tok, _clip_processor(336))
 
 
 def flops(n: int) -> float:

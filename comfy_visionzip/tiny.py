@@ -131,13 +131,22 @@ def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int =
         video_proc = {"video_processor_type": "LlavaOnevisionVideoProcessor", "do_resize": True, "size": square,
                       "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+    return save_checkpoint(folder, model, tok, image_proc, video_proc)
+
+
+def save_checkpoint(folder: str | os.PathLike[str], model, tokenizer, image_processor: dict,
+                    video_processor: dict | None = None, chat_template: str = CHAT_TEMPLATE) -> str:
+    """Write a model folder the way a Hugging Face checkpoint is laid out (weights, tokenizer, processor
+    configs, chat template), so it is loaded with the real loading code; returns the folder."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
     model.eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(image_proc, f, indent=2)
-    if video_proc is not None:
+        json.dump(image_processor, f, indent=2)
+    if video_processor is not None:
         with open(os.path.join(folder, "video_preprocessor_config.json"), "w") as f:
-            json.dump(video_proc, f, indent=2)
+            json.dump(video_processor, f, indent=2)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
+        f.write(chat_template)
     return folder
