@@ -136,8 +136,9 @@ class BudgetPlan:
             reserve += f" + follow-ups {self.follow_up_tokens}"
         split = f" ({self.dominant}+{self.contextual} per image)" if self.method == "visionzip" else f" ({self.method})"
         once = self.visual_tokens - self.frames * self.per_frame
-        extra = f" + {once} closing newline{'s' if once > 1 else ''}" if once else ""
-        head = (f"{self.frames} frames x {self.per_frame} tokens{split}{extra} = {self.visual_tokens} visual tokens; "
+        extra = f" + {once} closing newline" if once else ""
+        head = (f"{self.frames} frames x {self.per_frame} tokens{split} = {self.frames * self.per_frame} visual tokens"
+                f"{extra}; "
                 f"prompt {self.prompt_tokens}{reserve} = {self.total_tokens} of {self.budget} tokens"
                 f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
         return "; ".join([head, *self.reasons])

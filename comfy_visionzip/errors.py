@@ -36,3 +36,9 @@ def _display_path(path: object) -> str:
         return os.fspath(path)
     name = getattr(path, "name", None)  # file objects
     return str(name) if isinstance(name, str) else f"<{type(path).__name__}>"
+
+
+# ComfyUI imports custom node packs under their folder path as the module name, and shows that name with
+# the error type; name the errors by the library's own module instead.
+for _error in (VisionZipError, VideoError, VideoNotFoundError):
+    _error.__module__ = "comfy_visionzip.errors"

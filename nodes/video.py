@@ -170,6 +170,10 @@ class VisionZipFrameBudget:
                 raise ValueError(f"a token budget of 0 means the model's context: connect {missing}")
             context = context_length(model.vlm) if model is not None else None
             note = "arithmetic only: connect a model and a video to count the prompt"
+            if model is not None:  # the answer's room is known; the prompt's text needs the video's timestamps
+                reserved += max_new_tokens
+                note = (f"{max_new_tokens} of the reserve for the answer; arithmetic only: connect a video to count "
+                        "the prompt exactly")
             if context is not None and token_budget > context:
                 if policy == "strict":
                     raise ValueError(f"a budget of {token_budget} tokens is more than the model's context of {context}; "

@@ -165,3 +165,25 @@ def test_tokens_are_collected_in_place_whatever_the_stated_total(total, tiny_mod
     assert result.indices == list(range(12)) and result.num_frames == 12
     torch.testing.assert_close(result.tokens, reference.tokens)
     assert torch.equal(result.assignment, reference.assignment) and result.scores.shape == reference.scores.shape
+
+
+def test_cancel_stops_within_one_batch_and_the_decode_thread_ends(tiny_model_dir, clip_factory):
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    path = clip_factory("cancel.mp4", frames=120, options={"g": "10"})
+
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        compress_video(vlm, path, every=1, batch_size=4, progress=progress)
+    assert seen == [4]  # stopped after the first batch of 4 of the 120 frames
+    for thread in threading.enumerate():
+        if thread.name == "visionzip-decode":
+            thread.join(timeout=5)
+            assert not thread.is_alive()
