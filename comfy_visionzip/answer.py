@@ -210,6 +210,9 @@ class Chat:
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int, int]:
         """Run what the cache does not cover yet; returns (next-token logits, tokens run, tokens reused)."""
+        if len(ids) > self.context:
+            raise VisionZipError(f"a prompt of {len(ids)} tokens is longer than the context of {self.context}; "
+                                 "nothing was run (ask() fits or refuses it with the numbers)")
         common = 0
         limit = min(len(ids) - 1, len(self.cached_ids))  # always run at least the last token
         while common < limit and ids[common] == self.cached_ids[common]:
@@ -275,8 +278,8 @@ class Chat:
             if on_text is not None and len(text) > len(shown):
                 on_text(text[len(shown):])
             shown = text
-            if stop_at >= 0:
-                break
+            if stop_at >= 0 or len(self.cached_ids) + 1 > self.context:
+                break  # a stop string, or the context is full (never reached through ask(), which keeps room)
             self.cached_ids.append(token)
             logits = self._run(self._embed(self.cached_ids, len(self.cached_ids) - 1))
         return shown.strip(), len(out)
