@@ -122,6 +122,7 @@ class Chat:
         self.cache = None
         self.cached_ids: list[int] = []
         self.pending: int | None = None  # the last generated token: produced but not yet run through the model
+        self.conversation_ids: list[int] = []  # ids of the conversation so far, generated answers as generated
         self._logits_kwarg = _logits_kwarg(vlm.model)
         # transformers >= 5.2x calls the cache `cache` (past_key_values is deprecated); 4.50 only knows past_key_values
         self._cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
@@ -138,6 +139,29 @@ class Chat:
 
     def _ids(self, messages: list[dict]) -> list[int]:
         return self.prompt.ids(self.prompt_video(), messages)
+
+    def _followup_ids(self, messages: list[dict]) -> list[int] | None:
+        """The ids of a follow-up: the conversation's own ids (the answer as generated, not re-tokenised)
+        followed by the template's text that closes the answer and asks the new question.
+
+        Re-rendering the answer through the template does not always give back the generated ids
+        (special tokens skipped when decoding, merges across the answer's edges), which would make the
+        follow-up re-prefill the previous answer. None when the template does not render the earlier
+        conversation as a prefix of the new one (then the whole conversation is tokenised again).
+        """
+        if not self.conversation_ids:
+            return None
+        info = self.prompt_video()
+        earlier, answer = self.messages[:-1], self.messages[-1]["text"]
+        asked = self.prompt.render(info, earlier)  # the last prompt, ending with the generation prompt
+        answered = self.prompt.render(info, self.messages, generation_prompt=False)
+        following = self.prompt.render(info, messages)
+        at = answered.find(answer, len(asked)) if answered.startswith(asked) else -1
+        if at < 0 or answered[len(asked):at].strip() or not following.startswith(answered):
+            log.debug("the chat template does not extend the conversation as a prefix; re-tokenising it")
+            return None
+        delta = answered[at + len(answer):] + following[len(answered):]
+        return self.conversation_ids + self.vlm.tokenizer(delta, add_special_tokens=False)["input_ids"]
 
     def _check_room(self, ids: list[int], messages: list[dict], config: GenerationConfig) -> list[int]:
         """The ids to prefill, after making sure prompt + answer fit the context (fitting the video if allowed)."""
@@ -239,7 +263,8 @@ class Chat:
             raise VisionZipError("the question is empty")
         t0 = time.perf_counter()
         messages = [*self.messages, {"role": "user", "text": question.strip()}]
-        ids = self._check_room(self._ids(messages), messages, config)
+        ids = self._followup_ids(messages) if self.turns else None
+        ids = self._check_room(ids or self._ids(messages), messages, config)
         t1 = time.perf_counter()
         logits, prefilled, reused = self.prefill(ids)
         t2 = time.perf_counter()
@@ -250,6 +275,7 @@ class Chat:
             raise
         t3 = time.perf_counter()
         self.messages = [*messages, {"role": "assistant", "text": answer}]
+        self.conversation_ids = list(self.cached_ids)  # the conversation as the model saw it, generated ids included
         self.turns.append(Turn(question, answer, generated, prefilled, reused,
                                {"prompt": t1 - t0, "prefill": t2 - t1, "generate": t3 - t2}))
         return answer
@@ -289,6 +315,7 @@ class Chat:
         other = copy.copy(self)
         other.cache = copy.deepcopy(self.cache)
         other.cached_ids = list(self.cached_ids)
+        other.conversation_ids = list(self.conversation_ids)
         other.messages = list(self.messages)
         other.turns = list(self.turns)
         return other

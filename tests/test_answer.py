@@ -204,3 +204,25 @@ def test_cancelling_generation_leaves_the_chat_usable(tiny_model_dir, clip):
     reference = Chat(vlm, chat.video)
     reference.messages = chat.messages[:2]
     assert again == reference.ask("and then ?", GenerationConfig(max_new_tokens=6))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_follow_up_prefills_only_its_own_new_text_for_every_family(family, tiny_model_dir, clip):
+    """The conversation is kept as token ids: the previous answer is never re-tokenised and re-run."""
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    video = compress_video(vlm, clip, num_frames=3, dominant=6, contextual=2)
+    chat = Chat(vlm, video)
+    chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=12))
+    seen = list(chat.conversation_ids)
+    assert len(seen) == chat.turns[0].prefill_tokens + min(chat.turns[0].new_tokens, 12)
+    assert chat._followup_ids([*chat.messages, {"role": "user", "text": "Who is in the kitchen ?"}])[:len(seen)] == seen
+    chat.ask("Who is in the kitchen ?", GenerationConfig(max_new_tokens=4))
+    second = chat.turns[1]
+    assert second.cached_tokens == len(seen)  # everything the model saw, the generated answer included
+    question = vlm.tokenizer("Who is in the kitchen ?", add_special_tokens=False)["input_ids"]
+    assert second.prefill_tokens <= len(question) + 12  # the turn's own text and the template around it
+    # the same ids from scratch (no cache) give the same answer: the cache is consistent
+    fresh = Chat(vlm, video)
+    fresh.messages, fresh.turns, fresh.conversation_ids = chat.messages[:2], chat.turns[:1], seen
+    assert fresh.ask("Who is in the kitchen ?", GenerationConfig(max_new_tokens=4)) == second.answer
+    assert fresh.turns[-1].cached_tokens == 0
