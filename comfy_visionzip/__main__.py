@@ -105,6 +105,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     config.check()  # cheap things first: nothing is loaded for a nonsense option
+    for question in [args.question, *args.follow_up]:
+        if not question.strip():
+            raise VisionZipError("a question is empty: give the question text (and any --follow-up) in quotes")
+    for target in (args.save_tokens,):
+        if target:
+            _check_writable(target)
+    if args.tokens and args.video not in ("-", ""):
+        print(f"note: answering from {args.tokens}; the video argument ({args.video}) is not read (give '-' instead)",
+              file=sys.stderr)
     tokens_per_frame = _tokens_per_frame_arg(args.tokens_per_frame)
     if args.budget is not None and args.budget < 0:
         raise VisionZipError(f"--budget must be >= 0 tokens (0 = the model's context), got {args.budget}")
@@ -112,7 +121,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise VisionZipError(f"{args.video}: file not found")
     times: dict[str, float] = {}
     t = time.perf_counter()
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     times["load model"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.tokens:
@@ -149,6 +158,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
               f"from the cache; prefill {turn.seconds['prefill'] * 1000:.0f} ms, generate {turn.seconds['generate'] * 1000:.0f} ms)")
     print("\ntimings: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """Fail before any work when an output file cannot be written (a missing or read-only folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise VisionZipError(f"{path}: the folder {folder} does not exist; create it or write somewhere else")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise VisionZipError(f"{path}: cannot write there (permission denied); choose another place")
+    if os.path.isdir(path):
+        raise VisionZipError(f"{path}: is a folder; give a file name")
 
 
 def _tokens_per_frame_arg(value: str | None):
@@ -241,6 +261,8 @@ def cmd_frames(args: argparse.Namespace) -> int:
     """Print the plan; decode at most SHEET_FRAMES of its frames (evenly spread), as thumbnails, for the sheet."""
     from .video import VideoHandle, iter_video, uniform_pick
 
+    if args.out:
+        _check_writable(args.out)
     given = any(v is not None for v in (args.num_frames, args.fps, args.every))
     handle = VideoHandle(args.video, num_frames=args.num_frames if given else DEFAULT_FRAMES, fps=args.fps,
                          every=args.every, start=args.start, end=args.end, max_frames=args.max_frames,
@@ -281,11 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Ask a LLaVA-family model about a video. The budget planner counts the whole "
                                      "prompt with the model's template and tokenizer and keeps it, plus the answer, "
                                      "inside the model's context.")
-    ask.add_argument("video")
+    ask.add_argument("video", help="the video file ('-' with --tokens)")
     ask.add_argument("question")
     ask.add_argument("--model", required=True, help="checkpoint folder (or Hugging Face id where the network allows)")
     plan = ask.add_mutually_exclusive_group()
-    plan.add_argument("--frames", type=int, help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
+    plan.add_argument("--frames", "--num-frames", dest="frames", type=int, help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
                                                   "or as many as the budget holds when --budget is given)")
     plan.add_argument("--fps", type=float, help="frames per second of video")
     plan.add_argument("--every", type=int, help="every n-th frame")
@@ -315,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--follow-up", action="append", default=[],
                      help="another question (repeatable; reuses the cache; room for it is reserved in the plan)")
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
-    ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding the video")
+    ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding a video (give '-' as VIDEO)")
+    ask.add_argument("--allow-pickle", action="store_true",
+                     help="also load pickled .bin weights (they can run code: only for files you trust)")
     ask.set_defaults(func=cmd_ask)
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (video, encoder, prefill, long_video)")
     bench.add_argument("name", choices=["video", "encoder", "prefill", "long_video"])
@@ -328,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"{DEFAULT_FRAMES} frames spread over the video.")
     frames.add_argument("video")
     mode = frames.add_mutually_exclusive_group()
-    mode.add_argument("--num-frames", type=int, help=f"N frames uniformly over [start, end) (default {DEFAULT_FRAMES})")
+    mode.add_argument("--num-frames", "--frames", dest="num_frames", type=int,
+                      help=f"N frames uniformly over [start, end) (default {DEFAULT_FRAMES})")
     mode.add_argument("--fps", type=float, help="frames per second of video")
     mode.add_argument("--every", type=int, help="every n-th frame")
     frames.add_argument("--start", type=float, default=0.0, help="seconds")
@@ -348,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except VisionZipError as e:  # the user's input: say what is wrong, no traceback
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment: a file that cannot be read or written (disk full, permissions)
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

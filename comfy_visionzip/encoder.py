@@ -486,8 +486,11 @@ class CompressedVideo:
 
     def summary(self) -> str:
         where = f" of {self.source}" if self.source else ""
+        per_image = self.tokens_per_frame // max(self.crops, 1)
+        how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
+               "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
         return (f"{self.num_frames} frames{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
-                f"({self.method}: {self.dominant} dominant + {self.contextual} contextual per image, {self.crops} image(s) per frame)")
+                f"({how}, {self.crops} image(s) per frame)")
 
 
 def _unpack(chunk) -> tuple[torch.Tensor, list[float], list[int]]:

@@ -14,19 +14,47 @@ import torch
 
 from .encoder import CompressedVideo, EncodedImages, select_best_resolution
 from .errors import VisionZipError
+from .vlm import token_identity
+
+IDENTITY_NAMES = {"family": "family", "vision_hidden": "vision width", "grid": "patch grid", "select_layer": "select layer",
+                  "tower_layers": "tower layers", "select_strategy": "feature strategy", "tower": "vision tower config"}
 
 
 def check_compatible(vlm, video: CompressedVideo) -> None:
-    """Tokens made with another model cannot be projected by this one: a clear error naming both."""
-    made_with = video.meta.get("family"), video.meta.get("vision_hidden")
-    hidden = int(video.tokens.shape[-1])
-    expected = int(getattr(vlm.inner, vlm.family.video_tower).config.hidden_size)
-    if hidden != expected or (made_with[0] and made_with[0] != vlm.family.model_type):
+    """Tokens made with another model (or tower, or settings) cannot be projected by this one: a clear
+    error naming what differs. Fields a tokens file does not record (older files) are not compared."""
+    ours = token_identity(vlm)
+    made = dict(video.meta)
+    made.setdefault("vision_hidden", int(video.tokens.shape[-1]))
+    if int(video.tokens.shape[-1]) != ours["vision_hidden"]:
+        made["vision_hidden"] = int(video.tokens.shape[-1])
+    differences = []
+    for key, label in IDENTITY_NAMES.items():
+        theirs = made.get(key)
+        if theirs in (None, ""):
+            continue
+        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != ours[key]:
+            differences.append(f"{label} {_shown(theirs)} vs {_shown(ours[key])}")
+    spec = vlm.video_encoder().preprocess_spec
+    if video.preprocess is not None and video.preprocess != spec:
+        differences.append(f"preprocessing {_shown_spec(video.preprocess)} vs {_shown_spec(spec)}")
+    if differences:
         raise VisionZipError(
-            f"these tokens were made with {video.meta.get('model', 'another model')} ({made_with[0] or 'unknown family'}, "
-            f"vision width {hidden}); {vlm.name} is {vlm.family.model_type} with vision width {expected}: "
-            "encode the video again with this model"
+            f"these tokens were made with {made.get('model', 'another model')} ({made.get('family') or 'unknown family'}, "
+            f"vision width {made['vision_hidden']}); {vlm.name} is {ours['family']} with vision width {ours['vision_hidden']}; "
+            f"they differ in: {'; '.join(differences)}: encode the video again with this model"
         )
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{value[0]}x{value[1]}"
+    return str(value)
+
+
+def _shown_spec(spec) -> str:
+    size = spec.crop_hw or spec.resize_hw or (spec.shortest_edge, spec.shortest_edge)
+    return f"{size[0]}x{size[1]}{' anyres' if spec.pinpoints else ''}"
 
 
 def arrange(vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size) -> torch.Tensor:

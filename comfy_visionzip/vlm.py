@@ -11,6 +11,7 @@ Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -200,6 +201,38 @@ def _processor_configs(folder: str) -> tuple[dict, dict | None]:
     return image, video
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else "")[:240]
+
+
+def _check_files(folder: str, files: list[str]) -> None:
+    """Cheap checks of a model folder before anything is loaded: weights readable, shards present, a tokenizer."""
+    from safetensors import safe_open
+
+    index = _read_json(folder, "model.safetensors.index.json")
+    if index is not None:
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise VisionZipError(f"{folder}: weight shards listed in model.safetensors.index.json are missing: "
+                                 f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; download them too")
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, framework="pt"):  # reads and checks the header only
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike: the file is unusable
+            raise VisionZipError(f"{path}: not a readable safetensors file ({_first_line(e)}); it is truncated or "
+                                 "corrupt: download it again") from e
+    if not any(f in files for f in TOKENIZER_FILES):
+        raise VisionZipError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+                             "download the checkpoint's tokenizer files into the folder")
+
+
 def load_vlm(
     path_or_id: str,
     *,
@@ -228,8 +261,10 @@ def load_vlm(
         pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         raise VisionZipError(
             f"{folder}: no .safetensors weights" + (f" (found pickled {pickles[:3]})" if pickles else "")
-            + "; convert them to safetensors, or pass allow_pickle=True if you trust the files"
+            + "; convert them to safetensors, or, if you trust the files, allow pickles (allow_pickle=True; "
+            "--allow-pickle on the command line)"
         )
+    _check_files(folder, files)
     device_ = _pick_device(device)
     dtype_ = _pick_dtype(dtype, device_)
     cls = getattr(transformers, family.class_name, None)
@@ -241,17 +276,22 @@ def load_vlm(
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device_.index or 0})
     kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype_
+    image_config, video_config = _processor_configs(folder)
+    from transformers import AutoTokenizer  # transformers loads with the first model: importing the pack stays cheap
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means the folder's tokenizer files are unusable
+        raise VisionZipError(f"{folder}: its tokenizer cannot be loaded ({type(e).__name__}: {_first_line(e)}); "
+                             "download the checkpoint's tokenizer files again (tokenizer.json / tokenizer_config.json)") from e
     try:
         model = cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise VisionZipError(f"{folder}: loading the {family.display} weights failed: {str(e).splitlines()[0][:300]}") from e
+    except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
+        raise VisionZipError(f"{folder}: loading the {family.display} weights failed ({type(e).__name__}: "
+                             f"{_first_line(e)}); check that the folder is one complete checkpoint") from e
     if quant is None:
         model.to(device_)
     model.eval()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    image_config, video_config = _processor_configs(folder)
     log.info("loaded %s (%s) on %s in %s", folder, family.display, device_, dtype_)
     return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_)
 
@@ -306,7 +346,23 @@ def compress_video(
     return video
 
 
+def token_identity(vlm: VisionLanguageModel) -> dict:
+    """What tokens made with this model depend on: family, the tower (its config), select layer, grid, width.
+
+    Recorded with every token set (and in tokens files) so that tokens from another model, or from the
+    same family with another tower or settings, are refused with what differs.
+    """
+    encoder = vlm.video_encoder()
+    vision = encoder.tower.config.to_dict()
+    for key in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "_attn_implementation",
+                "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"):
+        vision.pop(key, None)
+    digest = hashlib.sha1(json.dumps(vision, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"family": vlm.family.model_type, "vision_hidden": int(encoder.tower.config.hidden_size),
+            "grid": list(encoder.grid), "select_layer": int(encoder.layer_index), "tower_layers": int(encoder.num_layers),
+            "select_strategy": encoder.select_strategy, "tower": digest}
+
+
 def label_tokens(vlm: VisionLanguageModel, video) -> None:
     """Record which model made the tokens (checked when they are answered from or loaded again)."""
-    tower = getattr(vlm.inner, vlm.family.video_tower)
-    video.meta.update(model=vlm.name, family=vlm.family.model_type, vision_hidden=int(tower.config.hidden_size))
+    video.meta.update(model=vlm.name, **token_identity(vlm))

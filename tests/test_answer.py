@@ -226,3 +226,18 @@ def test_a_follow_up_prefills_only_its_own_new_text_for_every_family(family, tin
     fresh.messages, fresh.turns, fresh.conversation_ids = chat.messages[:2], chat.turns[:1], seen
     assert fresh.ask("Who is in the kitchen ?", GenerationConfig(max_new_tokens=4)) == second.answer
     assert fresh.turns[-1].cached_tokens == 0
+
+
+def test_tokens_of_another_tower_of_the_same_family_and_width_are_refused(tiny_model_dir, clip, tmp_path):
+    from comfy_visionzip.tiny import build_tiny
+
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")  # 48 px, patch 6: an 8x8 grid
+    coarse = load_vlm(build_tiny("llava", tmp_path / "coarse", image_size=48, patch=12), device="cpu")  # 4x4
+    video = compress_video(coarse, clip, num_frames=2, dominant=6, contextual=2)
+    assert video.tokens.shape[-1] == 32  # the same width: only the recorded identity tells them apart
+    path = save_tokens(video, tmp_path / "coarse-tokens")
+    with pytest.raises(VisionZipError, match=r"they differ in: patch grid 4x4 vs 8x8; vision tower config"):
+        load_tokens(path, model=vlm)
+    with pytest.raises(VisionZipError, match="patch grid 4x4 vs 8x8"):
+        Chat(vlm, video)
+    assert load_tokens(path, model=coarse).num_frames == 2

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from comfy_visionzip.__main__ import main
@@ -74,3 +76,61 @@ def test_ask_with_a_wrong_model_folder_is_one_clear_line(tmp_path, clip_factory,
     assert main(["ask", path, "q", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no config.json, so not a Hugging Face model folder" in err and "Traceback" not in err
+
+
+def test_ask_checks_cheap_things_before_loading_the_model(tmp_path, clip_factory, capsys, monkeypatch):
+    import comfy_visionzip.vlm as vlm_module
+
+    path = clip_factory("cheap.mp4", frames=10)
+    monkeypatch.setattr(vlm_module, "load_vlm", lambda *a, **k: pytest.fail("the model was loaded"))
+    cases = [
+        ([path, "   "], "a question is empty"),
+        ([str(tmp_path / "missing.mp4"), "q"], "missing.mp4: file not found"),
+        ([path, "q", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        ([path, "q", "--budget", "-5"], "--budget must be >= 0"),
+        ([path, "q", "--tokens-per-frame", "lots"], "--tokens-per-frame must be a number of tokens or 'auto'"),
+        ([path, "q", "--save-tokens", str(tmp_path / "no" / "such" / "t.safetensors")], "does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(["ask", *argv, "--model", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, (argv, err)
+
+
+def test_frame_plan_flag_names_are_aliases(clip_factory, capsys):
+    path = clip_factory("alias.mp4", frames=40)
+    assert main(["frames", path, "--frames", "4"]) == 0
+    assert "indices [0, 13, 26, 39]" in capsys.readouterr().out
+    from comfy_visionzip.__main__ import build_parser
+
+    assert build_parser().parse_args(["ask", path, "q", "--model", "m", "--num-frames", "7"]).frames == 7
+
+
+def test_broken_files_are_one_clear_line(tmp_path, clip_factory, capsys):
+    import os
+
+    data = open(clip_factory("cut.mp4", frames=60), "rb").read()
+    assert data.find(b"moov") > data.find(b"mdat")  # not faststart: the index is at the end
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    assert main(["frames", str(tmp_path / "cut.mp4")]) == 2
+    assert "truncated MP4" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.mp4")
+    assert main(["frames", str(tmp_path / "pipe.mp4")]) == 2
+    assert "is not a regular file (a FIFO" in capsys.readouterr().err
+
+
+def test_a_corrupt_model_folder_is_one_clear_line(tiny_model_dir, tmp_path, clip_factory, capsys):
+    import shutil
+
+    path = clip_factory("cm.mp4", frames=10)
+    for name, damage, message in [
+        ("cut", lambda d: open(d / "model.safetensors", "r+b").truncate(1000), "model.safetensors: not a readable safetensors file"),
+        ("noise", lambda d: (d / "model.safetensors").write_bytes(os.urandom(3000)), "it is truncated or corrupt"),
+        ("notok", lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "no tokenizer files"),
+    ]:
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir("llava"), folder)
+        damage(folder)
+        assert main(["ask", path, "q", "--model", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ def open_container(source: Any):
             raise VideoNotFoundError(path, "file not found", "check the path; relative paths are from the current folder")
         if os.path.isdir(path):
             raise VideoError(path, "is a folder, not a video file")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise VideoError(path, "is not a regular file (a FIFO, device or socket)",
+                             "save the stream to a file first, then give that file")
         if os.path.getsize(path) == 0:
             raise VideoError(path, "file is empty (0 bytes)", "the copy or download may have failed")
     elif hasattr(source, "seek"):
@@ -87,8 +91,43 @@ def open_container(source: Any):
     except av.error.FileNotFoundError as e:
         raise VideoNotFoundError(source, "file not found") from e
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
+        cut = _truncated_mp4(source) if isinstance(source, (str, os.PathLike)) else None
+        if cut:
+            raise VideoError(source, cut, "the download or recording was cut short: download or copy it again; "
+                                          "untrunc can rebuild the index from a good file of the same camera") from e
         raise VideoError(source, f"not a readable video file ({e.__class__.__name__}: {_short(e)})",
                          "is it a video? try opening it in a media player") from e
+
+
+def _truncated_mp4(path) -> str | None:
+    """Why an MP4/MOV that FFmpeg cannot open is truncated (its index missing), or None if it does not look so.
+
+    MP4 files from cameras and downloads that are not "faststart" keep their index (the ``moov`` box)
+    at the end, so a cut file has media data but no index. The top-level boxes tell: an ``ftyp`` box,
+    then boxes whose sizes run past the end of the file or no ``moov`` at all.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset, boxes = 0, []
+            while offset + 8 <= size and len(boxes) < 64:
+                f.seek(offset)
+                head = f.read(16)
+                length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if length == 1 and len(head) >= 16:
+                    length = int.from_bytes(head[8:16], "big")  # 64-bit box size
+                boxes.append(kind)
+                if length < 8:
+                    break  # 0 = "to the end of the file"; anything else < 8 is garbage
+                offset += length
+    except OSError:
+        return None
+    if not boxes or boxes[0] != b"ftyp" or b"moov" in boxes:
+        return None
+    if offset > size:
+        return (f"truncated MP4: it ends inside its {boxes[-1].decode('latin-1')!r} box ({size} of {offset} bytes) "
+                "and its index (the 'moov' box, written at the end) is missing")
+    return "an MP4 without its index (no 'moov' box): the file is incomplete"
 
 
 def _short(err: BaseException) -> str:
