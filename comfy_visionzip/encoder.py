@@ -334,9 +334,8 @@ class VisionEncoder:
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         return preprocess_frames(frames, self.preprocess_spec, device=self.device, dtype=self.dtype)
 
-    @torch.inference_mode()
-    def encode_pixels(self, pixel_values: torch.Tensor, *, chunk: int = 128) -> EncodedImages:
-        """Run (N, 3, S, S) pixel values to the select layer; scores and keys from that layer only."""
+    def _select_layer(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query, key, output) of the select layer for (N, 3, S, S) pixels; the layers after it never run."""
         captured: dict[str, torch.Tensor] = {}
 
         def keep(name):
@@ -362,7 +361,39 @@ class VisionEncoder:
                 handle.remove()
         if "hidden" not in captured:
             raise VisionZipError("the vision tower never reached the select layer")
-        q, k = captured["q"], captured["k"]
+        return captured["q"], captured["k"], captured["hidden"]
+
+    @torch.inference_mode()
+    def attention_from(self, frames: torch.Tensor, point: tuple[float, float]) -> tuple[torch.Tensor, int]:
+        """The select layer's attention from one patch to every patch, averaged over heads.
+
+        ``frames`` uint8 [T, H, W, 3] (or a 0..1 IMAGE); ``point`` (x, y) in 0..1 of what the model sees
+        (the whole frame for anyres models). Returns ((T, patches) attention, the patch's index).
+        This is the paper's feature-misalignment view: a subject's patch often attends to a few
+        dominant tokens elsewhere in the frame rather than to its neighbours.
+        """
+        x, y = point
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            raise VisionZipError(f"the point must be (x, y) fractions of the frame in 0..1, got {point!r}")
+        pixels = self.preprocess(frames)
+        if pixels.dim() == 5:  # anyres: the whole frame is the first crop
+            pixels = pixels[:, 0]
+        rows, cols = self.grid
+        patch = min(int(y * rows), rows - 1) * cols + min(int(x * cols), cols - 1)
+        token = patch + (1 if self.cls_token else 0)
+        q, k, _hidden = self._select_layer(pixels)
+        B, S, _ = k.shape
+        H = self.num_heads
+        q = q.view(B, S, H, -1).transpose(1, 2).float()[:, :, token]  # (B, H, head_dim)
+        k = k.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
+        probs = (torch.einsum("bhd,bhsd->bhs", q, k) * self.scale).softmax(dim=-1).mean(1)  # (B, S)
+        return (probs[:, 1:] if self.cls_token else probs).cpu(), patch
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor, *, chunk: int = 128) -> EncodedImages:
+        """Run (N, 3, S, S) pixel values to the select layer; scores and keys from that layer only."""
+        q, k, hidden = self._select_layer(pixel_values)
+        captured = {"hidden": hidden}
         B, S, _ = k.shape
         H = self.num_heads
         q = q.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)

@@ -124,3 +124,66 @@ def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[in
         result[edges] = result[edges] * 0.5
         out.append(result.round().clip(0, 255).astype(np.uint8))
     return np.stack(out)
+
+
+def enlarge(images: np.ndarray | torch.Tensor, min_side: int = 336) -> np.ndarray:
+    """uint8 (T, H, W, 3) scaled up by a whole factor (nearest: patch borders stay sharp) until the shorter
+    side is at least ``min_side``; for showing small models' 48 px views on a screen. Larger ones are kept."""
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    factor = max(1, math.ceil(min_side / max(min(arr.shape[1:3]), 1)))
+    if factor == 1:
+        return arr
+    return arr.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+LEGENDS = {
+    "attention": "attention at the select layer (each frame to its own range): dark = little, bright yellow = most",
+    "tokens": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
+              "dark = dropped; dark lines = borders between tokens",
+}
+
+
+def with_legend(images: np.ndarray, kind: str) -> np.ndarray:
+    """Each image with a band underneath saying what the colours mean (and a colour scale for attention)."""
+    from PIL import Image, ImageDraw
+
+    if kind not in LEGENDS:
+        raise ValueError(f"unknown legend {kind!r}; valid: {', '.join(LEGENDS)}")
+    out = []
+    for image in np.asarray(images):
+        height, width = image.shape[:2]
+        words, lines, line = LEGENDS[kind].split(), [], ""
+        per_line = max(int(width / 6.2), 12)  # PIL's default font: about 6 px a character
+        for word in words:
+            if len(line) + len(word) + 1 > per_line:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        scale_h = 12 if kind == "attention" else 0
+        band = Image.new("RGB", (width, scale_h + 4 + 12 * len(lines) + 4), (24, 24, 24))
+        if scale_h:
+            ramp = colormap(np.linspace(0, 1, width)[None].repeat(scale_h, axis=0))
+            band.paste(Image.fromarray(ramp), (0, 0))
+        draw = ImageDraw.Draw(band)
+        for k, text in enumerate(lines):
+            draw.text((4, scale_h + 4 + 12 * k), text, fill=(230, 230, 230))
+        out.append(np.concatenate([image, np.asarray(band)], axis=0))
+    return np.stack(out)
+
+
+def mark_patch(images: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray:
+    """Draw a white square around patch ``patch`` (row-major in ``grid``) on every image."""
+    out = np.array(images, copy=True)
+    rows, cols = grid
+    height, width = out.shape[1:3]
+    top, left = (patch // cols) * height // rows, (patch % cols) * width // cols
+    bottom, right = ((patch // cols) + 1) * height // rows - 1, ((patch % cols) + 1) * width // cols - 1
+    line = max(1, min(height, width) // 150)
+    for img in out:
+        img[top: top + line, left: right + 1] = 255
+        img[bottom - line + 1: bottom + 1, left: right + 1] = 255
+        img[top: bottom + 1, left: left + line] = 255
+        img[top: bottom + 1, right - line + 1: right + 1] = 255
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,17 @@ def release(vlm, keep_loaded: bool) -> None:
     mm.soft_empty_cache()
 
 
+_OUTPUT_OVERRIDE: list[str] = []  # set by the headless runner (--out); ComfyUI's own folder otherwise
+
+
+def set_output_directory(path: str | None) -> None:
+    """Where nodes write files outside ComfyUI (the headless runner's --out); None: back to the default."""
+    _OUTPUT_OVERRIDE[:] = [os.path.abspath(path)] if path else []
+
+
 def output_directory() -> str:
+    if _OUTPUT_OVERRIDE:
+        return _OUTPUT_OVERRIDE[0]
     try:
         import folder_paths
     except ImportError:
@@ -158,3 +169,40 @@ def output_path_existing(path: str) -> str:
     if not path:
         raise ValueError("no tokens file given")
     return path if os.path.isabs(path) else os.path.join(output_directory(), path)
+
+
+def text_streamer(node_id: str | None, *, every: float = 0.2) -> Callable[[str], None] | None:
+    """An ``on_text(piece)`` callback that shows the text so far on node ``node_id`` while it is generated
+    (a "visionzip.text" message the web extension listens to); None outside ComfyUI or without a node id."""
+    if not node_id:
+        return None
+    try:
+        from server import PromptServer  # ComfyUI's server
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return None
+    shown = {"text": "", "at": 0.0}
+
+    def on_text(piece: str) -> None:
+        shown["text"] += piece
+        now = time.monotonic()
+        if now - shown["at"] >= every:  # at most 5 messages a second
+            shown["at"] = now
+            instance.send_sync("visionzip.text", {"node": str(node_id), "text": shown["text"]})
+
+    return on_text
+
+
+def list_tokens_files() -> list[str]:
+    """Tokens files (.safetensors) under ComfyUI's output folder, newest first, relative to it."""
+    root = output_directory()
+    found = []
+    if os.path.isdir(root):
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                if name.endswith(".safetensors"):
+                    full = os.path.join(folder, name)
+                    found.append((os.path.getmtime(full), os.path.relpath(full, root).replace(os.sep, "/")))
+    return [name for _t, name in sorted(found, reverse=True)][:500]

@@ -35,10 +35,11 @@ class ChatState:
         self.handle = handle
         self.chat = chat
 
-    def ask(self, question: str, config: GenerationConfig) -> ChatState:
+    def ask(self, question: str, config: GenerationConfig, node_id: str | None = None) -> ChatState:
         branch = ChatState(self.handle, self.chat.fork())  # ComfyUI may reuse this state: never mutate it
         with self.handle:
-            branch.chat.ask(question, config, progress=_comfy.progress_callback(config.max_new_tokens))
+            branch.chat.ask(question, config, on_text=_comfy.text_streamer(node_id),
+                            progress=_comfy.progress_callback(config.max_new_tokens))
         return branch
 
     def transcript(self) -> str:
@@ -48,8 +49,10 @@ class ChatState:
 def _result(state: ChatState):
     turn = state.chat.turns[-1]
     note = f"; {state.chat.note}" if state.chat.note and len(state.chat.turns) == 1 else ""
-    info = (f"{turn.answer}\n\n[{state.chat.video.total_tokens} visual tokens; prefilled {turn.prefill_tokens} new tokens, "
-            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; context {state.chat.context}{note}]")
+    # the numbers first: a long answer would push them out of the node's text box
+    info = (f"[{state.chat.video.total_tokens} visual tokens; prefilled {turn.prefill_tokens} new tokens, "
+            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; context {state.chat.context}{note}]"
+            f"\n\n{turn.answer}")
     return {"ui": {"text": [info]}, "result": (turn.answer, state)}
 
 
@@ -81,14 +84,16 @@ class VisionZipAnswer:
                 "follow_up_reserve": ("INT", {"default": 256, "min": 0, "max": 1 << 20,
                                               "tooltip": "Tokens of the context kept free for follow-up questions (Chat nodes): the first answer never fills the context past this."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def answer(self, model, tokens, question, max_new_tokens, temperature, top_p, seed, timestamps, stop="", system="",
-               policy="fit", follow_up_reserve=256):
+               policy="fit", follow_up_reserve=256, unique_id=None):
         with model as vlm:
             chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None, policy=policy,
                         reserve=follow_up_reserve)
-        return _result(ChatState(model, chat).ask(question, _config(max_new_tokens, temperature, top_p, seed, stop)))
+        config = _config(max_new_tokens, temperature, top_p, seed, stop)
+        return _result(ChatState(model, chat).ask(question, config, unique_id))
 
 
 class VisionZipChat:
@@ -110,10 +115,11 @@ class VisionZipChat:
                 **GENERATION,
             },
             "optional": {"stop": ("STRING", {"default": "", "tooltip": "Stop strings, separated by |."})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def chat(self, chat, question, max_new_tokens, temperature, top_p, seed, stop=""):
-        return _result(chat.ask(question, _config(max_new_tokens, temperature, top_p, seed, stop)))
+    def chat(self, chat, question, max_new_tokens, temperature, top_p, seed, stop="", unique_id=None):
+        return _result(chat.ask(question, _config(max_new_tokens, temperature, top_p, seed, stop), unique_id))
 
 
 class VisionZipSaveTokens:
@@ -149,17 +155,31 @@ class VisionZipLoadTokens:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"path": ("STRING", {"default": "", "tooltip": "A .safetensors file from Save Tokens (absolute, or relative to the output folder)."})},
-            "optional": {"model": (MODEL_TYPE, {"tooltip": "Check that the tokens were made with this model."})},
+            "required": {"path": ("STRING", {"default": "", "tooltip": "A .safetensors file from Save Tokens (absolute, or relative to the output folder). Empty: the file picked below."})},
+            "optional": {
+                "model": (MODEL_TYPE, {"tooltip": "Check that the tokens were made with this model."}),
+                "file": (["", *_comfy.list_tokens_files()], {
+                    "tooltip": "Tokens files found in ComfyUI's output folder (newest first); used when 'path' is empty."}),
+            },
         }
 
+    @staticmethod
+    def _chosen(path: str, file: str = "") -> str:
+        return (path or "").strip() or (file or "")
+
     @classmethod
-    def IS_CHANGED(cls, path, **_kwargs):
-        full = _comfy.output_path_existing(path)
+    def IS_CHANGED(cls, path, file="", **_kwargs):
+        chosen = cls._chosen(path, file)
+        if not chosen:
+            return ""  # nothing chosen: load() says so
+        full = _comfy.output_path_existing(chosen)
         return f"{full}:{os.path.getmtime(full)}" if os.path.isfile(full) else full
 
-    def load(self, path, model=None):
-        tokens = load_tokens(_comfy.output_path_existing(path), model=model.vlm if model is not None else None)
+    def load(self, path, model=None, file=""):
+        chosen = self._chosen(path, file)
+        if not chosen:
+            raise ValueError("no tokens file given: type a path, or pick a file Save Tokens wrote")
+        tokens = load_tokens(_comfy.output_path_existing(chosen), model=model.vlm if model is not None else None)
         return (tokens, tokens.summary())
 
 

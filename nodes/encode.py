@@ -7,7 +7,7 @@ import torch
 from ..comfy_visionzip.encoder import compress_encoded, encode_frames, kept_count, model_view
 from ..comfy_visionzip.errors import VisionZipError
 from ..comfy_visionzip.video import uniform_pick
-from ..comfy_visionzip.viz import attention_overlays, token_overlays
+from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, token_overlays, with_legend
 from ..comfy_visionzip.vlm import compress_video, label_tokens
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
@@ -173,10 +173,53 @@ class VisionZipAttentionHeatmap:
         else:
             raise ValueError("connect 'images' (or 'features' from Encode Frames) to draw on")
         rows = torch.tensor([p * crops for p in picks])  # the whole-frame image of each picked frame
+        views = torch.from_numpy(enlarge(views))  # small models see 48 px: shown large, patch borders sharp
         heat = attention_overlays(views, tokens.scores[rows], tokens.grid, cls_token=tokens.cls_token)
         kept = token_overlays(views, tokens.assignment[rows], tokens.grid, cls_token=tokens.cls_token,
                               kept=kept_count(tokens))
-        return (torch.from_numpy(heat).float() / 255, torch.from_numpy(kept).float() / 255)
+        return (_image(with_legend(heat, "attention")), _image(with_legend(kept, "tokens")))
+
+
+def _image(pictures) -> torch.Tensor:
+    return torch.from_numpy(pictures).float() / 255  # a ComfyUI IMAGE: float 0..1 [T, H, W, 3]
+
+
+class VisionZipPatchAttention:
+    DESCRIPTION = ("The redundancy explorer: the select layer's attention FROM one patch (x, y) to every patch, over each "
+                   "frame. In the paper (Fig. 15) a subject's patch attends mostly to a few dominant tokens elsewhere, "
+                   "not to its neighbours: those few tokens already carry the image.")
+    CATEGORY = "VisionZip/preview"
+    FUNCTION = "draw"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("attention", "summary")
+    OUTPUT_TOOLTIPS = ("Attention from the marked patch (white square) over what the model saw of each frame.",
+                       "Where that patch looks: the share of its attention that goes to its 10 most attended patches.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
+                "images": ("IMAGE", {"tooltip": "Frames (e.g. Load Video's preview) or any image batch (all the same size)."}),
+                "x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Across what the model sees of the frame: 0 = left edge, 1 = right edge."}),
+                "y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Down what the model sees of the frame: 0 = top, 1 = bottom."}),
+            }
+        }
+
+    def draw(self, model, images, x, y):
+        with model as vlm:
+            encoder = vlm.video_encoder()
+            attention, patch = encoder.attention_from(images, (x, y))
+            views = torch.from_numpy(enlarge(encoder.view(images)))
+        heat = attention_overlays(views, attention, encoder.grid, cls_token=False)
+        heat = mark_patch(heat, patch, encoder.grid)
+        top = attention.topk(min(10, attention.shape[1]), dim=1).values.sum(1)
+        rows, cols = encoder.grid
+        summary = (f"patch ({patch % cols}, {patch // cols}) of a {cols}x{rows} grid: its 10 most attended patches get "
+                   + ", ".join(f"{share * 100:.0f}%" for share in top.tolist()) + " of its attention (frame by frame)")
+        return {"ui": {"text": [summary]}, "result": (_image(with_legend(heat, "attention")), summary)}
 
 
 NODE_CLASS_MAPPINGS = {
@@ -184,10 +227,12 @@ NODE_CLASS_MAPPINGS = {
     "VisionZipCompress": VisionZipCompress,
     "VisionZipVideoToTokens": VisionZipVideoToTokens,
     "VisionZipAttentionHeatmap": VisionZipAttentionHeatmap,
+    "VisionZipPatchAttention": VisionZipPatchAttention,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VisionZipEncodeFrames": "Encode Frames (VisionZip)",
     "VisionZipCompress": "VisionZip Compress",
     "VisionZipVideoToTokens": "Video to Tokens (VisionZip)",
     "VisionZipAttentionHeatmap": "Attention Heatmap (VisionZip)",
+    "VisionZipPatchAttention": "Patch Attention (VisionZip)",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ..comfy_visionzip.vlm import load_vlm
@@ -46,8 +47,8 @@ class VisionZipLoadVLM:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (_comfy.list_model_folders() or [""], {
-                    "tooltip": "A checkpoint folder in ComfyUI/models/visionzip (or models/LLM). Ignored when 'path' is set."}),
+                "model": ([*_comfy.list_model_folders(), ""], {
+                    "tooltip": "A checkpoint folder in ComfyUI/models/visionzip (or models/LLM). Ignored when 'path' is set; the empty entry: none."}),
                 "dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto",
                                                              "tooltip": "auto: fp16 on GPU, fp32 on CPU."}),
                 "device": (["auto", "cuda", "cpu", "mps"], {"default": "auto",
@@ -63,6 +64,15 @@ class VisionZipLoadVLM:
                 "path": ("STRING", {"default": "", "tooltip": "A checkpoint folder anywhere, or a Hugging Face id (downloaded only where the network allows)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model):
+        # Only `model` is named: ComfyUI checks the other inputs itself; `path` overrides it and is checked when run.
+        if not model or os.path.isdir(_comfy.resolve_model(model)):
+            return True
+        return (f"model folder {model!r} is not in ComfyUI/models/visionzip: download it there (e.g. huggingface-cli "
+                f"download llava-hf/{model} --local-dir ComfyUI/models/visionzip/{model}), pick another, or pick the "
+                "empty entry and type a folder in 'path'")
 
     def load(self, model, dtype, device, quantization, attention, keep_loaded, path=""):
         source = (path or "").strip() or _comfy.resolve_model(model)

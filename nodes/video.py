@@ -39,15 +39,15 @@ class VisionZipLoadVideo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "video": (_comfy.list_input_videos() or [""], {
+                "video": ([*_comfy.list_input_videos(), ""], {
                     "video_upload": True,
-                    "tooltip": "A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a VIDEO input is given."}),
+                    "tooltip": "A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a VIDEO input is given; the empty entry: none."}),
                 "mode": (MODES, {"default": "num_frames",
                                  "tooltip": "num_frames: N frames spread over [start, end); fps: frames per second of video; every: every n-th frame."}),
                 "num_frames": ("INT", {"default": 16, "min": 1, "max": 100000,
                                        "tooltip": "mode num_frames: how many frames, first and last included."}),
-                "fps": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 240.0, "step": 0.1,
-                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second)."}),
+                "fps": ("FLOAT", {"default": 1.0, "min": 0.0001, "max": 240.0, "step": 0.01, "round": 0.00001,
+                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second; 0.01667 = one a minute)."}),
                 "every": ("INT", {"default": 30, "min": 1, "max": 100000,
                                   "tooltip": "mode every: take every n-th frame."}),
                 "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
@@ -91,20 +91,23 @@ class VisionZipLoadVideo:
             return source
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video, path="", **_kwargs):
-        # Linked inputs (video_input) are not known here; a missing file with no link is reported before the run.
-        if not (path or video):
-            return True  # a VIDEO input may be connected; load() checks again
-        source = _comfy.resolve_input_path(path or video)
+    def VALIDATE_INPUTS(cls, video):
+        # Only `video` is named here: ComfyUI then checks every other input itself (types, min/max, choices),
+        # and reports a problem once. `path` and `video_input` override the choice and are checked when run.
+        if not video:
+            return True
+        source = _comfy.resolve_input_path(video)
         if not os.path.isfile(source):
-            return f"video file not found: {source!r} (upload it to ComfyUI's input folder or fix the path)"
+            return (f"video {video!r} is not in ComfyUI's input folder: upload one with 'choose file to upload', "
+                    "pick another, or pick the empty entry and type a path / connect a VIDEO")
         return True
 
     def load(self, video, mode, num_frames, fps, every, start, end, max_frames, max_size, preview_frames, backend,
              path="", video_input=None):
         source = self._source(video, path, video_input)
         if isinstance(source, str) and not source:
-            raise ValueError("no video given: pick a file, type a path, or connect a VIDEO input")
+            raise ValueError("no video given: upload or pick a file in Load Video's 'video' list, type a path, "
+                             "or connect a VIDEO input")
         plan = dict(num_frames=num_frames if mode == "num_frames" else None, fps=fps if mode == "fps" else None,
                     every=every if mode == "every" else None, start=float(start),
                     end=float(end) if end and end > 0 else None, max_frames=max_frames or None)

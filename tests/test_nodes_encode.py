@@ -42,10 +42,13 @@ def test_image_batch_encode_compress_heatmap(nodes, tiny_model_dir):
                                                  tokens_per_frame=0)["result"][0]
     assert full.tokens.shape == (3, 64, 32)  # LLaVA drops CLS: every patch
     heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=images)
-    assert heat.shape == kept.shape == (3, 48, 48, 3) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+    # shown 7x larger (48 -> 336 px, nearest: patch borders sharp) with a legend band under each picture
+    assert heat.shape[0] == kept.shape[0] == 3 and heat.shape[2] == kept.shape[2] == 336
+    assert heat.shape[1] > 336 and 0 <= float(heat.min()) and float(heat.max()) <= 1
     # dominant patches are drawn as they are, merged ones tinted: the images differ where merged
     view = torch.from_numpy(np.asarray(features.views, dtype=np.float32)) / 255
-    assert not torch.allclose(kept, view)
+    shown = kept[:, :336].reshape(3, 48, 7, 48, 7, 3)[:, :, 0, :, 0]  # undo the 7x enlargement
+    assert not torch.allclose(shown, view)
 
 
 def test_video_to_tokens_streams_the_plan(nodes, tiny_model_dir, clip_factory):
@@ -61,7 +64,7 @@ def test_video_to_tokens_streams_the_plan(nodes, tiny_model_dir, clip_factory):
     assert tokens.indices == list(range(0, 45, 5)) and tokens.timestamps[1] == pytest.approx(5 / 30, abs=1e-3)
     assert tokens.cls_token is False  # SigLIP
     heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=_image)
-    assert heat.shape == (3, 48, 48, 3)
+    assert heat.shape[0] == 3 and heat.shape[2] == 336 and heat.shape[1] > 336
 
 
 def test_encode_frames_needs_exactly_one_input(nodes, tiny_model_dir):
@@ -95,3 +98,36 @@ def test_load_vlm_rejects_wrong_folders(tmp_path, tiny_model_dir):
         load_vlm(src, dtype="fp8")
     with pytest.raises(VisionZipError, match="needs a CUDA GPU"):
         load_vlm(src, device="cpu", quantization="4bit")
+
+
+def test_patch_attention_is_the_select_layers_row_of_that_patch(pack, tiny_model_dir):
+    from comfy_visionzip.vlm import load_vlm
+
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    encoder = vlm.video_encoder()
+    images = torch.rand(2, 40, 56, 3)
+    attention, patch = encoder.attention_from(images, (0.8, 0.3))
+    rows, cols = encoder.grid
+    assert patch == int(0.3 * rows) * cols + int(0.8 * cols)
+    # reference: the layer's own input, its layer norm and projections, full softmax attention, mean over heads
+    pixels = encoder.preprocess(images)
+    with torch.no_grad():
+        states = encoder.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[encoder.layer_index]
+        x = encoder.layer.layer_norm1(states)
+        q, k = encoder.attn.q_proj(x), encoder.attn.k_proj(x)
+    B, S, D = q.shape
+    H = encoder.num_heads
+    q = q.view(B, S, H, -1).transpose(1, 2)
+    k = k.view(B, S, H, -1).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) * encoder.scale).softmax(-1).mean(1)  # (B, S, S)
+    torch.testing.assert_close(attention, probs[:, patch + 1, 1:], rtol=1e-4, atol=1e-6)
+    assert attention.shape == (2, rows * cols) and torch.all(attention.sum(1) < 1)  # CLS took the rest
+
+    model = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
+                                                                 attention="sdpa", keep_loaded=True,
+                                                                 path=tiny_model_dir("llava"))[0]
+    out = pack.NODE_CLASS_MAPPINGS["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.8, y=0.3)
+    picture, summary = out["result"]
+    assert picture.shape[0] == 2 and picture.shape[2] == 336 and "its 10 most attended patches get" in summary
+    with pytest.raises(ValueError, match="fractions of the frame in 0..1"):
+        encoder.attention_from(images, (1.5, 0.2))

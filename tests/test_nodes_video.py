@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -21,10 +22,18 @@ def test_mappings_ids_categories_and_tooltips(pack):
         assert cls.CATEGORY.startswith("VisionZip/") and cls.CATEGORY.count("/") == 1
         assert callable(getattr(cls, cls.FUNCTION))
         spec = cls.INPUT_TYPES()
-        for section in spec.values():
+        for name, section in spec.items():
+            if name == "hidden":  # ComfyUI fills these (node id, prompt): never widgets
+                assert all(isinstance(v, str) for v in section.values())
+                continue
             for input_name, (_kind, *opts) in section.items():
                 assert opts and opts[0].get("tooltip"), f"{node_id}.{input_name} has no tooltip"
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is not None:  # **kwargs (or input_types) would make ComfyUI skip its own checks of every input
+            params = inspect.signature(validate).parameters
+            assert not any(p.kind is p.VAR_KEYWORD for p in params.values()) and "input_types" not in params, node_id
+            assert len(params) == 1, f"{node_id}: each named input gets the message once more"
 
 
 def test_no_comfy_import_and_no_side_effects(pack):
@@ -51,18 +60,23 @@ def test_load_video_outputs_preview_timestamps_and_handle(pack, clip_factory):
 
 def test_load_video_validation_and_is_changed(pack, clip_factory, tmp_path):
     cls = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]
-    missing = str(tmp_path / "gone.mp4")
-    message = cls.VALIDATE_INPUTS(video="", path=missing)
-    assert isinstance(message, str) and "video file not found" in message and "gone.mp4" in message
+    message = cls.VALIDATE_INPUTS(video="gone.mp4")
+    assert isinstance(message, str) and "'gone.mp4' is not in ComfyUI's input folder" in message
+    assert "choose file to upload" in message
+    assert cls.VALIDATE_INPUTS(video="") is True  # nothing picked: a path or a VIDEO link may be given
     path = clip_factory("node2.mp4", frames=10)
-    assert cls.VALIDATE_INPUTS(video="", path=path) is True
+    assert cls.VALIDATE_INPUTS(video=path) is True
     before = cls.IS_CHANGED(video="", path=path)
     assert before == cls.IS_CHANGED(video="", path=path)
     os.utime(path, (1, 1))
     assert cls.IS_CHANGED(video="", path=path) != before
-    with pytest.raises(ValueError, match="no video given"):
-        cls().load(video="", mode="num_frames", num_frames=4, fps=1.0, every=1, start=0.0, end=0.0, max_frames=0,
-                   max_size=0, preview_frames=4, backend="auto")
+    kwargs = dict(mode="num_frames", num_frames=4, fps=1.0, every=1, start=0.0, end=0.0, max_frames=0, max_size=0,
+                  preview_frames=4, backend="auto")
+    with pytest.raises(ValueError, match="no video given: upload or pick a file"):
+        cls().load(video="", **kwargs)
+    with pytest.raises(ValueError, match="gone.mp4: file not found"):
+        cls().load(video="", path=str(tmp_path / "gone.mp4"), **kwargs)
+    assert "" in cls.INPUT_TYPES()["required"]["video"][0]  # the empty entry exists
 
 
 def test_load_video_from_core_video_input(pack, clip_factory):

@@ -17,16 +17,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 LINK_TYPES = {"IMAGE", "VIDEO", "VISIONZIP_VIDEO", "VISIONZIP_MODEL", "VISIONZIP_FEATURES", "VISIONZIP_TOKENS",
               "VISIONZIP_CHAT"}
-CORE = {  # the core nodes the workflows use: (inputs, outputs)
-    "PreviewImage": ({"images": "IMAGE"}, []),
+CORE = {  # the core nodes the workflows use: (inputs {name: type}, outputs [(name, type)], display name)
+    "PreviewImage": ({"images": "IMAGE"}, [], "Preview Image"),
+    "LoadVideo": ({"file": "COMBO"}, [("VIDEO", "VIDEO")], "Load Video"),
+    "LoadImage": ({"image": "COMBO"}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], "Load Image"),
 }
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+PICTURE_NODES = {"PreviewImage": 440, "LoadImage": 420}  # heights that hold their pictures (they grow to show them)
+NOTE_HEIGHT = 300
 
-MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint: put it in ComfyUI/models/visionzip/
-VIDEO = "pancake.mkv"  # a file in ComfyUI/input
+MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint the Note says how to get (nothing picked by default)
+VIDEO = ""  # nothing picked: the user uploads or picks a video (the Note says so)
+
+SETUP_NOTE = (
+    "First run:\n"
+    "1. A model: put a whole Hugging Face checkpoint folder in ComfyUI/models/visionzip/, e.g.\n"
+    f"   huggingface-cli download llava-hf/{MODEL} --local-dir ComfyUI/models/visionzip/{MODEL}\n"
+    "   (any LLaVA-1.5 / NeXT / NeXT-Video / Video-LLaVA / OneVision checkpoint works), restart or press R, "
+    "and pick it in Load VLM (or type its folder in 'path').\n"
+    "2. A video: in Load Video press 'choose file to upload', or pick one from ComfyUI/input (or type a path).\n"
+    "3. Run. The answer appears on the Answer node while it is written.\n"
+)
 
 SUMMARY_QUESTION = "Summarise the video in one sentence."
 GEN = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0}
-LOAD_VLM = {"model": MODEL, "dtype": "auto", "device": "auto", "quantization": "none", "attention": "sdpa",
+LOAD_VLM = {"model": "", "dtype": "auto", "device": "auto", "quantization": "none", "attention": "sdpa",
             "keep_loaded": True, "path": ""}
 
 
@@ -40,6 +55,8 @@ def load_video(**overrides):
 WORKFLOWS = {
     "long_video_qa": {
         "title": "Long video QA: sample at 1 fps -> VisionZip 54+10 tokens/frame -> answer, then a cached follow-up",
+        "note": SETUP_NOTE + "Video to Tokens streams every planned frame (only compressed tokens are kept); Chat asks "
+                             "a follow-up that reuses the KV cache.",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
@@ -55,6 +72,8 @@ WORKFLOWS = {
     },
     "compare_methods": {
         "title": "Same frames, two compressions: VisionZip vs average pooling at 64 tokens per frame",
+        "note": SETUP_NOTE + "The same 8 frames are encoded once and compressed two ways; the previews show what "
+                             "VisionZip kept (full colour) and merged (tints).",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=8, preview_frames=8), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
@@ -74,6 +93,9 @@ WORKFLOWS = {
     },
     "budget_save_and_ask_later": {
         "title": "Fit the model's context exactly, compress once, save the tokens; load them later and ask without the video",
+        "note": SETUP_NOTE + "Frame Budget counts the whole prompt with the model's template and thins the 1 fps plan "
+                             "to fit its context (token_budget 0). Save Tokens writes output/visionzip/; Load Tokens "
+                             "lists those files for asking later without the video.",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="fps", fps=1.0, max_frames=0, preview_frames=4), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
@@ -88,14 +110,53 @@ WORKFLOWS = {
                 {"model": (2, 0), "tokens": (4, 0)}),
         },
     },
+    "redundancy_explorer": {
+        "title": "Redundancy explorer (the paper's Fig. 15): attention heatmap, kept/merged tokens, and where one patch looks",
+        "note": SETUP_NOTE.replace("3. Run. The answer appears on the Answer node while it is written.\n", "3. Run.\n")
+        + "Patch Attention shows the attention FROM the patch at (x, y) (0..1 across / down the frame) to every "
+          "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. Move x and y and run again.",
+        "nodes": {
+            1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=4, preview_frames=4), {}),
+            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            3: ("VisionZipEncodeFrames", {"batch_size": 4}, {"model": (2, 0), "images": (1, 0), "timestamps": (1, 1)}),
+            4: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
+                {"features": (3, 0)}),
+            5: ("VisionZipAttentionHeatmap", {}, {"tokens": (4, 0), "features": (3, 0)}),
+            6: ("VisionZipPatchAttention", {"x": 0.5, "y": 0.5}, {"model": (2, 0), "images": (1, 0)}),
+            7: ("PreviewImage", {}, {"images": (5, 0)}),
+            8: ("PreviewImage", {}, {"images": (5, 1)}),
+            9: ("PreviewImage", {}, {"images": (6, 0)}),
+        },
+    },
+    "interop": {
+        "title": "Interop: ComfyUI's own Load Video (VIDEO) and Load Image (IMAGE) into VisionZip, both answered",
+        "note": SETUP_NOTE.replace("2. A video: in Load Video press", "2. A video: in the core Load Video press")
+        + "Any node's VIDEO goes into Load Video (VisionZip)'s video_input, any IMAGE batch into Encode Frames: "
+          "here ComfyUI's Load Video and Load Image (its example.png).",
+        "nodes": {
+            1: ("LoadVideo", {"file": "pancake.mkv"}, {}),
+            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            3: ("VisionZipLoadVideo", load_video(preview_frames=4), {"video_input": (1, 0)}),
+            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0,
+                                           "batch_size": 8}, {"model": (2, 0), "video": (3, 2)}),
+            5: ("VisionZipAnswer", {"question": "What happens in this video?", **GEN, "timestamps": True, "stop": "",
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0}, {"model": (2, 0), "tokens": (4, 0)}),
+            6: ("LoadImage", {"image": "example.png"}, {}),
+            7: ("VisionZipEncodeFrames", {"batch_size": 8}, {"model": (2, 0), "images": (6, 0)}),
+            8: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
+                {"features": (7, 0)}),
+            9: ("VisionZipAnswer", {"question": "What is in this image?", **GEN, "timestamps": False, "stop": "",
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0}, {"model": (2, 0), "tokens": (8, 0)}),
+        },
+    },
 }
 
 
 def _signature(mappings, class_type):
     """(ordered inputs [(name, type, is_widget, options)], outputs [(name, type)]) of a node."""
     if class_type in CORE:
-        ins, outs = CORE[class_type]
-        return [(n, t, False, {}) for n, t in ins.items()], outs
+        ins, outs, _title = CORE[class_type]
+        return [(n, t, t in WIDGET_KINDS, {}) for n, t in ins.items()], outs
     cls = mappings[class_type]
     spec = cls.INPUT_TYPES()
     inputs = []
@@ -108,6 +169,13 @@ def _signature(mappings, class_type):
     return inputs, list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
 
 
+def _title(class_type: str) -> str:
+    """The name ComfyUI shows for a node (what its API format's _meta.title holds)."""
+    if class_type in CORE:
+        return CORE[class_type][2]
+    return sys.modules["ComfyUI-VisionZip-headless"].NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type)
+
+
 def api_format(mappings, workflow) -> dict:
     prompt = {}
     for node_id, (class_type, values, links) in workflow["nodes"].items():
@@ -118,7 +186,7 @@ def api_format(mappings, workflow) -> dict:
             raise ValueError(f"{class_type} has no inputs {sorted(unknown)}")
         entry = {name: value for name, value in values.items() if name not in links}
         entry.update({name: [str(src), slot] for name, (src, slot) in links.items()})
-        prompt[str(node_id)] = {"class_type": class_type, "inputs": entry, "_meta": {"title": class_type}}
+        prompt[str(node_id)] = {"class_type": class_type, "inputs": entry, "_meta": {"title": _title(class_type)}}
     return prompt
 
 
@@ -126,7 +194,7 @@ def ui_format(mappings, workflow) -> dict:
     nodes, link_rows, link_id = [], [], 0
     out_links: dict[tuple[int, int], list[int]] = {}
     depth = _depths(workflow)
-    column_y: dict[int, int] = {}
+    column_y: dict[int, int] = {0: 40 + NOTE_HEIGHT + 60} if workflow.get("note") else {}
     placed = {}
     for node_id in workflow["nodes"]:
         col = depth[node_id]
@@ -154,6 +222,8 @@ def ui_format(mappings, workflow) -> dict:
                 widgets.append(values.get(name, default))
                 if name == "seed":
                     widgets.append("fixed")  # the front end's "control after generate" value
+        if class_type in ("LoadImage", "LoadVideo"):
+            widgets.append("image")  # the value of the core loaders' upload button
         nodes.append({"id": node_id, "type": class_type, "pos": list(placed[node_id]),
                       "size": [360, _height(mappings, class_type)], "flags": {},
                       "order": order, "mode": 0, "inputs": ui_inputs,
@@ -162,12 +232,20 @@ def ui_format(mappings, workflow) -> dict:
     for node in nodes:
         for i, out in enumerate(node["outputs"]):
             out["links"] = out_links.get((node["id"], i), [])
-    return {"last_node_id": max(workflow["nodes"]), "last_link_id": link_id, "nodes": nodes, "links": link_rows,
+    last = max(workflow["nodes"])
+    if workflow.get("note"):  # UI only (a note never runs): what to put where before the first Run
+        last += 1
+        nodes.append({"id": last, "type": "MarkdownNote", "pos": [40, 40], "size": [360, NOTE_HEIGHT], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "How to run this",
+                      "properties": {}, "widgets_values": [workflow["note"]], "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": last, "last_link_id": link_id, "nodes": nodes, "links": link_rows,
             "groups": [], "config": {}, "extra": {"visionzip": workflow["title"]}, "version": 0.4}
 
 
 def _height(mappings, class_type) -> int:
     """Roughly how tall the front end draws a node: slots, then one row per widget (multiline: four)."""
+    if class_type in PICTURE_NODES:
+        return PICTURE_NODES[class_type]  # room for the picture it shows after a run
     inputs, outputs = _signature(mappings, class_type)
     widgets = sum(4 if options.get("multiline") else 1 for _n, _k, is_widget, options in inputs if is_widget)
     slots = max(len(outputs), sum(1 for _n, _k, is_widget, _o in inputs if not is_widget))
@@ -235,11 +313,12 @@ def main() -> int:
     mappings = load_pack()
     for name, workflow in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(ui_format(mappings, workflow), indent=1) + "\n")
-        (HERE / f"{name}_api.json").write_text(json.dumps(api_format(mappings, workflow), indent=1) + "\n")
+        (HERE / "api").mkdir(exist_ok=True)  # not listed by ComfyUI's templates browser (it reads workflows/*.json)
+        (HERE / "api" / f"{name}_api.json").write_text(json.dumps(api_format(mappings, workflow), indent=1) + "\n")
         picture = HERE / f"{name}.jpg"
         if "--diagrams" in sys.argv or not picture.exists():
             diagram(mappings, workflow, picture)
-        print(f"wrote workflows/{name}.json, {name}_api.json" + (", a diagram in .jpg" if picture.exists() else ""))
+        print(f"wrote workflows/{name}.json, api/{name}_api.json" + (", a diagram in .jpg" if picture.exists() else ""))
     return 0
 
 
