@@ -140,6 +140,8 @@ LEGENDS = {
     "attention": "attention at the select layer (each frame to its own range): dark = little, bright yellow = most",
     "tokens": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
               "dark = dropped; dark lines = borders between tokens",
+    "patch": "white square = the chosen patch; colour = how much it attends to each patch (dark = little, "
+             "bright yellow = most)",
 }
 
 

@@ -96,6 +96,9 @@ def list_model_folders() -> list[str]:
 
 
 def resolve_model(name: str) -> str:
+    """A model folder name from the list as its full path ("" stays "": nothing picked)."""
+    if not (name or "").strip():
+        return ""
     for root in model_roots():
         candidate = os.path.join(root, name)
         if os.path.isdir(candidate):

@@ -219,7 +219,7 @@ class VisionZipPatchAttention:
         rows, cols = encoder.grid
         summary = (f"patch ({patch % cols}, {patch // cols}) of a {cols}x{rows} grid: its 10 most attended patches get "
                    + ", ".join(f"{share * 100:.0f}%" for share in top.tolist()) + " of its attention (frame by frame)")
-        return {"ui": {"text": [summary]}, "result": (_image(with_legend(heat, "attention")), summary)}
+        return {"ui": {"text": [summary]}, "result": (_image(with_legend(heat, "patch")), summary)}
 
 
 NODE_CLASS_MAPPINGS = {

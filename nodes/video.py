@@ -12,7 +12,7 @@ from . import _comfy
 CATEGORY = "VisionZip/video"
 VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle: the file + sampling plan, streamed later by the encoder
 
-MODES = ["num_frames", "fps", "every"]
+MODES = ["num_frames", "fps", "every", "interval"]
 
 
 def _format_timestamps(seconds: list[float]) -> str:
@@ -43,11 +43,11 @@ class VisionZipLoadVideo:
                     "video_upload": True,
                     "tooltip": "A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a VIDEO input is given; the empty entry: none."}),
                 "mode": (MODES, {"default": "num_frames",
-                                 "tooltip": "num_frames: N frames spread over [start, end); fps: frames per second of video; every: every n-th frame."}),
+                                 "tooltip": "num_frames: N frames spread over [start, end); fps: frames per second of video; every: every n-th frame; interval: one frame every 'interval' seconds (60 = one a minute)."}),
                 "num_frames": ("INT", {"default": 16, "min": 1, "max": 100000,
                                        "tooltip": "mode num_frames: how many frames, first and last included."}),
-                "fps": ("FLOAT", {"default": 1.0, "min": 0.0001, "max": 240.0, "step": 0.01, "round": 0.00001,
-                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second; 0.01667 = one a minute)."}),
+                "fps": ("FLOAT", {"default": 1.0, "min": 0.0001, "max": 240.0, "step": 0.0001, "round": 0.0001,
+                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second). For one frame a minute or rarer, use mode interval."}),
                 "every": ("INT", {"default": 30, "min": 1, "max": 100000,
                                   "tooltip": "mode every: take every n-th frame."}),
                 "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
@@ -66,6 +66,8 @@ class VisionZipLoadVideo:
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": "A video file path anywhere on disk; overrides the dropdown."}),
                 "video_input": ("VIDEO", {"tooltip": "A core ComfyUI VIDEO (e.g. from Load Video); overrides file and path."}),
+                "interval": ("FLOAT", {"default": 60.0, "min": 0.001, "max": 1e6, "step": 0.5,
+                                       "tooltip": "mode interval: seconds between frames (60 = one frame a minute; 0.5 = two a second)."}),
             },
         }
 
@@ -81,7 +83,7 @@ class VisionZipLoadVideo:
         return _comfy.resolve_input_path(path or video)
 
     @classmethod
-    def IS_CHANGED(cls, video, path="", video_input=None, **_kwargs):
+    def IS_CHANGED(cls, video, path="", video_input=None, **_kwargs):  # (IS_CHANGED: **kwargs skips no check)
         if video_input is not None:
             return float("nan")
         source = _comfy.resolve_input_path(path or video)
@@ -103,12 +105,13 @@ class VisionZipLoadVideo:
         return True
 
     def load(self, video, mode, num_frames, fps, every, start, end, max_frames, max_size, preview_frames, backend,
-             path="", video_input=None):
+             path="", video_input=None, interval=60.0):
         source = self._source(video, path, video_input)
         if isinstance(source, str) and not source:
             raise ValueError("no video given: upload or pick a file in Load Video's 'video' list, type a path, "
                              "or connect a VIDEO input")
-        plan = dict(num_frames=num_frames if mode == "num_frames" else None, fps=fps if mode == "fps" else None,
+        rate = fps if mode == "fps" else 1.0 / float(interval) if mode == "interval" else None
+        plan = dict(num_frames=num_frames if mode == "num_frames" else None, fps=rate,
                     every=every if mode == "every" else None, start=float(start),
                     end=float(end) if end and end > 0 else None, max_frames=max_frames or None)
         if hasattr(source, "images"):  # core VIDEO components: frames already decoded

@@ -130,3 +130,23 @@ def test_core_video_without_a_stream_uses_its_frames(pack):
     chunks = list(handle.iter(chunk_size=3))
     assert sum((c.indices for c in chunks), []) == [0, 5, 10, 15]
     assert chunks[0].frames.dtype == torch.uint8
+
+
+def test_interval_mode_takes_one_frame_every_so_many_seconds(pack, clip_factory):
+    path = clip_factory("interval.mp4", frames=90)  # 3 s at 30 fps
+    node = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]()
+    _image, timestamps, handle, count = node.load(video="", mode="interval", num_frames=1, fps=1.0, every=1, start=0.0,
+                                                  end=0.0, max_frames=0, max_size=0, preview_frames=0, backend="auto",
+                                                  path=path, interval=1.5)
+    assert count == 2 and timestamps == "0.000, 1.500"
+    fps = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"].INPUT_TYPES()["required"]["fps"][1]
+    assert fps["step"] == 0.0001 and fps["min"] <= round(1 / 60, 4)  # typed 0.0167 stays 0.0167 in the web page
+
+
+def test_load_vlm_with_nothing_picked_says_so(pack):
+    node = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVLM"]
+    assert node.VALIDATE_INPUTS(model="") is True
+    with pytest.raises(ValueError, match="no model given"):
+        node().load(model="", dtype="auto", device="cpu", quantization="none", attention="sdpa", keep_loaded=True)
+    message = node.VALIDATE_INPUTS(model="llava-missing")
+    assert "'llava-missing' is not in ComfyUI/models/visionzip" in message

@@ -23,7 +23,8 @@ CORE = {  # the core nodes the workflows use: (inputs {name: type}, outputs [(na
     "LoadImage": ({"image": "COMBO"}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], "Load Image"),
 }
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-PICTURE_NODES = {"PreviewImage": 440, "LoadImage": 420}  # heights that hold their pictures (they grow to show them)
+PICTURE_NODES = {"PreviewImage": 440, "LoadImage": 420, "LoadVideo": 320}  # heights holding their pictures
+TEXT_NODES = ("VisionZipAnswer", "VisionZipChat")  # their answer box grows under the widgets: room for ~12 lines
 NOTE_HEIGHT = 300
 
 MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint the Note says how to get (nothing picked by default)
@@ -250,7 +251,7 @@ def _height(mappings, class_type) -> int:
     widgets = sum(4 if options.get("multiline") else 1 for _n, _k, is_widget, options in inputs if is_widget)
     slots = max(len(outputs), sum(1 for _n, _k, is_widget, _o in inputs if not is_widget))
     upload = any(options.get("video_upload") for *_rest, options in inputs)  # an upload button + video preview
-    return 40 + 26 * slots + 28 * widgets + (320 if upload else 0)
+    return 40 + 26 * slots + 28 * widgets + (320 if upload else 0) + (180 if class_type in TEXT_NODES else 0)
 
 
 def _depths(workflow) -> dict[int, int]:
