@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .errors import VisionZipError
 from .stream import prefetch
+from .towers import tower_parts
 from .zip import METHODS, ZipResult, compress
 
 log = logging.getLogger(__name__)
@@ -244,14 +245,6 @@ class EncodedImages:
         return len(self) // self.crops
 
 
-def _layers_of(tower: torch.nn.Module):
-    inner = getattr(tower, "vision_model", tower)  # transformers 4.x wraps the tower in .vision_model
-    try:
-        return inner, inner.encoder.layers
-    except AttributeError as e:
-        raise VisionZipError(f"{type(tower).__name__} has no encoder.layers: not a CLIP/SigLIP-style vision tower") from e
-
-
 def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
     """transformers' ``hidden_states[k]`` is the output of layer k-1 (index 0 = embeddings)."""
     if isinstance(vision_feature_layer, (list, tuple)):
@@ -266,13 +259,17 @@ class VisionEncoder:
     """One vision tower + its preprocessing, run to the select layer with attention scores and keys.
 
     Args:
-        tower: a CLIPVisionModel / SiglipVisionModel-like module (``encoder.layers[i].self_attn`` with
-            ``q_proj`` / ``k_proj``).
+        tower: a vision tower an adapter in :mod:`~comfy_visionzip.towers` knows (CLIP, SigLIP, DINOv2
+            with or without registers); it says where the layers, query/key projections, CLS and
+            register tokens are.
         preprocess: the checkpoint's preprocessing (see :class:`Preprocess`).
         vision_feature_layer: as in the LLaVA config (-2: the second-to-last layer).
         select_strategy: "default" (the model drops CLS before projecting) or "full" (keeps every token).
         resampler: optional module the model applies to uncompressed features (LLaVA-NeXT-Video's
             2x2 pooling); used by method "full" so that "no compression" is the model's own path.
+
+    Register tokens (DINOv2 with registers) take part in the attention but are dropped from the
+    hidden states, keys and scores it returns: they are never patches and never kept tokens.
     """
 
     def __init__(
@@ -286,22 +283,22 @@ class VisionEncoder:
     ) -> None:
         self.tower = tower
         self.preprocess_spec = preprocess
-        inner, layers = _layers_of(tower)
-        self.num_layers = len(layers)
+        self.parts = tower_parts(tower)
+        self.num_layers = len(self.parts.layers)
         self.layer_index = select_layer_index(vision_feature_layer, self.num_layers)
-        self.layer = layers[self.layer_index]
-        self.attn = self.layer.self_attn
-        self.cls_token = getattr(getattr(inner, "embeddings", None), "class_embedding", None) is not None
+        self.layer = self.parts.layers[self.layer_index]
+        self.query = self.parts.queries[self.layer_index]  # the select layer's query projection
+        self.key = self.parts.keys[self.layer_index]
+        self.cls_token = self.parts.cls_token
+        self.registers = self.parts.registers
         if select_strategy not in ("default", "full"):
             raise VisionZipError(f"unknown vision_feature_select_strategy {select_strategy!r}; valid: default, full")
         self.select_strategy = select_strategy
         self.resampler = resampler
-        config = getattr(tower, "config", None)
-        self.num_heads = int(getattr(self.attn, "num_heads", None) or config.num_attention_heads)
-        self.scale = float(getattr(self.attn, "scale", None) or (self.attn.head_dim ** -0.5))
-        patch = int(getattr(config, "patch_size", 14))
-        image = int(getattr(config, "image_size", preprocess.tile))
-        self.grid = (image // patch, image // patch)
+        self.num_heads = self.parts.num_heads
+        self.scale = self.parts.head_dim ** -0.5
+        side = (preprocess.tile or self.parts.image_size) // self.parts.patch_size  # DINOv2 runs below its 518 px
+        self.grid = (side, side)
 
     @property
     def device(self) -> torch.device:
@@ -348,8 +345,8 @@ class VisionEncoder:
             raise _StopTower
 
         handles = [
-            self.attn.q_proj.register_forward_hook(keep("q")),
-            self.attn.k_proj.register_forward_hook(keep("k")),
+            self.query.register_forward_hook(keep("q")),
+            self.key.register_forward_hook(keep("k")),
             self.layer.register_forward_hook(stop),
         ]
         try:
@@ -380,35 +377,38 @@ class VisionEncoder:
             pixels = pixels[:, 0]
         rows, cols = self.grid
         patch = min(int(y * rows), rows - 1) * cols + min(int(x * cols), cols - 1)
-        token = patch + (1 if self.cls_token else 0)
+        token = patch + self.parts.prefix  # after CLS and any registers
         q, k, _hidden = self._select_layer(pixels)
         B, S, _ = k.shape
         H = self.num_heads
         q = q.view(B, S, H, -1).transpose(1, 2).float()[:, :, token]  # (B, H, head_dim)
         k = k.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
         probs = (torch.einsum("bhd,bhsd->bhs", q, k) * self.scale).softmax(dim=-1).mean(1)  # (B, S)
-        return (probs[:, 1:] if self.cls_token else probs).cpu(), patch
+        return probs[:, self.parts.prefix:].cpu(), patch
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor, *, chunk: int = 128) -> EncodedImages:
         """Run (N, 3, S, S) pixel values to the select layer; scores and keys from that layer only."""
         q, k, hidden = self._select_layer(pixel_values)
-        captured = {"hidden": hidden}
         B, S, _ = k.shape
         H = self.num_heads
         q = q.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
         k = k.view(B, S, H, -1).transpose(1, 2).float()  # (B, H, S, head_dim)
         keys = k.mean(1)  # (B, S, head_dim)
+        prefix = self.parts.prefix
+        if self.registers:  # registers are keys of the attention, but never tokens we return
+            keep = torch.cat([torch.arange(1 if self.cls_token else 0), torch.arange(prefix, S)]).to(k.device)
+            hidden, keys = hidden[:, keep], keys[:, keep]
         if self.cls_token:
             logits = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k) * self.scale  # (B, H, S): the CLS row only
-            scores = logits.softmax(dim=-1)[:, :, 1:].sum(1)  # (B, S-1)
+            scores = logits.softmax(dim=-1)[:, :, prefix:].sum(1)  # (B, patches): over all keys, read at the patches
         else:
             received = torch.zeros(B, S, device=k.device)
             for start in range(0, S, chunk):  # (B, H, chunk, S) at a time, never S x S for all heads
                 probs = (q[:, :, start: start + chunk] @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)
                 received += probs.sum(dim=(1, 2))
-            scores = received / (H * S)  # (B, S): mean over heads and query rows
-        return EncodedImages(captured["hidden"], scores, keys, self.cls_token, self.grid)
+            scores = (received / (H * S))[:, prefix:]  # (B, patches): mean over heads and query rows
+        return EncodedImages(hidden, scores, keys, self.cls_token, self.grid)
 
     def encode(self, frames: torch.Tensor, *, batch_size: int = 8) -> EncodedImages:
         """uint8 [T, H, W, 3] frames (or a float 0..1 IMAGE) -> select-layer outputs of every image the

@@ -224,5 +224,6 @@ def test_streaming_keeps_only_compressed_tokens(tiny_model_dir, clip_factory):
 def test_bad_select_layer_and_tower():
     with pytest.raises(VisionZipError, match="outside a tower of 4 layers"):
         VisionEncoder(_tower("clip"), Preprocess(shortest_edge=56), vision_feature_layer=-9)
-    with pytest.raises(VisionZipError, match="not a CLIP/SigLIP-style vision tower"):
+    with pytest.raises(VisionZipError, match=r"Linear is not a supported vision tower \(it holds: no submodules\); "
+                                             r"supported: CLIPVisionModel"):
         VisionEncoder(torch.nn.Linear(2, 2), Preprocess(shortest_edge=56))

@@ -114,7 +114,7 @@ def test_patch_attention_is_the_select_layers_row_of_that_patch(pack, tiny_model
     with torch.no_grad():
         states = encoder.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[encoder.layer_index]
         x = encoder.layer.layer_norm1(states)
-        q, k = encoder.attn.q_proj(x), encoder.attn.k_proj(x)
+        q, k = encoder.query(x), encoder.key(x)
     B, S, D = q.shape
     H = encoder.num_heads
     q = q.view(B, S, H, -1).transpose(1, 2)
