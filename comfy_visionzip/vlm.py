@@ -209,10 +209,19 @@ def _first_line(error: BaseException) -> str:
     return (text[0] if text else "")[:240]
 
 
-def _check_files(folder: str, files: list[str]) -> None:
-    """Cheap checks of a model folder before anything is loaded: weights readable, shards present, a tokenizer."""
+def _check_safetensors(path: str) -> None:
     from safetensors import safe_open
 
+    try:
+        with safe_open(path, framework="pt"):  # reads and checks the header only
+            pass
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike: the file is unusable
+        raise VisionZipError(f"{path}: not a readable safetensors file ({_first_line(e)}); it is truncated or "
+                             "corrupt: download it again") from e
+
+
+def _check_files(folder: str, files: list[str]) -> None:
+    """Cheap checks of a model folder before anything is loaded: weights readable, shards present, a tokenizer."""
     index = _read_json(folder, "model.safetensors.index.json")
     if index is not None:
         shards = sorted(set((index.get("weight_map") or {}).values()))
@@ -221,13 +230,7 @@ def _check_files(folder: str, files: list[str]) -> None:
             raise VisionZipError(f"{folder}: weight shards listed in model.safetensors.index.json are missing: "
                                  f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; download them too")
     for name in sorted(f for f in files if f.endswith(".safetensors")):
-        path = os.path.join(folder, name)
-        try:
-            with safe_open(path, framework="pt"):  # reads and checks the header only
-                pass
-        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike: the file is unusable
-            raise VisionZipError(f"{path}: not a readable safetensors file ({_first_line(e)}); it is truncated or "
-                                 "corrupt: download it again") from e
+        _check_safetensors(os.path.join(folder, name))
     if not any(f in files for f in TOKENIZER_FILES):
         raise VisionZipError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
                              "download the checkpoint's tokenizer files into the folder")
@@ -294,6 +297,50 @@ def load_vlm(
     model.eval()
     log.info("loaded %s (%s) on %s in %s", folder, family.display, device_, dtype_)
     return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_)
+
+
+TOWER_CLASSES = {  # config.json model_type of a bare vision tower -> transformers class
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+}
+
+
+def load_tower(path: str | os.PathLike, *, device=None, dtype=None, vision_feature_layer: int = -2,
+               attn_implementation: str = "sdpa") -> VisionEncoder:
+    """A bare vision tower from a transformers folder (config.json + safetensors + preprocessor_config.json)
+    as a :class:`~comfy_visionzip.encoder.VisionEncoder` (for benches, heatmaps, the demo)."""
+    import transformers  # loaded with the first model: importing the pack stays cheap
+
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise VisionZipError(f"{folder}: no such tower folder")
+    config = _read_json(folder, "config.json")
+    if config is None:
+        raise VisionZipError(f"{folder}: no config.json, so not a transformers model folder")
+    model_type = config.get("model_type")
+    if model_type not in TOWER_CLASSES:
+        raise VisionZipError(f"{folder}: model_type {model_type!r} is not a supported bare tower; supported: "
+                             f"{', '.join(TOWER_CLASSES)}")
+    files = sorted(os.listdir(folder))
+    if not any(f.endswith(".safetensors") for f in files):
+        raise VisionZipError(f"{folder}: no .safetensors weights")
+    for name in (f for f in files if f.endswith(".safetensors")):
+        _check_safetensors(os.path.join(folder, name))
+    processor = _read_json(folder, "preprocessor_config.json")
+    if processor is None:
+        raise VisionZipError(f"{folder}: no preprocessor_config.json (how images become pixels)")
+    device_ = _pick_device(device)
+    dtype_ = _pick_dtype(dtype, device_)
+    cls = getattr(transformers, TOWER_CLASSES[model_type])
+    kwargs = {"attn_implementation": attn_implementation, "use_safetensors": True,
+              ("dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"): dtype_}
+    try:
+        tower = cls.from_pretrained(folder, **kwargs).to(device_).eval()
+    except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
+        raise VisionZipError(f"{folder}: loading the tower failed ({type(e).__name__}: {_first_line(e)})") from e
+    return VisionEncoder(tower, Preprocess.from_config(processor, anyres=False), vision_feature_layer=vision_feature_layer)
 
 
 def video_source(vlm: VisionLanguageModel, source, *, scale_at_decode: bool = True, **sample_kwargs):
