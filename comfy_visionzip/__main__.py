@@ -93,6 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _demo_video(str(real), "real-world clip", out_dir, check_numbers=False)
     else:
         print("\n(real-world clip ../shared/media/flipping_a_pancake.mkv not found; skipped)")
+    _demo_real_attention(str(real) if real is not None else generated_fallback(out_dir), out_dir)
     print(f"\ndone in {time.perf_counter() - t0:.1f} s; outputs in {out_dir.resolve()}")
     return 0
 
@@ -244,6 +245,43 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             sheet = contact_sheet(np.concatenate([heat, kept]), labels, columns=4, tile_width=160)
             target = save_png(sheet, out_dir / "visionzip_tokens.png")
             print(f"  attention heatmaps and kept/merged tokens -> {target}")
+
+
+def generated_fallback(out_dir: Path) -> str:
+    path = out_dir / "generated_clip.mkv"
+    if not path.exists():
+        make_clip(path, frames=120, fps=30, size=(320, 180))
+    return str(path)
+
+
+def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
+    """Attention and kept tokens of a REAL pretrained encoder when its weights are fetched (else says how)."""
+    from .encoder import compress_encoded, kept_count
+    from .viz import attention_overlays, enlarge, token_overlays, with_legend
+    from .vlm import load_tower
+    from .weights import find_real_tower
+
+    folder = find_real_tower()
+    if folder is None:
+        print("\nreal pretrained weights: not fetched, so every picture above shows random weights "
+              "(python -m comfy_visionzip fetch-weights gets a DINOv2-S/14, then the demo shows its real attention)")
+        return
+    import torch
+
+    encoder = load_tower(folder, device="cpu", dtype="fp32")
+    frames = sample_video(clip_path, num_frames=4).frames
+    video = compress_encoded(encoder, encoder.encode(frames), dominant=22, contextual=4)  # ~10% of 256 patches
+    views = torch.from_numpy(enlarge(encoder.view(frames), 224))
+    heat = with_legend(attention_overlays(views, video.scores, video.grid, cls_token=True), "attention")
+    kept = with_legend(token_overlays(views, video.assignment, video.grid, cls_token=True, kept=kept_count(video)), "tokens")
+    share = video.scores / video.scores.sum(1, keepdim=True)
+    top = float(share.sort(1, descending=True).values[:, :13].sum(1).mean())
+    height = max(heat.shape[1], kept.shape[1])  # the two legends wrap to different heights
+    heat, kept = (np.pad(x, ((0, 0), (0, height - x.shape[1]), (0, 0), (0, 0)), constant_values=24) for x in (heat, kept))
+    target = save_png(contact_sheet(np.concatenate([heat, kept]), None, columns=4, tile_width=224),
+                      out_dir / "real_attention.png")
+    print(f"\nreal pretrained DINOv2-S/14 ({folder}): on {Path(clip_path).name} the top 5% of patches hold {top:.2f} of "
+          f"the select layer's CLS attention (summed over heads); VisionZip keeps 22 + 4 of 257 tokens -> {target}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
