@@ -101,6 +101,9 @@ class Chat:
                  reserve: int = 0) -> None:
         if policy not in ("fit", "strict"):
             raise VisionZipError(f"unknown policy {policy!r}; valid: fit (drop frames to fit), strict (refuse)")
+        if not hasattr(vlm, "tokenizer"):
+            raise VisionZipError(f"{getattr(vlm, 'name', 'this model')} is a bare vision tower: it has no language model "
+                                 "to answer with; load a LLaVA-family checkpoint (Load VLM) to ask questions")
         self.vlm = vlm
         self.video = video
         self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps))

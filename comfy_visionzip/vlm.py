@@ -343,6 +343,40 @@ def load_tower(path: str | os.PathLike, *, device=None, dtype=None, vision_featu
     return VisionEncoder(tower, Preprocess.from_config(processor, anyres=False), vision_feature_layer=vision_feature_layer)
 
 
+@dataclass
+class VisionTower:
+    """A bare vision tower standing where a VLM does for encoding, compressing and previews (no language
+    model: it cannot answer). ``real`` says whether it carries pretrained weights we know of."""
+
+    encoder: VisionEncoder
+    path: str
+    real: bool = False
+    family: Family = field(default_factory=lambda: Family("vision_tower", "", "vision tower", "", "image"))
+
+    @property
+    def model(self):
+        return self.encoder.tower
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    def to(self, device) -> VisionTower:
+        self.encoder.tower.to(_pick_device(device))
+        return self
+
+    def video_encoder(self) -> VisionEncoder:
+        return self.encoder
+
+
 def video_source(vlm: VisionLanguageModel, source, *, scale_at_decode: bool = True, **sample_kwargs):
     """A handle to stream ``source`` (a path, file object, VideoHandle or FramesHandle) for this model.
 

@@ -131,3 +131,35 @@ def test_patch_attention_is_the_select_layers_row_of_that_patch(pack, tiny_model
     assert picture.shape[0] == 2 and picture.shape[2] == 336 and "its 10 most attended patches get" in summary
     with pytest.raises(ValueError, match="fractions of the frame in 0..1"):
         encoder.attention_from(images, (1.5, 0.2))
+
+
+def test_a_bare_tower_feeds_encode_compress_and_the_previews_but_cannot_answer(pack, tmp_path):
+    import json
+
+    import transformers
+
+    folder = tmp_path / "tiny-dinov2"
+    torch.manual_seed(0)
+    transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=56, patch_size=14,
+        num_register_tokens=2)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 56}, "crop_size": {"height": 56, "width": 56}, "do_center_crop": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    out = nodes["VisionZipLoadTower"]().load(tower="", device="cpu", path=str(folder))
+    model = out["result"][0]
+    assert "Dinov2WithRegistersModel, 3 layers, select layer 1, 4x4 patches" in out["ui"]["text"][0]
+    images = torch.rand(2, 64, 80, 3)
+    features = nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2, images=images)[0]
+    assert features.hidden.shape == (2, 17, 32)  # CLS + 16 patches: the 2 registers are not tokens
+    tokens = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=4, contextual=2,
+                                                   tokens_per_frame=0)["result"][0]
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, features=features)
+    assert heat.shape[0] == 2 and kept.shape[0] == 2
+    picture = nodes["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.5, y=0.5)["result"][0]
+    assert picture.shape[0] == 2
+    with pytest.raises(ValueError, match="is a bare vision tower: it has no language model"):
+        nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="q", max_new_tokens=2, temperature=0.0,
+                                          top_p=1.0, seed=0, timestamps=False)
+    assert nodes["VisionZipLoadTower"].VALIDATE_INPUTS(tower="missing-tower").startswith("tower folder 'missing-tower'")
