@@ -25,6 +25,7 @@ CORE = {  # the core nodes the workflows use: (inputs {name: type}, outputs [(na
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 PICTURE_NODES = {"PreviewImage": 440, "LoadImage": 420, "LoadVideo": 320}  # heights holding their pictures
 TEXT_NODES = ("VisionZipAnswer", "VisionZipChat")  # their answer box grows under the widgets: room for ~12 lines
+SUMMARY_NODES = ("VisionZipPatchAttention", "VisionZipLoadTower", "VisionZipFrameBudget")  # a few lines of text
 NOTE_HEIGHT = 300
 
 MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint the Note says how to get (nothing picked by default)
@@ -122,6 +123,7 @@ WORKFLOWS = {
                  "3. Run.\n"
                  "Patch Attention shows the attention FROM the patch at (x, y) (0..1 across / down the frame) to every "
                  "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. Move x and y and run again."),
+        "place": {2: (460, 560)},  # under Patch Attention: short links, a compact graph
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=4, preview_frames=4), {}),
             2: ("VisionZipLoadTower", {"tower": "", "device": "auto", "path": ""}, {}),
@@ -204,6 +206,9 @@ def ui_format(mappings, workflow) -> dict:
     column_y: dict[int, int] = {0: 40 + NOTE_HEIGHT + 60} if workflow.get("note") else {}
     placed = {}
     for node_id in workflow["nodes"]:
+        if node_id in workflow.get("place", {}):  # a hand-placed node (where the columns leave room)
+            placed[node_id] = workflow["place"][node_id]
+            continue
         col = depth[node_id]
         y = column_y.get(col, 40)
         placed[node_id] = (40 + col * 420, y)
@@ -257,7 +262,8 @@ def _height(mappings, class_type) -> int:
     widgets = sum(4 if options.get("multiline") else 1 for _n, _k, is_widget, options in inputs if is_widget)
     slots = max(len(outputs), sum(1 for _n, _k, is_widget, _o in inputs if not is_widget))
     upload = any(options.get("video_upload") for *_rest, options in inputs)  # an upload button + video preview
-    return 40 + 26 * slots + 28 * widgets + (320 if upload else 0) + (180 if class_type in TEXT_NODES else 0)
+    text = 180 if class_type in TEXT_NODES else 60 if class_type in SUMMARY_NODES else 0
+    return 40 + 26 * slots + 28 * widgets + (320 if upload else 0) + text
 
 
 def _depths(workflow) -> dict[int, int]:
