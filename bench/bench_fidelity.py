@@ -17,10 +17,15 @@ The tasks were fixed before any result was seen (and are not tuned to a method):
          224 px views): which colour (4), which shape (3), how many (0-3), which quadrant (4), is
          there a <colour> object (yes/no). Objects are 30-48 px (2-3.5 patches).
   video  80-frame clips of the real clip's frames with, in 3 of 4 clips, a short event: an object
-         shown in 4 consecutive frames. Questions: its colour, its shape, first or second half, did
-         anything appear. At one budget of about 2000 visual tokens: 8 uniformly sampled frames x
-         257 full tokens against 80 frames x 25 tokens (visionzip 21+4, pool, uniform, random). The
-         video readout is trained on full tokens of 8 random frames that include the event.
+         shown in 4 consecutive frames. Questions: its colour, its shape, is there a <colour> object.
+         At one budget of about 2000 visual tokens: 8 uniformly sampled frames x 257 full tokens
+         against 80 frames x 25 tokens (visionzip 21+4, pool, uniform, random), answered training-free
+         by the seed's image readout (like an image-trained LLaVA asked about a video), plus an oracle
+         (8 full frames, one of them on the event) for the readout's ceiling.
+         A first design trained a separate video readout (1 layer, width 64, 120 clips x 6 epochs on 8
+         full frames including the event, questions also "first or second half"); on this CPU budget it
+         learnt a constant answer (0.467 in every condition, seed 0) and says nothing about the
+         methods, so it was replaced by the above before the other seeds ran.
 
 Writes bench/results/fidelity.json / .md / .png. Whatever comes out is reported as it is.
 """
@@ -261,16 +266,18 @@ def image_part(encoder, views, seed: int, n_train: int, n_test: int, log) -> dic
                                                                              [tasks[i] for i in test_idx]) if tt == task]))
                         for task in TASKS}
     log(f"  seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-    return {"accuracy": result, "per_task_at_10%": per_task}
+    return {"accuracy": result, "per_task_at_10%": per_task, "readout": model}
 
 
 # ------------------------------------------------------------------------------------------ video part
 
 
-def video_part(encoder, views, background, seed: int, n_train: int, n_test: int, log) -> dict:
-    rng = np.random.default_rng(seed)
+def video_part(encoder, views, background, readout, seed: int, n_test: int, log) -> dict:
+    """The seed's image readout (trained on single images, full tokens) answers questions about 80-frame
+    clips, training-free, from ~2000 visual tokens: 8 uniform frames x full against 80 frames x 25."""
+    rng = np.random.default_rng(1000 + seed)
     clips, event_views = [], []
-    for _ in range(n_train + n_test):
+    for _ in range(n_test):
         start, step = int(rng.integers(len(views))), int(rng.integers(2, 5))
         frames = [(start + step * k) % len(views) for k in range(VIDEO_FRAMES)]
         event = None
@@ -284,13 +291,11 @@ def video_part(encoder, views, background, seed: int, n_train: int, n_test: int,
                 paste(view, SHAPES[s], list(COLOURS)[c], cx, cy, size)
                 event_views.append(view)
             event = {"colour": c, "shape": s, "at": at, "first": first}
-        kinds = ["presence"] + (["colour", "shape", "half"] if event else [])
+        kinds = ["presence"] + (["colour", "shape"] if event else [])
         kind = kinds[rng.integers(len(kinds))]
         if kind == "presence":  # "is there a <colour> object?": yes only when the event's object has that colour
             question = [TASKS.index("presence"), 6 + int(rng.integers(4))]
             answer = ANSWER_BASE["presence"] + int(event is not None and 6 + event["colour"] == question[1])
-        elif kind == "half":
-            question, answer = [5], ANSWER_BASE["half"] + int(event["at"] + EVENT_FRAMES / 2 >= VIDEO_FRAMES / 2)
         else:
             question = [TASKS.index(kind)]
             answer = ANSWER_BASE[kind] + event[kind]
@@ -298,57 +303,41 @@ def video_part(encoder, views, background, seed: int, n_train: int, n_test: int,
     t = time.perf_counter()
     events = encode_views(encoder, np.stack(event_views))
     log(f"  video seed {seed}: {len(clips)} clips, {len(event_views)} event frames encoded in {time.perf_counter() - t:.0f} s")
-    pool = {k: torch.cat([background[k], events[k]]) for k in background}  # one table: background frames, then events
+    pool = {k: torch.cat([background[k], events[k]]) for k in background}  # background frames, then event frames
 
-    def frame_rows(clip) -> list[int]:
+    def tokens(clip, picks: list[int], method: str, count: int) -> torch.Tensor:
         rows = list(clip["frames"])
         if clip["event"]:
             for k in range(EVENT_FRAMES):
                 rows[clip["event"]["at"] + k] = len(views) + clip["event"]["first"] + k
-        return rows
+        visual = compress_tokens(pool, torch.tensor([rows[p] for p in picks]), method, count, rng)
+        return visual.reshape(-1, visual.shape[-1])  # frames' tokens one after the other, in time order
 
-    def tokens(clip, picks: list[int], method: str, count: int):
-        rows = frame_rows(clip)
-        index = torch.tensor([rows[p] for p in picks])
-        visual = compress_tokens(pool, index, method, count, rng)  # (frames, per frame, 384)
-        times = torch.tensor([p / VIDEO_FRAMES for p in picks], dtype=torch.float32)[:, None].expand(-1, visual.shape[1])
-        return visual.reshape(-1, visual.shape[-1]), times.reshape(-1)
-
-    train_clips, test_clips = clips[:n_train], clips[n_train:]
-
-    def batches():
-        order = rng.permutation(n_train)
-        for s in range(0, n_train, 8):
-            parts = []
-            for i in order[s: s + 8]:
-                clip = train_clips[i]
-                picks = set(rng.choice(VIDEO_FRAMES, 8, replace=False).tolist())
-                if clip["event"] and not any(clip["event"]["at"] <= p < clip["event"]["at"] + EVENT_FRAMES for p in picks):
-                    picks.remove(sorted(picks)[int(rng.integers(8))])  # swap one frame for an event frame
-                    picks.add(clip["event"]["at"] + int(rng.integers(EVENT_FRAMES)))
-                picks = sorted(picks)
-                parts.append((*tokens(clip, picks, "full", 257), clip))
-            yield (torch.stack([p[0] for p in parts]), _questions([p[2]["question"] for p in parts]),
-                   torch.stack([p[1] for p in parts]), torch.tensor([p[2]["answer"] for p in parts]))
-
-    torch.manual_seed(seed)
-    model = Readout(width=64, layers=1)  # 2000-token inputs: one layer keeps training in minutes on a CPU
-    t = time.perf_counter()
-    train(model, batches, epochs=6, lr=1e-3, seed=seed)
-    log(f"  video seed {seed}: readout trained on 8 frames x full tokens in {time.perf_counter() - t:.0f} s")
     uniform8 = [round(k * (VIDEO_FRAMES - 1) / 7) for k in range(8)]
-    conditions = {"8 frames x 257 full": (uniform8, "full", 257)}
+
+    def with_event(clip) -> list[int]:  # an oracle: 8 frames, one of them on the event
+        if not clip["event"] or any(clip["event"]["at"] <= p < clip["event"]["at"] + EVENT_FRAMES for p in uniform8):
+            return uniform8
+        nearest = min(range(8), key=lambda k: abs(uniform8[k] - clip["event"]["at"]))
+        return sorted({*uniform8[:nearest], clip["event"]["at"] + 1, *uniform8[nearest + 1:]})
+
+    conditions = {"8 frames x 257 full": (lambda c: uniform8, "full", 257)}
     for method in ("visionzip", "pool", "uniform", "random"):
-        conditions[f"80 frames x {VIDEO_PER_FRAME} {method}"] = (list(range(VIDEO_FRAMES)), method, VIDEO_PER_FRAME)
+        conditions[f"80 frames x {VIDEO_PER_FRAME} {method}"] = (lambda c: list(range(VIDEO_FRAMES)), method, VIDEO_PER_FRAME)
+    conditions["oracle: 8 frames x 257 full, one on the event"] = (with_event, "full", 257)
+    question = _questions([c["question"] for c in clips])
+    answer = torch.tensor([c["answer"] for c in clips])
+    seen = sum(1 for c in clips if c["event"] and any(c["event"]["at"] <= p < c["event"]["at"] + EVENT_FRAMES
+                                                          for p in uniform8)) / max(sum(1 for c in clips if c["event"]), 1)
     result = {}
-    question = _questions([c["question"] for c in test_clips])
-    answer = torch.tensor([c["answer"] for c in test_clips])
     for name, (picks, method, count) in conditions.items():
-        built = [tokens(c, picks, method, count) for c in test_clips]
-        visual, times = torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])
-        result[name] = accuracy(model, visual, question, times, answer, batch=8)
-    log(f"  video seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-    return {"accuracy": result, "tokens": {k: len(v[0]) * v[2] for k, v in conditions.items()}}
+        visual = torch.stack([tokens(c, picks(c), method, count) for c in clips])
+        result[name] = accuracy(readout, visual, question, None, answer, batch=8)
+    log(f"  video seed {seed}: events seen by 8 uniform frames: {seen:.2f}; " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    return {"accuracy": result, "event_seen_by_8_uniform_frames": seen,
+            "tokens": {"8 frames x 257 full": 8 * 257, **{f"80 frames x {VIDEO_PER_FRAME} {m}": 80 * VIDEO_PER_FRAME
+                                                          for m in ("visionzip", "pool", "uniform", "random")},
+                       "oracle: 8 frames x 257 full, one on the event": 8 * 257}}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -364,8 +353,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--test", type=int, default=400)
-    parser.add_argument("--video-train", type=int, default=120)
-    parser.add_argument("--video-test", type=int, default=60)
+    parser.add_argument("--video-test", type=int, default=200)
     args = parser.parse_args()
     folder = find_real_tower()
     if folder is None or not CLIP.exists():
@@ -381,7 +369,7 @@ def main() -> int:
     log(f"{len(views)} real frames; image tasks: {args.train} train / {args.test} test per seed")
     image = [image_part(encoder, views, seed, args.train, args.test, log) for seed in range(args.seeds)]
     background = encode_views(encoder, views)  # every frame of the real clip, once for all video seeds
-    video = [video_part(encoder, views, background, seed, args.video_train, args.video_test, log)
+    video = [video_part(encoder, views, background, image[seed].pop("readout"), seed, args.video_test, log)
              for seed in range(args.seeds)]
     seconds = time.perf_counter() - t0
 
@@ -415,7 +403,9 @@ def main() -> int:
                  for label in RATIOS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "visionzip+proj = the paper's VisionZip‡: only the projector tuned for 3 epochs on VisionZip tokens.", "",
-              f"## Video: 80-frame clips with a 4-frame event ({args.video_test} test clips per seed), ~2000 visual tokens", "",
+              f"## Video: 80-frame clips with a 4-frame event ({args.video_test} clips per seed), ~2000 visual tokens", "",
+              "The image readout answers training-free (colour, shape, presence). 8 uniform frames show the event in "
+              f"{np.mean([v['event_seen_by_8_uniform_frames'] for v in video]) * 100:.0f}% of the clips that have one.", "",
               "| condition | visual tokens | accuracy | % of 8 frames x full |", "|---|---|---|---|"]
     for name, row in vid.items():
         tokens = video[0]["tokens"][name]
@@ -444,8 +434,8 @@ def main() -> int:
     axes[0].legend(fontsize=8)
     names = list(vid)
     axes[1].bar(range(len(names)), [vid[n]["accuracy_mean"] for n in names], yerr=[vid[n]["accuracy_std"] for n in names],
-                capsize=3, color=["grey"] + ["C0", "C2", "C3", "C4"][: len(names) - 1])
-    axes[1].set_xticks(range(len(names)), [n.replace(" x ", "\nx ") for n in names], fontsize=7)
+                capsize=3, color=(["grey", "C0", "C2", "C3", "C4", "lightgrey"] * 2)[: len(names)])
+    axes[1].set_xticks(range(len(names)), [n.replace(" x ", "\nx ").replace(", one", ",\none") for n in names], fontsize=6)
     axes[1].set(ylabel="accuracy", title="video: 8 frames full vs 80 frames compressed (~2000 tokens)")
     fig.suptitle(f"{results['machine']}; {args.seeds} seeds", fontsize=8)
     fig.tight_layout()
