@@ -37,7 +37,12 @@ def test_mappings_ids_categories_and_tooltips(pack):
 
 
 def test_no_comfy_import_and_no_side_effects(pack):
-    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules and "server" not in sys.modules
+    # A folder named "comfy" beside the checkout (e.g. a ComfyUI install in the same parent folder) can be
+    # picked up by the guarded `import comfy.*` as an empty namespace package; what matters is that no real
+    # ComfyUI module was imported.
+    comfy = sys.modules.get("comfy")
+    assert comfy is None or getattr(comfy, "__file__", None) is None
+    assert not {"folder_paths", "server", "comfy.model_management", "comfy.utils"} & set(sys.modules)
 
 
 def test_load_video_outputs_preview_timestamps_and_handle(pack, clip_factory):
