@@ -58,35 +58,9 @@ def _shown_spec(spec) -> str:
 
 
 def arrange(vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size) -> torch.Tensor:
-    """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order.
-
-    Family details reproduced exactly for uncompressed input ("full"): LLaVA-OneVision pools each frame
-    2x bilinearly after projecting and ends the video with its ``image_newline``; LLaVA-NeXT-Video's
-    2x2 pooling happened in the encoder; LLaVA-NeXT packs its anyres tiles (unpadded, a newline per
-    row). With VisionZip the compressed tokens replace that pooling / packing (NeXT: a newline per frame).
-    """
-    inner = vlm.inner
-    family = vlm.family.model_type
-    if family == "llava_onevision":
-        if method == "full":
-            projected = inner.apply_pooling(projected)
-        flat = projected.reshape(-1, projected.shape[-1])
-        return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
-    if family == "llava_next":
-        if method == "full" and crops > 1 and frame_size:
-            # uncompressed: the model's own packing (unpad the tile grid, a newline after every row)
-            strategy = vlm.config.get("vision_feature_select_strategy", "default")
-            per_crop = projected.view(projected.shape[0], crops, -1, projected.shape[-1])
-            packed = []
-            for frame in per_crop:
-                out = inner.pack_image_features([frame], torch.tensor([list(frame_size)]), strategy,
-                                                image_newline=inner.image_newline)[0]
-                packed.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)  # 5.x: a list
-            return torch.cat(packed, dim=0)
-        # compressed tokens have no rows: one image_newline closes each frame
-        newline = inner.image_newline[None, None].to(projected).expand(projected.shape[0], 1, -1)
-        projected = torch.cat([projected, newline], dim=1)
-    return projected.reshape(-1, projected.shape[-1])
+    """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order, the family's way
+    (see :mod:`comfy_visionzip.models`: pooling, anyres packing, newline tokens)."""
+    return vlm.family.arrange(vlm, projected, method=method, crops=crops, frame_size=frame_size)
 
 
 def project(vlm, video: CompressedVideo) -> torch.Tensor:

@@ -22,30 +22,10 @@ import torch
 
 from .encoder import Preprocess, VisionEncoder, auto_batch_size, compress_frames
 from .errors import VisionZipError
+from .models import FAMILIES, BareTower, FamilyModule
 from .video import VideoHandle
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    class_name: str  # transformers class
-    display: str
-    video_tower: str  # attribute (on the inner model) of the tower that encodes video frames
-    video_input: str  # "video": the model has a video path; "image": frames go in as images
-
-
-FAMILIES: dict[str, Family] = {
-    f.model_type: f
-    for f in (
-        Family("llava", "LlavaForConditionalGeneration", "LLaVA-1.5", "vision_tower", "image"),
-        Family("llava_next", "LlavaNextForConditionalGeneration", "LLaVA-NeXT", "vision_tower", "image"),
-        Family("llava_next_video", "LlavaNextVideoForConditionalGeneration", "LLaVA-NeXT-Video", "vision_tower", "video"),
-        Family("video_llava", "VideoLlavaForConditionalGeneration", "Video-LLaVA", "video_tower", "video"),
-        Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LLaVA-OneVision", "vision_tower", "video"),
-    )
-}
 
 
 def _read_json(folder: str, name: str) -> dict | None:
@@ -59,7 +39,7 @@ def _read_json(folder: str, name: str) -> dict | None:
         raise VisionZipError(f"{path}: cannot read it as JSON ({e})") from e
 
 
-def detect_family(folder: str) -> tuple[Family, dict]:
+def detect_family(folder: str) -> tuple[FamilyModule, dict]:
     """The family of the checkpoint in ``folder``, from its config.json; clear errors otherwise."""
     if not os.path.isdir(folder):
         raise VisionZipError(f"{folder}: not a folder")
@@ -143,7 +123,7 @@ class VisionLanguageModel:
     """A loaded LLaVA-family checkpoint: the model, its tokenizer and its preprocessing."""
 
     model: Any  # the transformers *ForConditionalGeneration
-    family: Family
+    family: FamilyModule  # the family module (comfy_visionzip.models): all per-family knowledge
     path: str
     config: dict
     tokenizer: Any
@@ -174,21 +154,7 @@ class VisionLanguageModel:
     def video_encoder(self) -> VisionEncoder:
         """The encoder video frames go through (the video tower / video preprocessing where the family has one)."""
         if "video" not in self._encoders:
-            family = self.family
-            tower = getattr(self.inner, family.video_tower)
-            layer = self.config.get("vision_feature_layer", -2)
-            strategy = self.config.get("vision_feature_select_strategy", "default")
-            resampler = None
-            if family.model_type == "llava_next_video":
-                resampler = getattr(self.inner, "vision_resampler", None)
-            if family.model_type == "video_llava":
-                strategy = "full"  # Video-LLaVA keeps CLS for video frames
-            if family.video_input == "video" and self.video_config is not None:
-                spec = Preprocess.from_config(self.video_config, anyres=False)
-            else:
-                spec = Preprocess.from_config(self.image_config, anyres=True)
-            self._encoders["video"] = VisionEncoder(tower, spec, vision_feature_layer=layer, select_strategy=strategy,
-                                                    resampler=resampler)
+            self._encoders["video"] = self.family.encoder(self)
         return self._encoders["video"]
 
 
@@ -351,7 +317,7 @@ class VisionTower:
     encoder: VisionEncoder
     path: str
     real: bool = False
-    family: Family = field(default_factory=lambda: Family("vision_tower", "", "vision tower", "", "image"))
+    family: FamilyModule = field(default_factory=BareTower)
 
     @property
     def model(self):

@@ -1,0 +1,54 @@
+"""The one small interface every model family implements (LLaVA-1.5's behaviour is the default).
+
+A family module says, for one transformers class: which tower frames go through and how they are
+preprocessed (select layer, feature strategy, an optional resampler), how projected tokens are
+arranged in the prompt (pooling, anyres packing, newline tokens), and which placeholder the chat
+template expects. Shared code asks the family; it never branches on ``model_type``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..encoder import Preprocess, VisionEncoder
+
+
+class FamilyModule:
+    """Defaults: LLaVA-1.5 (CLIP tower, second-to-last layer, CLS dropped, one image token per visual token)."""
+
+    model_type = ""  # config.json's model_type
+    class_name = ""  # the transformers class
+    display = ""  # the name people know
+    video_tower = "vision_tower"  # attribute (on the inner model) of the tower video frames go through
+    video_input = "image"  # "image": frames go in as images (per-frame placeholders); "video": one video placeholder
+
+    def select_strategy(self, vlm) -> str:
+        """What the model keeps of the select layer ("default": drop CLS; "full": every token)."""
+        return vlm.config.get("vision_feature_select_strategy", "default")
+
+    def resampler(self, vlm) -> torch.nn.Module | None:
+        """A module the model applies to uncompressed features (used by method "full"), if any."""
+        return None
+
+    def preprocess(self, vlm) -> Preprocess:
+        if self.video_input == "video" and vlm.video_config is not None:
+            return Preprocess.from_config(vlm.video_config, anyres=False)
+        return Preprocess.from_config(vlm.image_config, anyres=True)
+
+    def encoder(self, vlm) -> VisionEncoder:
+        """The encoder video frames go through."""
+        tower = getattr(vlm.inner, self.video_tower)
+        return VisionEncoder(tower, self.preprocess(vlm), vision_feature_layer=vlm.config.get("vision_feature_layer", -2),
+                             select_strategy=self.select_strategy(vlm), resampler=self.resampler(vlm))
+
+    def arrange(self, vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size) -> torch.Tensor:
+        """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order."""
+        return projected.reshape(-1, projected.shape[-1])
+
+
+class BareTower(FamilyModule):
+    """What a bare vision tower (no language model) answers to where a family is asked."""
+
+    model_type = "vision_tower"
+    display = "vision tower"
+    video_tower = ""

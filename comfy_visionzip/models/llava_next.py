@@ -1,0 +1,29 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops (the whole frame + grid tiles).
+
+Uncompressed ("full") tokens are packed the model's own way (the tile grid unpadded, an
+``image_newline`` after every row); compressed tokens have no rows, so one newline closes each frame.
+"""
+
+import torch
+
+from .base import FamilyModule
+
+
+class LlavaNext(FamilyModule):
+    model_type = "llava_next"
+    class_name = "LlavaNextForConditionalGeneration"
+    display = "LLaVA-NeXT"
+
+    def arrange(self, vlm, projected, *, method, crops, frame_size):
+        inner = vlm.inner
+        if method == "full" and crops > 1 and frame_size:
+            strategy = vlm.config.get("vision_feature_select_strategy", "default")
+            per_crop = projected.view(projected.shape[0], crops, -1, projected.shape[-1])
+            packed = []
+            for frame in per_crop:
+                out = inner.pack_image_features([frame], torch.tensor([list(frame_size)]), strategy,
+                                                image_newline=inner.image_newline)[0]
+                packed.append(torch.cat(list(out)) if isinstance(out, (list, tuple)) else out)  # 5.x: a list
+            return torch.cat(packed, dim=0)
+        newline = inner.image_newline[None, None].to(projected).expand(projected.shape[0], 1, -1)
+        return torch.cat([projected, newline], dim=1).reshape(-1, projected.shape[-1])

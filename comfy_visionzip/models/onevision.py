@@ -1,0 +1,21 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``; LLaVA-Video checkpoints use it too):
+a SigLIP tower; uncompressed frames are pooled 2x bilinearly after projecting, and the video ends with
+one ``image_newline``."""
+
+import torch
+
+from .base import FamilyModule
+
+
+class Onevision(FamilyModule):
+    model_type = "llava_onevision"
+    class_name = "LlavaOnevisionForConditionalGeneration"
+    display = "LLaVA-OneVision"
+    video_input = "video"
+
+    def arrange(self, vlm, projected, *, method, crops, frame_size):
+        inner = vlm.inner
+        if method == "full":
+            projected = inner.apply_pooling(projected)
+        flat = projected.reshape(-1, projected.shape[-1])
+        return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
