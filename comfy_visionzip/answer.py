@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import context_length, fit_frames
+from .budget import context_length, fit_frames, thinned_prompt
 from .encoder import CompressedVideo
 from .errors import VisionZipError
 from .projection import check_compatible, project, visual_layout
@@ -185,11 +185,10 @@ class Chat:
             layout = type(layout)(self.visual.shape[0] // max(frames, 1), self.visual.shape[0] % max(frames, 1),
                                   layout.crops, layout.per_image)
 
+        video_of = thinned_prompt(frames, layout, self.video.timestamps, self.video.meta.get("duration"))
+
         def count(n: int) -> int:
-            picked = uniform_pick(frames, n)
-            times = tuple(self.video.timestamps[k] for k in picked) if self.video.timestamps else ()
-            info = PromptVideo(n, layout.total(n), times, self.video.meta.get("duration"))
-            return self.prompt.count(info, messages) + keep
+            return self.prompt.count(video_of(n), messages) + keep
 
         fitted = fit_frames(count, self.context, frames)
         room = f" and {self.reserve} for follow-ups" if self.reserve else ""

@@ -86,6 +86,27 @@ def context_length(vlm) -> int:
                          "(text_config.max_position_embeddings); give the context explicitly")
 
 
+def cap_budget(budget: int, context: int, policy: str) -> tuple[int, str | None]:
+    """(the tokens a run may use, a note when capped): 0 means the context; more than the context is
+    capped to it ("fit") or refused ("strict")."""
+    if budget == 0:
+        return context, None
+    if budget <= context:
+        return budget, None
+    if policy == "strict":
+        raise VisionZipError(f"a budget of {budget} tokens is more than the model's context of {context}; "
+                             f"use at most {context} (or 0 for the context)")
+    return context, f"budget {budget} capped at the context of {context}"
+
+
+def thinned_prompt(frames: int, layout, timestamps: Sequence[float], duration: float | None) -> Callable[[int], PromptVideo]:
+    """``video(n)``: what the prompt says of a video of ``frames`` frames thinned evenly to n of them."""
+    def video(n: int) -> PromptVideo:
+        keep = uniform_pick(frames, n)
+        return PromptVideo(n, layout.total(n), tuple(timestamps[k] for k in keep) if timestamps else (), duration)
+    return video
+
+
 def fit_frames(count: Callable[[int], int], limit: int, frames: int) -> int:
     """The largest n in 1..frames with ``count(n) <= limit`` (count grows with n); 0 if not even one fits."""
     if frames < 1 or count(1) > limit:
@@ -201,15 +222,8 @@ def plan_budget(
     if tokens_per_frame not in (None, 0, "auto"):
         dominant, contextual = split_tokens(tokens_per_frame)
     context = _check_int("context", context, 1) if context else context_length(vlm)
-    reasons: list[str] = []
-    if budget == 0:
-        budget = context
-    elif budget > context:
-        if policy == "strict":
-            raise VisionZipError(f"a budget of {budget} tokens is more than the model's context of {context}; "
-                                 f"use at most {context} (or 0 for the context)")
-        reasons.append(f"budget {budget} capped at the context of {context}")
-        budget = context
+    budget, capped = cap_budget(budget, context, policy)
+    reasons: list[str] = [capped] if capped else []
     source = vlm_module.video_source(vlm, video, **sample_kwargs)
     asked, asked_times = source.plan()
     duration = source.duration()
@@ -233,13 +247,6 @@ def plan_budget(
     def picks(n: int) -> list[int]:
         return [asked[p] for p in uniform_pick(len(asked), n)]
 
-    def counter(layout):
-        def count(n: int) -> int:
-            chosen = uniform_pick(len(asked), n)
-            times = tuple(asked_times[p] for p in chosen)
-            return builder.count(PromptVideo(n, layout.total(n), times, duration), first)
-        return count
-
     if auto:  # the rungs an image of this tower can give (fewer than its own token count)
         most = vlm.video_encoder().tokens_per_image
         ladder = [split_tokens(t) for t in TOKEN_LADDER if t < most] or [split_tokens(min(TOKEN_LADDER[-1], most))]
@@ -247,7 +254,11 @@ def plan_budget(
         ladder = [(dominant, contextual)]
     for step, (d, c) in enumerate(ladder):
         layout = visual_layout(vlm, method=method, dominant=d, contextual=c, frame_size=frame_size)
-        count = counter(layout)
+        video_of = thinned_prompt(len(asked), layout, asked_times, duration)
+
+        def count(n: int, video_of=video_of) -> int:
+            return builder.count(video_of(n), first)
+
         asked_count = count(len(asked))
         if asked_count <= limit or step == len(ladder) - 1:
             break
@@ -270,16 +281,12 @@ def plan_budget(
                                  "(num_frames / max_frames), fewer tokens per frame, or policy 'fit'")
         frames = fitted
         reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
-    chosen = picks(frames)
-    chosen_times = [asked_times[p] for p in uniform_pick(len(asked), frames)]
-    info = PromptVideo(frames, layout.total(frames), tuple(chosen_times), duration)
-    prompt_tokens = len(builder.ids(info, first))  # exact, with every placeholder tokenised
+    prompt_tokens = len(builder.ids(video_of(frames), first))  # exact, with every placeholder tokenised
     while prompt_tokens > limit and frames > 1:  # never expected (count() is exact); kept as a guarantee
         frames -= 1
-        chosen = picks(frames)
-        chosen_times = [asked_times[p] for p in uniform_pick(len(asked), frames)]
-        info = PromptVideo(frames, layout.total(frames), tuple(chosen_times), duration)
-        prompt_tokens = len(builder.ids(info, first))
+        prompt_tokens = len(builder.ids(video_of(frames), first))
+    chosen = picks(frames)
+    chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
     return BudgetPlan(
         video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
@@ -289,4 +296,5 @@ def plan_budget(
     )
 
 
-__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "context_length", "fit_frames", "frames_for_budget", "plan_budget"]
+__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "cap_budget", "context_length", "fit_frames", "frames_for_budget",
+           "plan_budget", "thinned_prompt"]

@@ -24,10 +24,7 @@ def check_compatible(vlm, video: CompressedVideo) -> None:
     """Tokens made with another model (or tower, or settings) cannot be projected by this one: a clear
     error naming what differs. Fields a tokens file does not record (older files) are not compared."""
     ours = token_identity(vlm)
-    made = dict(video.meta)
-    made.setdefault("vision_hidden", int(video.tokens.shape[-1]))
-    if int(video.tokens.shape[-1]) != ours["vision_hidden"]:
-        made["vision_hidden"] = int(video.tokens.shape[-1])
+    made = {**video.meta, "vision_hidden": int(video.tokens.shape[-1])}  # the tokens' own width is the truth
     differences = []
     for key, label in IDENTITY_NAMES.items():
         theirs = made.get(key)

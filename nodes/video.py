@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sample_video
-from ..comfy_visionzip.budget import POLICIES, context_length
+from ..comfy_visionzip.budget import POLICIES, cap_budget, context_length
 from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
 
@@ -174,18 +174,13 @@ class VisionZipFrameBudget:
             if token_budget == 0:
                 missing = "a video" if model is not None else "a model and a video"
                 raise ValueError(f"a token budget of 0 means the model's context: connect {missing}")
-            context = context_length(model.vlm) if model is not None else None
             note = "arithmetic only: connect a model and a video to count the prompt"
-            if model is not None:  # the answer's room is known; the prompt's text needs the video's timestamps
+            if model is not None:  # the context and the answer's room are known; the prompt needs the video
                 reserved += max_new_tokens
                 note = (f"{max_new_tokens} of the reserve for the answer; arithmetic only: connect a video to count "
                         "the prompt exactly")
-            if context is not None and token_budget > context:
-                if policy == "strict":
-                    raise ValueError(f"a budget of {token_budget} tokens is more than the model's context of {context}; "
-                                     f"use at most {context} (or 0 for the context)")
-                note = f"budget {token_budget} capped at the model's context of {context}; " + note
-                token_budget = context
+                token_budget, capped = cap_budget(token_budget, context_length(model.vlm), policy)
+                note = f"{capped}; {note}" if capped else note
             frames = frames_for_budget(token_budget, tokens_per_frame, reserved=reserved, max_frames=max_frames or None)
             summary = (f"{frames} frames x {tokens_per_frame} tokens = {frames * tokens_per_frame} of {token_budget} "
                        f"tokens ({reserved} reserved); {note}")

@@ -75,7 +75,7 @@ def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, se
     with pytest.raises(ValueError, match="a token budget of 0 means the model's context: connect a video$"):
         nodes["VisionZipFrameBudget"]().plan(token_budget=0, tokens_per_frame=10, model=model)
     capped = nodes["VisionZipFrameBudget"]().plan(token_budget=8000, tokens_per_frame=64, model=model, max_new_tokens=96)
-    assert capped["result"][0] == (4096 - 96) // 64 and "capped at the model's context of 4096" in capped["result"][1]
+    assert capped["result"][0] == (4096 - 96) // 64 and "capped at the context of 4096" in capped["result"][1]
     with pytest.raises(ValueError, match="no video: Frame Budget's video output is empty"):
         nodes["VisionZipVideoToTokens"]().run(model=model, video=None, method="visionzip", dominant=9, contextual=1,
                                               tokens_per_frame=0, batch_size=0)
