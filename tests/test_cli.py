@@ -134,3 +134,11 @@ def test_a_corrupt_model_folder_is_one_clear_line(tiny_model_dir, tmp_path, clip
         assert main(["ask", path, "q", "--model", str(folder)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_ask_shows_a_progress_bar_with_the_time_left(tiny_model_dir, clip_factory, capsys):
+    path = clip_factory("bar.mp4", frames=60, options={"g": "10"})
+    assert main(["ask", path, "What happens ?", "--model", tiny_model_dir("llava"), "--frames", "12", "--batch-size", "3",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "sample + encode + zip" in err and "/12 [" in err and "<" in err  # tqdm: done/total [elapsed<left]
