@@ -106,7 +106,8 @@ class Chat:
                                  "to answer with; load a LLaVA-family checkpoint (Load VLM) to ask questions")
         self.vlm = vlm
         self.video = video
-        self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps))
+        self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps),
+                                    kind=vlm.family.content_kind(video))
         self.kind, self.token_id, self.token_text = self.prompt.kind, self.prompt.token_id, self.prompt.token_text
         self.template = self.prompt.template
         self.timestamps = self.prompt.timestamps
@@ -117,8 +118,10 @@ class Chat:
             raise VisionZipError(f"reserve must be an integer >= 0 (tokens kept for follow-ups), got {reserve!r}")
         self.reserve = reserve
         self.note = ""  # what the fit policy changed, if anything
+        self._asking: int | None = None  # the first prompt's length while the first turn runs
         t = time.perf_counter()
         self.visual = project(vlm, video)  # (N, D_text)
+        self.family_state = vlm.family.chat_state(vlm, video)  # what else the family runs with (positions, DeepStack)
         self.project_seconds = time.perf_counter() - t
         self.messages: list[dict] = []
         self.turns: list[Turn] = []
@@ -129,6 +132,14 @@ class Chat:
         self._logits_kwarg = _logits_kwarg(vlm.model)
         # transformers >= 5.2x calls the cache `cache` (past_key_values is deprecated); 4.50 only knows past_key_values
         self._cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
+        self.cache_kwarg = self._cache_kwarg
+
+    @property
+    def first_prompt_length(self) -> int | None:
+        """Tokens of the first turn's prompt (where the first answer began), once asked."""
+        if not self.turns:
+            return self._asking
+        return self.turns[0].prefill_tokens + self.turns[0].cached_tokens
 
     # ---- prompt
     def prompt_video(self) -> PromptVideo:
@@ -200,6 +211,7 @@ class Chat:
             raise VisionZipError(f"the video does not fit: {numbers}; {fix}")
         self.video = self.video.select(uniform_pick(frames, fitted))
         self.visual = project(self.vlm, self.video)
+        self.family_state = self.vlm.family.chat_state(self.vlm, self.video)
         ids = self._ids(messages)
         self.note = (f"fitted to the context: {numbers}; kept {fitted} of {frames} frames (evenly spread): "
                      f"prompt {len(ids)} + answer {config.max_new_tokens}{f' + follow-ups {self.reserve}' if self.reserve else ''}"
@@ -221,18 +233,18 @@ class Chat:
                 emb[0, mask] = self.visual[first: first + count].to(emb.dtype)
         return emb
 
-    def _run(self, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, emb: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
+        """Run ids[start:] (embedded) through the model, the family's way; returns the next-token logits."""
         from transformers import DynamicCache
 
         if self.cache is None:
             self.cache = DynamicCache()
-        kwargs = {"inputs_embeds": emb, self._cache_kwarg: self.cache, "use_cache": True}
+        kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
         if self._logits_kwarg:
             kwargs[self._logits_kwarg] = 1
         with torch.inference_mode():
-            out = self.vlm.model(**kwargs)
-        self.cache = getattr(out, self._cache_kwarg)
-        return out.logits[0, -1].float()
+            logits, self.cache = self.vlm.family.run(self, emb, ids, start, kwargs)
+        return logits
 
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int, int]:
         """Run what the cache does not cover yet; returns (next-token logits, tokens run, tokens reused)."""
@@ -247,7 +259,7 @@ class Chat:
             self.cache = None
         elif common < len(self.cached_ids):
             self.cache.crop(common - len(self.cached_ids))  # negative: drop that many (transformers 4.50 and 5.x)
-        logits = self._run(self._embed(ids, common))
+        logits = self._run(self._embed(ids, common), ids, common)
         self.cached_ids = list(ids)
         return logits, len(ids) - common, common
 
@@ -268,6 +280,7 @@ class Chat:
         ids = self._followup_ids(messages) if self.turns else None
         ids = self._check_room(ids or self._ids(messages), messages, config)
         t1 = time.perf_counter()
+        self._asking = None if self.turns else len(ids)
         logits, prefilled, reused = self.prefill(ids)
         t2 = time.perf_counter()
         try:
@@ -309,7 +322,8 @@ class Chat:
             if stop_at >= 0 or len(self.cached_ids) + 1 > self.context:
                 break  # a stop string, or the context is full (never reached through ask(), which keeps room)
             self.cached_ids.append(token)
-            logits = self._run(self._embed(self.cached_ids, len(self.cached_ids) - 1))
+            logits = self._run(self._embed(self.cached_ids, len(self.cached_ids) - 1), self.cached_ids,
+                               len(self.cached_ids) - 1)
         return shown.strip(), len(out)
 
     def fork(self) -> Chat:

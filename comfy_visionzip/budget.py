@@ -101,9 +101,15 @@ def cap_budget(budget: int, context: int, policy: str) -> tuple[int, str | None]
 
 def thinned_prompt(frames: int, layout, timestamps: Sequence[float], duration: float | None) -> Callable[[int], PromptVideo]:
     """``video(n)``: what the prompt says of a video of ``frames`` frames thinned evenly to n of them."""
+    unit = getattr(layout, "frames_per_unit", 1)
+
     def video(n: int) -> PromptVideo:
         keep = uniform_pick(frames, n)
-        return PromptVideo(n, layout.total(n), tuple(timestamps[k] for k in keep) if timestamps else (), duration)
+        times = [timestamps[k] for k in keep] if timestamps else []
+        if unit > 1:  # encoded frames are temporal patches of `unit` frames: their mean time, the last one padded
+            times = times + times[-1:] * ((-len(times)) % unit) if times else []
+            times = [sum(times[i: i + unit]) / unit for i in range(0, len(times), unit)]
+        return PromptVideo(layout.units(n), layout.total(n), tuple(times), duration)
     return video
 
 

@@ -54,6 +54,8 @@ class Preprocess:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale: float = 1 / 255
     pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres grid resolutions (height, width)
+    # dynamic resolution (Qwen): (patch x merge factor, min pixels, max pixels, patch, temporal patch)
+    pixels: tuple[int, int, int, int, int] | None = None
 
     @property
     def tile(self) -> int:
@@ -489,6 +491,8 @@ class CompressedVideo:
     preprocess: Preprocess | None = None  # how frames were turned into pixels (to draw heatmaps on frames)
     source: str = ""
     meta: dict = field(default_factory=dict)  # model name, settings (for saving and checking)
+    # (frames, K) int32: the grid cell each token stands at (Qwen families: their 3D rotary positions)
+    positions: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:
@@ -513,7 +517,8 @@ class CompressedVideo:
             self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
             indices=[self.indices[f] for f in keep] if self.indices else [],
             scores=self.scores[rows] if self.scores is not None else None,
-            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta))
+            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
+            positions=self.positions[keep] if self.positions is not None else None)
 
     def summary(self) -> str:
         where = f" of {self.source}" if self.source else ""
@@ -556,7 +561,9 @@ def encode_frames(
     previews, side-by-side method comparisons). Long videos go through :func:`compress_frames`."""
     parts, views, times, indices = [], [], [], []
     done = 0
+    batch_size = _unit_batch(encoder, batch_size)
     for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size):
+        batch_times, batch_indices = frame_times(encoder, batch_times, batch_indices)
         encoded = encoder.encode(frames, batch_size=batch_size * 8)
         parts.append(EncodedImages(encoded.hidden.to("cpu"), encoded.scores.to("cpu"), encoded.keys.to("cpu"),
                                    encoded.cls_token, encoded.grid, encoded.crops, meta=encoded.meta))
@@ -589,7 +596,21 @@ def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant
         scores=encoded.scores.to("cpu", torch.float16) if keep_maps else None,
         assignment=result.assignment.to("cpu", torch.int16) if keep_maps else None,
         preprocess=encoder.preprocess_spec, meta=dict(encoded.meta),
+        positions=result.positions.to("cpu", torch.int32) if result.positions is not None else None,
     )
+
+
+def frame_times(encoder, times: list[float], indices: list[int]) -> tuple[list[float], list[int]]:
+    """Times and frame numbers per encoded frame: the encoder's own grouping (Qwen: per temporal patch)."""
+    if hasattr(encoder, "units"):
+        return encoder.units(times, indices)
+    return times, indices
+
+
+def _unit_batch(encoder, size: int) -> int:
+    """A batch size that keeps an encoder's temporal patches whole (a multiple of its frames per unit)."""
+    unit = getattr(encoder, "frames_per_unit", 1)
+    return max(unit, -(-int(size) // unit) * unit)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -646,6 +667,7 @@ def compress_frames(
     if not batch_size:
         batch_size = auto_batch_size(encoder)
         log.info("encoder batch: %d frames (sized to %s)", batch_size, encoder.device)
+    batch_size = _unit_batch(encoder, batch_size)
     limit = int(batch_size)  # frames per forward; halved on out-of-memory
     out = _Accumulator(total)
     done = 0
@@ -657,7 +679,7 @@ def compress_frames(
             stop = start + limit
             try:
                 encoded = encoder.encode(frames[start:stop], batch_size=limit * 8)
-                encoded.timestamps, encoded.indices = times[start:stop], indices[start:stop]
+                encoded.timestamps, encoded.indices = frame_times(encoder, times[start:stop], indices[start:stop])
                 out.add(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
                                          method=method, keep_maps=keep_maps))
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
@@ -666,10 +688,10 @@ def compress_frames(
                 encoded = None
                 if encoder.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if limit == 1:
+                if limit <= getattr(encoder, "frames_per_unit", 1):
                     raise VisionZipError(f"out of memory encoding a single frame on {encoder.device} ({str(e)[:120]}); "
                                          "free memory (other models), use a smaller dtype, or the CPU") from e
-                limit = max(1, limit // 2)
+                limit = _unit_batch(encoder, max(1, limit // 2))
                 log.warning("out of memory encoding on %s; retrying with batches of %d frames", encoder.device, limit)
                 continue
             start = stop
@@ -684,6 +706,7 @@ def compress_frames(
         tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
         contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
         assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
+        positions=out.positions(),
     )
 
 
@@ -704,7 +727,12 @@ class _Accumulator:
         self.timestamps: list[float] = []
         self.indices: list[int] = []
 
+    def positions(self) -> torch.Tensor | None:
+        return torch.cat(self.cells) if self.cells and all(c is not None for c in self.cells) else None
+
     def add(self, part: CompressedVideo) -> None:
+        self.cells = getattr(self, "cells", [])
+        self.cells.append(part.positions)
         self.first = self.first or part
         self.timestamps += part.timestamps
         self.indices += part.indices

@@ -50,6 +50,8 @@ def _shown(value) -> str:
 
 
 def _shown_spec(spec) -> str:
+    if spec.pixels:
+        return f"{spec.pixels[1]}..{spec.pixels[2]} pixels in multiples of {spec.pixels[0]}"
     size = spec.crop_hw or spec.resize_hw or (spec.shortest_edge, spec.shortest_edge)
     return f"{size[0]}x{size[1]}{' anyres' if spec.pinpoints else ''}"
 
@@ -63,10 +65,8 @@ def arrange(vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size
 def project(vlm, video: CompressedVideo) -> torch.Tensor:
     """(N, D_text): every visual token of the video, projected by the model's own projector, in prompt order."""
     check_compatible(vlm, video)
-    tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
     with torch.inference_mode():
-        projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
-        return arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"))
+        return vlm.family.project(vlm, video)
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,17 @@ class VisualLayout:
     extra: int  # placeholders once per video (LLaVA-OneVision's closing newline)
     crops: int  # images the tower sees per frame (anyres: the whole frame + tiles)
     per_image: int  # tokens each image keeps
+    frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: two per temporal patch)
+
+    def units(self, frames: int) -> int:
+        """Encoded frames (temporal patches) that ``frames`` sampled frames make (an odd last one is repeated)."""
+        return -(-frames // self.frames_per_unit)
 
     def total(self, frames: int) -> int:
-        return frames * self.per_frame + self.extra
+        return self.units(frames) * self.per_frame + self.extra
 
     def frames_for(self, visual_tokens: int) -> int:
-        return max((visual_tokens - self.extra) // self.per_frame, 0)
+        return max((visual_tokens - self.extra) // self.per_frame, 0) * self.frames_per_unit
 
 
 def crops_per_frame(spec, frame_size) -> int:
@@ -103,6 +108,9 @@ def visual_layout(vlm, *, method: str = "visionzip", dominant: int = 54, context
     Runs the encoder's own compressor and the family's own arranging on zeros (no pixels, no tower
     forward), so it also validates ``dominant`` / ``contextual`` against the tower before any decoding.
     """
+    own = vlm.family.layout(vlm, method=method, dominant=dominant, contextual=contextual, frame_size=frame_size)
+    if own is not None:
+        return own
     encoder = vlm.video_encoder()
     crops = crops_per_frame(encoder.preprocess_spec, frame_size)
     seq = encoder.tokens_per_image

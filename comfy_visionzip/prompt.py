@@ -53,10 +53,11 @@ def chat_template(vlm) -> str:
     raise VisionZipError(f"{vlm.path}: no chat template (chat_template.jinja / .json or in the tokenizer config)")
 
 
-def placeholder(vlm) -> tuple[str, int, str]:
-    """(content type for the template, placeholder token id, its text) for frames of this family."""
+def placeholder(vlm, kind: str | None = None) -> tuple[str, int, str]:
+    """(content type for the template, placeholder token id, its text) for frames of this family
+    (``kind`` "image" / "video" overrides the family's usual one)."""
     config = vlm.config
-    if vlm.family.video_input == "video":
+    if (kind or vlm.family.video_input) == "video":
         token_id = config.get("video_token_index", config.get("video_token_id"))
         kind = "video"
     else:
@@ -74,9 +75,10 @@ class PromptBuilder:
     message, as the LLaVA processors put it.
     """
 
-    def __init__(self, vlm, *, system: str | None = None, timestamps: bool = True) -> None:
+    def __init__(self, vlm, *, system: str | None = None, timestamps: bool = True, kind: str | None = None) -> None:
         self.vlm = vlm
-        self.kind, self.token_id, self.token_text = placeholder(vlm)
+        self.family = vlm.family
+        self.kind, self.token_id, self.token_text = placeholder(vlm, kind)
         self.template = chat_template(vlm)
         self.system = system
         self.timestamps = timestamps
@@ -84,6 +86,9 @@ class PromptBuilder:
     def _visual_text(self, video: PromptVideo, per_frame: int | None = None) -> str:
         """The placeholder run for the video (``per_frame`` overrides the count, for fast counting)."""
         stamps = self.timestamps and bool(video.timestamps)
+        own = self.family.visual_text(self, video, per_frame, stamps)
+        if own is not None:
+            return own
         if self.kind == "video":
             return self.token_text * (video.visual_tokens if per_frame is None else per_frame)
         count = video.visual_tokens // max(video.num_frames, 1) if per_frame is None else per_frame
@@ -102,7 +107,7 @@ class PromptBuilder:
             convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         for i, m in enumerate(messages):
             if m["role"] == "user" and i == 0:
-                text = (time_instruction(video) if stamps and self.kind == "video" else "") + m["text"]
+                text = (self.family.time_text(video) if stamps and self.kind == "video" else "") + m["text"]
                 content = [{"type": self.kind}, {"type": "text", "text": text}]
             else:
                 content = [{"type": "text", "text": m["text"]}]
@@ -112,7 +117,10 @@ class PromptBuilder:
         if text.count(self.token_text) != 1:
             raise VisionZipError(f"the chat template rendered {text.count(self.token_text)} {self.token_text!r} "
                                  "placeholders for one video; expected exactly one")
-        return text.replace(self.token_text, self._visual_text(video, per_frame))
+        span = self.family.placeholder_span(self.token_text)
+        if text.count(span) != 1:
+            raise VisionZipError(f"the chat template did not render the vision part as {span!r}")
+        return text.replace(span, self._visual_text(video, per_frame))
 
     def ids(self, video: PromptVideo, messages: list[dict]) -> list[int]:
         """The token ids of the conversation (what the model prefills), checked against the video."""

@@ -78,8 +78,10 @@ def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int =
     import torch
     import transformers as tf
 
+    if family in QWEN_FAMILIES:
+        return build_tiny_qwen(family, folder, seed=seed)
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES + QWEN_FAMILIES)}")
     torch.manual_seed(seed)
     folder = os.fspath(folder)
     tok = make_tokenizer()
@@ -150,3 +152,113 @@ def save_checkpoint(folder: str | os.PathLike[str], model, tokenizer, image_proc
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(chat_template)
     return folder
+
+
+# ---------------------------------------------------------------------------------------- Qwen families
+
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+QWEN_WORDS = ["system", "user", "assistant", "You", "are", "helpful", "seconds", "<", ">", *"0123456789", *WORDS[3:]]
+
+# The Qwen2.5-VL chat template (ChatML; a default system message; vision parts as vision_start + pad + vision_end)
+QWEN2_5_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL's template renders vision parts the same way and has no default system message
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string %}{{ message['content'] }}{%- else %}"
+    "{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{ content['text'] }}{%- endif %}{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def make_qwen_tokenizer(template: str, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(QWEN_SPECIAL + QWEN_WORDS)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(QWEN_SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=template,
+    )
+
+
+def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int = 6, seed: int = 0) -> str:
+    """A tiny random Qwen2.5-VL or Qwen3-VL checkpoint (vision width 32, 4 blocks; text width 32, 2 layers)
+    with the families' special tokens, chat template and processor configs."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    template = QWEN2_5_VL_TEMPLATE if family == "qwen2_5_vl" else QWEN3_VL_TEMPLATE
+    tok = make_qwen_tokenizer(template)
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    factor = patch * 2
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, bos_token_id=None)
+    mrope = [2, 1, 1]  # head_dim 8: (time, height, width) sections of its 4 rotary frequencies
+    if family == "qwen2_5_vl":
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
+                      temporal_patch_size=2, tokens_per_second=2, window_size=factor * 2, out_hidden_size=32,
+                      fullatt_block_indexes=[1, 3])
+        rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0}
+        text_config = tf.Qwen2_5_VLTextConfig(**text, rope_scaling=rope) if _major() < 5 else \
+            tf.Qwen2_5_VLTextConfig(**text, rope_parameters=rope)
+        config = tf.Qwen2_5_VLConfig(text_config=text_config.to_dict(), vision_config=vision, **ids)
+        if _major() < 5:  # 4.x keeps the text settings on the top config
+            config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, rope_scaling={"type": "mrope", "mrope_section": mrope},
+                                         **ids)
+        model = tf.Qwen2_5_VLForConditionalGeneration(config)
+        processor = "Qwen2VLImageProcessor"
+    elif family == "qwen3_vl":
+        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        rope = {"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True, "rope_theta": 5000000.0}
+        config = tf.Qwen3VLConfig(text_config={**text, "head_dim": 8, "rope_parameters": rope}, vision_config=vision, **ids)
+        model = tf.Qwen3VLForConditionalGeneration(config)
+        processor = "Qwen2VLImageProcessor"
+    else:
+        raise ValueError(f"unknown Qwen family {family!r}; valid: {', '.join(QWEN_FAMILIES)}")
+    pixels = {"min_pixels": factor * factor * 4, "max_pixels": factor * factor * 64}  # 4..64 merged tokens per frame
+    common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+              "do_convert_rgb": True, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
+              "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}, **pixels}
+    image_proc = {"image_processor_type": processor, **common}
+    video_proc = {"video_processor_type": "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor",
+                  **common, "fps": 2.0}
+    return save_checkpoint(folder, model, tok, image_proc, video_proc, chat_template=template)
+
+
+def _major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])

@@ -2,7 +2,8 @@
 
 Supported (Hugging Face transformers classes, detected from ``config.json``'s ``model_type``):
 LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``), LLaVA-NeXT-Video (``llava_next_video``),
-Video-LLaVA (``video_llava``), LLaVA-OneVision (``llava_onevision``).
+Video-LLaVA (``video_llava``), LLaVA-OneVision (``llava_onevision``), Qwen2.5-VL (``qwen2_5_vl``),
+Qwen3-VL (``qwen3_vl``).
 
 Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files need
 ``allow_pickle=True``), and ``trust_remote_code`` is never used.
@@ -405,7 +406,7 @@ def token_identity(vlm: VisionLanguageModel) -> dict:
                 "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict"):
         vision.pop(key, None)
     digest = hashlib.sha1(json.dumps(vision, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {"family": vlm.family.model_type, "vision_hidden": int(encoder.tower.config.hidden_size),
+    return {"family": vlm.family.model_type, "vision_hidden": vlm.family.token_width(vlm),
             "grid": list(encoder.grid), "select_layer": int(encoder.layer_index), "tower_layers": int(encoder.num_layers),
             "select_strategy": encoder.select_strategy, "tower": digest}
 

@@ -42,6 +42,7 @@ class ZipResult:
     contextual_positions: torch.Tensor  # (B, n_contextual) long: the target token of each contextual token
     assignment: torch.Tensor  # (B, S) long: output token carrying each input position; -1 = dropped
     method: str = "visionzip"
+    positions: torch.Tensor | None = None  # (B, K) the input position each output token stands at (Qwen families)
 
     @property
     def num_tokens(self) -> int:

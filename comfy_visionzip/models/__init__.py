@@ -8,11 +8,13 @@ from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_next_video import LlavaNextVideo
 from .onevision import Onevision
+from .qwen2_5_vl import Qwen2_5_VL
+from .qwen3_vl import Qwen3_VL
 from .video_llava import VideoLlava
 
 FAMILIES: dict[str, FamilyModule] = {
     family.model_type: family
-    for family in (Llava(), LlavaNext(), LlavaNextVideo(), VideoLlava(), Onevision())
+    for family in (Llava(), LlavaNext(), LlavaNextVideo(), VideoLlava(), Onevision(), Qwen2_5_VL(), Qwen3_VL())
 }
 
 __all__ = ["FAMILIES", "BareTower", "FamilyModule"]

@@ -45,6 +45,47 @@ class FamilyModule:
         """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order."""
         return projected.reshape(-1, projected.shape[-1])
 
+    def token_width(self, vlm) -> int:
+        """The width of the tokens this family's encoder makes (what a tokens file must match)."""
+        return int(vlm.video_encoder().tower.config.hidden_size)
+
+    def project(self, vlm, video) -> torch.Tensor:
+        """(N, D_text): the video's tokens through the model's projector, arranged in prompt order."""
+        tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
+        projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
+        return self.arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"))
+
+    def layout(self, vlm, *, method: str, dominant: int, contextual: int, frame_size):
+        """A VisualLayout computed by the family itself, or None (then counted by arranging zeros)."""
+        return None
+
+    def content_kind(self, video) -> str:
+        """How the video goes into the template: "image" (per-frame placeholders) or "video"."""
+        return self.video_input
+
+    def time_text(self, video) -> str:
+        """Text before the question telling when frames were taken (LLaVA-Video's time instruction)."""
+        from ..prompt import time_instruction
+
+        return time_instruction(video) if self.video_input == "video" else ""
+
+    def placeholder_span(self, token_text: str) -> str:
+        """The text of the rendered template that the visual tokens replace."""
+        return token_text
+
+    def visual_text(self, builder, video, per_frame, stamps) -> str | None:
+        """The text replacing the template's placeholder, or None for the default expansion."""
+        return None
+
+    def chat_state(self, vlm, video):
+        """What a chat about ``video`` keeps besides the projected tokens (positions, DeepStack), or None."""
+        return None
+
+    def run(self, chat, emb: torch.Tensor, ids: list[int], start: int, cache_kwargs: dict):
+        """Run ids[start:] (embedded as ``emb``) through the model; returns (last logits, cache)."""
+        out = chat.vlm.model(inputs_embeds=emb, **cache_kwargs)
+        return out.logits[0, -1].float(), getattr(out, chat.cache_kwarg)
+
 
 class BareTower(FamilyModule):
     """What a bare vision tower (no language model) answers to where a family is asked."""
