@@ -25,6 +25,8 @@ def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
         tensors["scores"] = video.scores.contiguous()
     if video.assignment is not None:
         tensors["assignment"] = video.assignment.contiguous()
+    if video.positions is not None:
+        tensors["positions"] = video.positions.contiguous()
     meta = {
         "format": FORMAT,
         "timestamps": video.timestamps, "indices": video.indices, "method": video.method,
@@ -63,7 +65,7 @@ def load_tokens(path: str | os.PathLike[str], *, model=None) -> CompressedVideo:
         tokens=tensors["tokens"], timestamps=meta["timestamps"], indices=meta["indices"], method=meta["method"],
         dominant=meta["dominant"], contextual=meta["contextual"], crops=meta["crops"], grid=tuple(meta["grid"]),
         cls_token=meta["cls_token"], scores=tensors.get("scores"), assignment=tensors.get("assignment"),
-        preprocess=prep, source=meta.get("source", ""), meta=meta.get("meta", {}),
+        preprocess=prep, source=meta.get("source", ""), meta=meta.get("meta", {}), positions=tensors.get("positions"),
     )
     if model is not None:
         check_compatible(model, video)

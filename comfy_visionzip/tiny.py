@@ -157,6 +157,7 @@ def save_checkpoint(folder: str | os.PathLike[str], model, tokenizer, image_proc
 # ---------------------------------------------------------------------------------------- Qwen families
 
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+ALL_FAMILIES = FAMILIES + QWEN_FAMILIES
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<|video_pad|>"]
 QWEN_WORDS = ["system", "user", "assistant", "You", "are", "helpful", "seconds", "<", ">", *"0123456789", *WORDS[3:]]
@@ -230,12 +231,11 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
                       temporal_patch_size=2, tokens_per_second=2, window_size=factor * 2, out_hidden_size=32,
                       fullatt_block_indexes=[1, 3])
         rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0}
-        text_config = tf.Qwen2_5_VLTextConfig(**text, rope_scaling=rope) if _major() < 5 else \
-            tf.Qwen2_5_VLTextConfig(**text, rope_parameters=rope)
-        config = tf.Qwen2_5_VLConfig(text_config=text_config.to_dict(), vision_config=vision, **ids)
         if _major() < 5:  # 4.x keeps the text settings on the top config
             config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, rope_scaling={"type": "mrope", "mrope_section": mrope},
                                          **ids)
+        else:
+            config = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
         model = tf.Qwen2_5_VLForConditionalGeneration(config)
         processor = "Qwen2VLImageProcessor"
     elif family == "qwen3_vl":

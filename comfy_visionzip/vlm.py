@@ -225,6 +225,10 @@ def load_vlm(
 
     folder = resolve_model_path(path_or_id)
     family, config = detect_family(folder)
+    cls = getattr(transformers, family.class_name, None)
+    if cls is None:
+        raise VisionZipError(f"{family.display} needs a newer transformers: this one ({transformers.__version__}) has no "
+                             f"{family.class_name}; upgrade transformers (pip install -U transformers)")
     files = os.listdir(folder)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     if not has_safetensors and not allow_pickle:
@@ -237,9 +241,6 @@ def load_vlm(
     _check_files(folder, files)
     device_ = _pick_device(device)
     dtype_ = _pick_dtype(dtype, device_)
-    cls = getattr(transformers, family.class_name, None)
-    if cls is None:
-        raise VisionZipError(f"this transformers ({transformers.__version__}) has no {family.class_name}; upgrade transformers")
     kwargs: dict[str, Any] = dict(attn_implementation=attn_implementation, use_safetensors=has_safetensors,
                                   trust_remote_code=False)
     quant = _quantization_config(quantization, device_)

@@ -429,7 +429,10 @@ class QwenFamily(FamilyModule):
             tokens = video.tokens.to(vlm.device, vlm.dtype)
             deep = [tokens[..., width * (i + 1): width * (i + 2)].reshape(-1, width) for i in range(encoder.deepstack)]
         times = list(video.timestamps)
-        spacing = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 1.0
+        # seconds between temporal patches (the processor's temporal_patch_size / fps); the last patch may hold a
+        # repeated frame, so it is left out where there are others
+        span = times[:-1] if len(times) > 2 else times
+        spacing = round((span[-1] - span[0]) / (len(span) - 1), 6) if len(span) > 1 else 1.0
         return {"grid": grid, "positions": video.positions.long(), "deepstack": deep, "spacing": float(spacing),
                 "rope": None}
 
