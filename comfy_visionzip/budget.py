@@ -148,6 +148,7 @@ class BudgetPlan:
     context: int  # the model's context window
     policy: str
     reasons: list[str] = field(default_factory=list)
+    frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: a temporal patch of two)
 
     @property
     def total_tokens(self) -> int:
@@ -162,9 +163,13 @@ class BudgetPlan:
         if self.follow_up_tokens:
             reserve += f" + follow-ups {self.follow_up_tokens}"
         split = f" ({self.dominant}+{self.contextual} per image)" if self.method == "visionzip" else f" ({self.method})"
-        once = self.visual_tokens - self.frames * self.per_frame
+        unit = self.frames_per_unit
+        units = -(-self.frames // unit)
+        once = self.visual_tokens - units * self.per_frame
         extra = f" + {once} closing newline" if once else ""
-        head = (f"{self.frames} frames x {self.per_frame} tokens{split} = {self.frames * self.per_frame} visual tokens"
+        frames = f"{self.frames} frames" if unit == 1 else f"{self.frames} frames = {units} temporal patches of {unit}"
+        what = "tokens" if unit == 1 else "tokens each"
+        head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
                 f"{extra}; "
                 f"prompt {self.prompt_tokens}{reserve} = {self.total_tokens} of {self.budget} tokens"
                 f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
@@ -298,7 +303,7 @@ def plan_budget(
         video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
         dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=layout.total(frames),
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
-        context=context, policy=policy, reasons=reasons,
+        context=context, policy=policy, reasons=reasons, frames_per_unit=getattr(layout, "frames_per_unit", 1),
     )
 
 

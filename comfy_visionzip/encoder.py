@@ -525,7 +525,9 @@ class CompressedVideo:
         per_image = self.tokens_per_frame // max(self.crops, 1)
         how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
                "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
-        return (f"{self.num_frames} frames{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
+        unit = int(self.meta.get("frames_per_unit", 1))
+        frames = f"{self.num_frames} frames" if unit == 1 else f"{self.num_frames} temporal patches ({unit} frames each)"
+        return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
                 f"({how}, {self.crops} image(s) per frame)")
 
 
@@ -705,7 +707,8 @@ def compress_frames(
     return CompressedVideo(
         tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
         contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
-        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
+        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source),
+        meta={**first.meta, **({"frames_per_unit": encoder.frames_per_unit} if getattr(encoder, "frames_per_unit", 1) > 1 else {})},
         positions=out.positions(),
     )
 

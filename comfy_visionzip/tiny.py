@@ -236,6 +236,7 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
                                          **ids)
         else:
             config = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+        config.bos_token_id = None  # the word-level vocabulary has no BOS (the real one is past its end)
         model = tf.Qwen2_5_VLForConditionalGeneration(config)
         processor = "Qwen2VLImageProcessor"
     elif family == "qwen3_vl":
@@ -247,7 +248,7 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
         processor = "Qwen2VLImageProcessor"
     else:
         raise ValueError(f"unknown Qwen family {family!r}; valid: {', '.join(QWEN_FAMILIES)}")
-    pixels = {"min_pixels": factor * factor * 4, "max_pixels": factor * factor * 64}  # 4..64 merged tokens per frame
+    pixels = {"min_pixels": factor * factor * 16, "max_pixels": factor * factor * 256}  # 16..256 merged tokens per frame
     common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
               "do_convert_rgb": True, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,

@@ -10,7 +10,8 @@ How VisionZip reads these towers (the semantics of the VisionZip authors' Qwen2.
     held for a whole batch); keys are the same block's, averaged over heads;
   - scores and keys are averaged over each 2x2 merge group, so one score and one key belong to one
     merged token, and Qwen2.5-VL's window order is undone before anything is selected;
-  - dominant + contextual selection runs on the merged tokens (the merger's output); a contextual token
+  - dominant + contextual selection runs on the merged tokens (the merger's output; frames vary in size,
+    and one with no more merged tokens than asked for keeps them all); a contextual token
     is its target + the mean of the tokens that joined it (as for LLaVA); the kept tokens stay in
     raster order, a contextual token in its target's place;
   - positions: the model's own ``get_rope_index`` runs on the uncompressed layout, and each kept token
@@ -311,6 +312,8 @@ class QwenEncoder:
         if method not in METHODS:
             raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
         hidden = encoded.hidden
+        if method != "full" and dominant + contextual >= hidden.shape[1]:
+            method = "full"  # a small frame has no more merged tokens than asked for: all of them are kept
         if method == "visionzip":
             result = compress(hidden, encoded.scores, encoded.keys, dominant, contextual, cls_token=False)
         elif method == "full":
@@ -385,12 +388,9 @@ class QwenFamily(FamilyModule):
 
         encoder = vlm.video_encoder()
         full = encoder.tokens_for(frame_size) if frame_size else encoder.tokens_per_image
-        if method == "full":
+        if method == "full" or dominant + contextual >= full:  # a frame this small keeps all its merged tokens
             per = full
         else:
-            if dominant + contextual > full:
-                raise VisionZipError(f"asked for {dominant} dominant + {contextual} contextual = {dominant + contextual} "
-                                     f"tokens, but each frame has only {full} merged tokens at this size")
             probe = EncodedImages(torch.zeros(1, full, 1), torch.zeros(1, full), torch.zeros(1, full, 1), False,
                                   encoder.grid_for(frame_size) if frame_size else (1, full))
             per = encoder.zip(probe, dominant, contextual, method).tokens.shape[1]
