@@ -707,8 +707,7 @@ def compress_frames(
     return CompressedVideo(
         tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
         contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
-        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source),
-        meta={**first.meta, **({"frames_per_unit": encoder.frames_per_unit} if getattr(encoder, "frames_per_unit", 1) > 1 else {})},
+        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
         positions=out.positions(),
     )
 
@@ -789,7 +788,9 @@ class _Accumulator:
 def kept_count(video: CompressedVideo) -> int:
     """How many of each image's output tokens are kept tokens (drawn as such in previews)."""
     if video.method == "visionzip":
-        return video.dominant
+        per_image = video.tokens_per_frame // max(video.crops, 1)
+        # a frame with no more tokens than asked for (Qwen's small frames) keeps every token
+        return per_image if per_image < video.dominant + video.contextual else video.dominant
     if video.method in ("uniform", "full"):
         return video.tokens_per_frame // max(video.crops, 1)
     return 0  # pool: every token is a merge of a cell

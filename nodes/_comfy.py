@@ -86,12 +86,17 @@ def model_roots() -> list[str]:
 
 
 def list_model_folders() -> list[str]:
-    """Checkpoint folders (those with a config.json) under the model roots, as 'root-name/folder'."""
+    """Checkpoint folders (those with a config.json) under the model roots: 'folder', or 'group/folder' one
+    level down (other packs keep e.g. models/LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct)."""
     found = []
     for root in model_roots():
         for name in sorted(os.listdir(root)):
-            if os.path.isfile(os.path.join(root, name, "config.json")):
+            folder = os.path.join(root, name)
+            if os.path.isfile(os.path.join(folder, "config.json")):
                 found.append(name)
+            elif os.path.isdir(folder):
+                found += [f"{name}/{sub}" for sub in sorted(os.listdir(folder))
+                          if os.path.isfile(os.path.join(folder, sub, "config.json"))]
     return list(dict.fromkeys(found))
 
 

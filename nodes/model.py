@@ -35,9 +35,9 @@ class ModelHandle:
 
 
 class VisionZipLoadVLM:
-    DESCRIPTION = ("Loads a LLaVA-family checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, Video-LLaVA, "
-                   "LLaVA-OneVision) from ComfyUI/models/visionzip/<folder>, or from a path. Safetensors only; "
-                   "remote code is never run.")
+    DESCRIPTION = ("Loads a vision-language checkpoint (LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video, Video-LLaVA, "
+                   "LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) from ComfyUI/models/visionzip/<folder> (or models/LLM), "
+                   "or from a path. Safetensors only; remote code is never run.")
     CATEGORY = "VisionZip/model"
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
@@ -71,8 +71,9 @@ class VisionZipLoadVLM:
         # Only `model` is named: ComfyUI checks the other inputs itself; `path` overrides it and is checked when run.
         if not model or os.path.isdir(_comfy.resolve_model(model)):
             return True
+        org = "Qwen" if model.lower().startswith("qwen") else "llava-hf"
         return (f"model folder {model!r} is not in ComfyUI/models/visionzip: download it there (e.g. huggingface-cli "
-                f"download llava-hf/{model} --local-dir ComfyUI/models/visionzip/{model}), pick another, or pick the "
+                f"download {org}/{model} --local-dir ComfyUI/models/visionzip/{model}), pick another, or pick the "
                 "empty entry and type a folder in 'path'")
 
     def load(self, model, dtype, device, quantization, attention, keep_loaded, path=""):

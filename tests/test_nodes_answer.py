@@ -93,3 +93,22 @@ def test_answer_node_fits_or_refuses_tokens_over_the_context(setup):
                                               policy="strict", follow_up_reserve=0, **GEN)
     finally:
         model.vlm.config["text_config"]["max_position_embeddings"] = 4096
+
+
+def test_model_list_finds_checkpoints_one_level_down_in_other_packs_folders(pack, monkeypatch, tmp_path):
+    """Qwen packs keep models/LLM/Qwen-VL/<checkpoint>: listed as 'Qwen-VL/<checkpoint>' and resolved back."""
+    import sys
+    import types
+
+    for where in ("visionzip/tiny-llava", "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct", "LLM/notes"):
+        (tmp_path / where).mkdir(parents=True)
+    for where in ("visionzip/tiny-llava", "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct"):
+        (tmp_path / where / "config.json").write_text("{}")
+    registered: dict = {}
+    fake = types.SimpleNamespace(models_dir=str(tmp_path), folder_names_and_paths=registered,
+                                 add_model_folder_path=lambda name, path: registered.setdefault(name, [path]),
+                                 get_folder_paths=lambda name: registered[name])
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    comfy = sys.modules[pack.__name__ + ".nodes._comfy"]
+    assert comfy.list_model_folders() == ["tiny-llava", "Qwen-VL/Qwen2.5-VL-3B-Instruct"]
+    assert comfy.resolve_model("Qwen-VL/Qwen2.5-VL-3B-Instruct") == str(tmp_path / "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct")

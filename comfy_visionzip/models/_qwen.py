@@ -300,6 +300,7 @@ class QwenEncoder:
             encoded = EncodedImages(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
                                     torch.cat([p.keys for p in parts]), False, parts[0].grid)
         encoded.meta["frame_size"] = (int(frames.shape[1]), int(frames.shape[2]))
+        encoded.meta["frames_per_unit"] = self.temporal  # each encoded "frame" is a temporal patch
         return encoded
 
     def attention_from(self, frames: torch.Tensor, point: tuple[float, float]):
