@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from ..encoder import DECODE_MARGIN, EncodedImages, Preprocess, preprocess_frames, resize_bicubic
+from ..encoder import DECODE_MARGIN, EncodedImages, Preprocess, resize_bicubic
 from ..errors import VisionZipError
 from ..zip import METHODS, ZipResult, compress
 from .base import FamilyModule
