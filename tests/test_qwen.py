@@ -303,3 +303,20 @@ def test_qwen3_vl_on_an_older_transformers_says_to_upgrade(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(VisionZipError, match="upgrade transformers"):
         load_vlm(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_video_pixels_equal_the_checkpoints_own_video_processor(family, tiny_model_dir, clip):
+    """With torchvision (ComfyUI installs it): the real video processor's pixel rows and grid, frames already
+    at its size (the per-frame resize rule is ours: at most 768 merged tokens a frame, see models/_qwen.py)."""
+    pytest.importorskip("torchvision")
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    encoder = vlm.video_encoder()
+    frames = sample_video(clip, num_frames=4).frames[:, 2:62]  # 60 x 96: multiples of 12, no resize
+    kind = vlm.video_config["video_processor_type"]
+    settings = {k: v for k, v in vlm.video_config.items() if not k.endswith("_type") and k not in ("fps",)}
+    processor = getattr(transformers, kind)(**settings)
+    theirs = processor(videos=[frames.numpy()], do_sample_frames=False, return_tensors="pt")
+    rows, grid = encoder.preprocess(frames)
+    assert theirs["video_grid_thw"].tolist() == [[2, 10, 16]] and grid.tolist() == [[1, 10, 16]] * 2
+    torch.testing.assert_close(rows, theirs["pixel_values_videos"].float(), atol=1e-5, rtol=0)
