@@ -362,6 +362,10 @@ class VisionEncoder:
             raise VisionZipError("the vision tower never reached the select layer")
         return captured["q"], captured["k"], captured["hidden"]
 
+    def patch_grid(self, frames: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the patches of these frames (fixed for this tower)."""
+        return self.grid
+
     @torch.inference_mode()
     def attention_from(self, frames: torch.Tensor, point: tuple[float, float]) -> tuple[torch.Tensor, int]:
         """The select layer's attention from one patch to every patch, averaged over heads.

@@ -213,10 +213,11 @@ class VisionZipPatchAttention:
             encoder = vlm.video_encoder()
             attention, patch = encoder.attention_from(images, (x, y))
             views = torch.from_numpy(enlarge(encoder.view(images)))
-        heat = attention_overlays(views, attention, encoder.grid, cls_token=False)
-        heat = mark_patch(heat, patch, encoder.grid)
+            grid = encoder.patch_grid(images)
+        heat = attention_overlays(views, attention, grid, cls_token=False)
+        heat = mark_patch(heat, patch, grid)
         top = attention.topk(min(10, attention.shape[1]), dim=1).values.sum(1)
-        rows, cols = encoder.grid
+        rows, cols = grid
         summary = (f"patch ({patch % cols}, {patch // cols}) of a {cols}x{rows} grid: its 10 most attended patches get "
                    + ", ".join(f"{share * 100:.0f}%" for share in top.tolist()) + " of its attention (frame by frame)")
         return {"ui": {"text": [summary]}, "result": (_image(with_legend(heat, "patch")), summary)}

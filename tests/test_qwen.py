@@ -320,3 +320,42 @@ def test_video_pixels_equal_the_checkpoints_own_video_processor(family, tiny_mod
     rows, grid = encoder.preprocess(frames)
     assert theirs["video_grid_thw"].tolist() == [[2, 10, 16]] and grid.tolist() == [[1, 10, 16]] * 2
     torch.testing.assert_close(rows, theirs["pixel_values_videos"].float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_patch_attention_is_the_last_blocks_attention_from_one_merged_token(family, tiny_model_dir, clip):
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    encoder = vlm.video_encoder()
+    frames = sample_video(clip, num_frames=4).frames
+    attention, cell = encoder.attention_from(frames, (0.3, 0.6))
+    rows_, cols_ = encoder.patch_grid(frames)
+    assert cell == int(0.6 * rows_) * cols_ + int(0.3 * cols_) and attention.shape == (2, rows_ * cols_)
+    torch.testing.assert_close(attention.sum(1), torch.ones(2))  # a distribution over the frame's merged tokens
+    rows, grid = encoder.preprocess(frames)
+    captured, order = _merged_order(vlm, encoder, rows, grid)  # raster cell r is block group order[r]
+    attn = encoder.block.attn
+    x = encoder.block.norm1(captured["x"])
+    q, k, _v = attn.qkv(x).reshape(x.shape[0], 3, encoder.num_heads, -1).unbind(1)
+    q, k = __import__(type(attn).__module__, fromlist=["_"]).apply_rotary_pos_emb_vision(q, k, *captured["rope"])
+    cells = rows_ * cols_
+    for unit in range(2):
+        group = int(order[unit * cells + cell])
+        span = slice(unit * cells * 4, (unit + 1) * cells * 4)
+        probs = torch.einsum("qhd,khd->hqk", q[group * 4: group * 4 + 4].float(), k[span].float())
+        probs = (probs * encoder.scale).softmax(-1).mean((0, 1)).view(cells, 4).sum(-1)
+        local = order[unit * cells: (unit + 1) * cells] - unit * cells
+        torch.testing.assert_close(attention[unit], probs[local], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_preview_nodes_draw_qwen_attention_on_frames_of_any_shape(family, pack, tiny_model_dir, clip):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
+                                              keep_loaded=True, path=tiny_model_dir(family))[0]
+    images = sample_video(clip, num_frames=4).frames.float() / 255  # a ComfyUI IMAGE, 64 x 96
+    heat, summary = nodes["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.5, y=0.5)["result"]
+    assert heat.shape[0] == 2 and heat.shape[2] > heat.shape[1] and "of a 8x5 grid" in summary  # wide, as the frames
+    features = nodes["VisionZipEncodeFrames"]().encode(model=model, images=images, batch_size=4)[0]
+    tokens = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=6, contextual=2,
+                                                   tokens_per_frame=0)["result"][0]
+    assert tokens.tokens.shape[:2] == (2, 8) and tokens.positions.shape == (2, 8)

@@ -303,9 +303,36 @@ class QwenEncoder:
         encoded.meta["frames_per_unit"] = self.temporal  # each encoded "frame" is a temporal patch
         return encoded
 
-    def attention_from(self, frames: torch.Tensor, point: tuple[float, float]):
-        raise VisionZipError("patch attention is drawn for CLIP / SigLIP / DINOv2 towers; a Qwen tower's "
-                             "attention is per temporal patch and window: use the attention heatmap instead")
+    def patch_grid(self, frames: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the merged tokens of these frames."""
+        return self.grid_for(frames.shape[1:3])
+
+    @torch.inference_mode()
+    def attention_from(self, frames: torch.Tensor, point: tuple[float, float]) -> tuple[torch.Tensor, int]:
+        """The last block's attention from the merged token at (x, y) (its 2x2 patches, averaged over heads)
+        to every merged token (the mass on its 2x2 patches), per temporal patch: ((units, cells), the cell)."""
+        x, y = point
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            raise VisionZipError(f"the point must be (x, y) fractions of the frame in 0..1, got {point!r}")
+        rows, grid = self.preprocess(frames)
+        _merged, _deep, q, k, cu = self._forward(rows, grid)
+        height, width = self._grid_of(grid)
+        cells = height * width
+        cell = min(int(y * height), height - 1) * width + min(int(x * width), width - 1)
+        order = self._window_index(grid)
+        reverse = torch.argsort(order) if order is not None else None  # raster cell -> position in block order
+        group = self.merge * self.merge
+        maps = []
+        for unit in range(grid.shape[0]):
+            start, stop = unit * cells * group, (unit + 1) * cells * group
+            at = int(reverse[unit * cells + cell]) if reverse is not None else unit * cells + cell
+            query = q[at * group: (at + 1) * group].transpose(0, 1)  # (H, 4, d)
+            probs = (query @ k[start:stop].transpose(0, 1).transpose(-1, -2) * self.scale).softmax(-1).mean((0, 1))
+            mass = probs.view(cells, group).sum(-1)  # per merged token, in block order
+            if reverse is not None:
+                mass = mass[reverse[unit * cells: (unit + 1) * cells] - unit * cells]
+            maps.append(mass)
+        return torch.stack(maps).cpu(), cell
 
     # ---- compression
     def zip(self, encoded: EncodedImages, dominant: int, contextual: int, method: str = "visionzip") -> ZipResult:
