@@ -87,6 +87,29 @@ def best(fn, repeats: int, device) -> float:
     return min(times)
 
 
+def measure(name, kind, config, video, dominant, contextual, args, dtype, device) -> dict:
+    from comfy_visionzip.encoder import Preprocess
+    from comfy_visionzip.models._qwen import QwenEncoder
+
+    visual = tower(kind, config, dtype, device)
+    factor = config["patch_size"] * 2
+    pixels = args.size * args.size
+    spec = Preprocess(pixels=(factor, pixels, pixels, config["patch_size"], 2))
+    encoder = QwenEncoder(visual, spec, window=kind == "qwen2_5_vl")
+    rows, grid = encoder.preprocess(video)
+    rows, grid = rows.to(device), grid.to(device)
+    own = best(lambda: visual(rows, grid_thw=grid), args.repeats, device)
+    ours = best(lambda: encoder.encode_pixels(rows, grid), args.repeats, device)
+    encoded = encoder.encode_pixels(rows, grid)
+    zipped = best(lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual), args.repeats, device)
+    row = {"tower": name, "temporal_patches": int(grid.shape[0]), "grid": [int(grid[0, 1]), int(grid[0, 2])],
+           "merged_tokens_per_patch": int(encoded.hidden.shape[1]), "kept_per_patch": dominant + contextual,
+           "own_s": round(own, 3), "ours_s": round(ours, 3), "ours_zip_s": round(zipped, 3),
+           "ours_over_own": round(ours / own, 3), "zip_over_own": round(zipped / own, 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -97,34 +120,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     from comfy_visionzip.budget import split_tokens
-    from comfy_visionzip.encoder import Preprocess
-    from comfy_visionzip.models._qwen import QwenEncoder
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(torch.get_num_threads())
     video, source = frames(args.frames, args.size)
     dominant, contextual = split_tokens(args.tokens)
-    rows_out = []
-    for name, (kind, config) in TOWERS.items():
-        visual = tower(kind, config, dtype, device)
-        factor = config["patch_size"] * 2
-        pixels = args.size * args.size
-        spec = Preprocess(pixels=(factor, pixels, pixels, config["patch_size"], 2))
-        encoder = QwenEncoder(visual, spec, window=kind == "qwen2_5_vl")
-        rows, grid = encoder.preprocess(video)
-        rows, grid = rows.to(device), grid.to(device)
-        own = best(lambda: visual(rows, grid_thw=grid), args.repeats, device)
-        ours = best(lambda: encoder.encode_pixels(rows, grid), args.repeats, device)
-        encoded = encoder.encode_pixels(rows, grid)
-        zipped = best(lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual), args.repeats, device)
-        row = {"tower": name, "temporal_patches": int(grid.shape[0]), "grid": [int(grid[0, 1]), int(grid[0, 2])],
-               "merged_tokens_per_patch": int(encoded.hidden.shape[1]), "kept_per_patch": dominant + contextual,
-               "own_s": round(own, 3), "ours_s": round(ours, 3), "ours_zip_s": round(zipped, 3),
-               "ours_over_own": round(ours / own, 3), "zip_over_own": round(zipped / own, 3)}
-        print(json.dumps(row))
-        rows_out.append(row)
-        del visual, encoder
+    rows_out = [measure(name, kind, config, video, dominant, contextual, args, dtype, device)
+                for name, (kind, config) in TOWERS.items()]
     results = {"device": str(device), "dtype": args.dtype, "frames": args.frames, "size": args.size, "source": source,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                "repeats": args.repeats, "rows": rows_out}
