@@ -636,9 +636,9 @@ def auto_batch_size(encoder: VisionEncoder, *, most: int = 64) -> int:
     if device.type != "cuda":
         return 8
     free, _total = torch.cuda.mem_get_info(device)
-    seq = encoder.tokens_per_image
+    seq = getattr(encoder, "patches_per_image", encoder.tokens_per_image)  # Qwen: patches before the 2x2 merge
     width = int(getattr(encoder.tower.config, "hidden_size", 1024))
-    size = encoder.preprocess_spec.tile
+    size = encoder.preprocess_spec.tile or int(math.isqrt(seq)) * int(getattr(encoder, "patch", 14))
     element = torch.finfo(encoder.dtype).bits // 8
     crops = 1 + (len(encoder.preprocess_spec.pinpoints or ()) and 4)  # anyres: about 1 + 4 tiles per frame
     per_frame = crops * (seq * width * (8 * element + 8) + 3 * size * size * 4)

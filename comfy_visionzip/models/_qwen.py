@@ -163,6 +163,11 @@ class QwenEncoder:
         side = int(math.isqrt(self.max_pixels))
         return self.tokens_for((side, side))
 
+    @property
+    def patches_per_image(self) -> int:
+        """Patches the tower attends over for the largest frame (a temporal patch: its merged tokens x 4)."""
+        return self.tokens_per_image * self.merge * self.merge
+
     def decode_cover(self, margin: float = DECODE_MARGIN) -> tuple[int, int]:
         side = math.ceil(math.sqrt(self.max_pixels) * margin)
         return side, side
