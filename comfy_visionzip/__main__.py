@@ -88,6 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\ngenerated a 30 s numbered test clip in {time.perf_counter() - t:.1f} s (MKV: no frame count in the stream)")
         _demo_video(generated, "generated clip", out_dir, check_numbers=True)
         _demo_pipeline(generated, out_dir, tmp)
+        _demo_qwen(generated, tmp)
     real = next((p for p in REAL_CLIP_CANDIDATES if p.exists()), None)
     if real is not None:
         _demo_video(str(real), "real-world clip", out_dir, check_numbers=False)
@@ -245,6 +246,32 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             sheet = contact_sheet(np.concatenate([heat, kept]), labels, columns=4, tile_width=160)
             target = save_png(sheet, out_dir / "visionzip_tokens.png")
             print(f"  attention heatmaps and kept/merged tokens -> {target}")
+
+
+def _demo_qwen(clip_path: str, tmp: str) -> None:
+    """The same pipeline with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (temporal patches, 3D positions)."""
+    import transformers
+
+    from .answer import Chat, GenerationConfig
+    from .tiny import build_tiny
+    from .vlm import compress_video, load_vlm
+
+    print("\nthe same with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (two frames per temporal patch, each kept "
+          "token at its own 3D position)")
+    for family, name in (("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"), ("qwen3_vl", "Qwen3VLForConditionalGeneration")):
+        if not hasattr(transformers, name):
+            print(f"  {name}: not in this transformers ({transformers.__version__}); skipped")
+            continue
+        vlm = load_vlm(build_tiny(family, os.path.join(tmp, f"tiny-{family}")), device="cpu")
+        video = compress_video(vlm, clip_path, fps=1.0, dominant=54, contextual=10)
+        chat = Chat(vlm, video)
+        config = GenerationConfig(max_new_tokens=12)
+        chat.ask("What happens in this video ?", config)
+        chat.ask("and then ?", config)
+        first, second = chat.turns
+        print(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) x {video.tokens_per_frame} tokens "
+              f"= {video.total_tokens} visual tokens; answer prefilled {first.prefill_tokens} "
+              f"tokens; follow-up prefilled {second.prefill_tokens} (reused {second.cached_tokens} from the cache)")
 
 
 def generated_fallback(out_dir: Path) -> str:
