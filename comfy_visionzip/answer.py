@@ -135,6 +135,13 @@ class Chat:
         self.cache_kwarg = self._cache_kwarg
 
     @property
+    def placeholder_ids(self) -> list[int]:
+        """The image / video placeholder ids of this checkpoint (never generated: they are not words)."""
+        config = self.vlm.config
+        keys = ("image_token_index", "image_token_id", "video_token_index", "video_token_id")
+        return sorted({config[k] for k in keys if isinstance(config.get(k), int)})
+
+    @property
     def first_prompt_length(self) -> int | None:
         """Tokens of the first turn's prompt (where the first answer began), once asked."""
         if not self.turns:
@@ -301,8 +308,7 @@ class Chat:
         generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
         out: list[int] = []
         shown = ""
-        placeholders = [i for i in (self.vlm.config.get("image_token_index"), self.vlm.config.get("video_token_index"))
-                        if isinstance(i, int) and i < logits.shape[-1]]
+        placeholders = [i for i in self.placeholder_ids if i < logits.shape[-1]]
         for _ in range(config.max_new_tokens):
             if placeholders:  # an image/video placeholder is never a word to say
                 logits = logits.index_fill(0, torch.tensor(placeholders, device=logits.device), -float("inf"))

@@ -530,7 +530,12 @@ class CompressedVideo:
         how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
                "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
         unit = int(self.meta.get("frames_per_unit", 1))
-        frames = f"{self.num_frames} frames" if unit == 1 else f"{self.num_frames} temporal patches ({unit} frames each)"
+        if unit == 1:
+            frames = f"{self.num_frames} frames"
+        elif self.num_frames == 1 and not self.timestamps:
+            frames = "1 image"
+        else:
+            frames = f"{self.num_frames} temporal patch{'es' if self.num_frames != 1 else ''} ({unit} frames each)"
         return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
                 f"({how}, {self.crops} image(s) per frame)")
 

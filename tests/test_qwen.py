@@ -359,3 +359,17 @@ def test_preview_nodes_draw_qwen_attention_on_frames_of_any_shape(family, pack, 
     tokens = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=6, contextual=2,
                                                    tokens_per_frame=0)["result"][0]
     assert tokens.tokens.shape[:2] == (2, 8) and tokens.positions.shape == (2, 8)
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_long_answers_never_say_a_placeholder(family, tiny_model_dir, clip):
+    """Qwen configs name their placeholders image_token_id / video_token_id: a random model that would pick one
+    (then crash on embedding it) must not be allowed to."""
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    video = compress_video(vlm, clip, num_frames=4, dominant=6, contextual=2)
+    chat = Chat(vlm, video)
+    assert set(chat.placeholder_ids) == {vlm.config["image_token_id"], vlm.config["video_token_id"]}
+    for seed in range(3):
+        chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=200, temperature=1.0, seed=seed))
+        assert not set(chat.conversation_ids[chat.first_prompt_length:]) & set(chat.placeholder_ids)
+        chat.ask("and then ?", GenerationConfig(max_new_tokens=60))
