@@ -86,18 +86,33 @@ def model_roots() -> list[str]:
 
 
 def list_model_folders() -> list[str]:
-    """Checkpoint folders (those with a config.json) under the model roots: 'folder', or 'group/folder' one
-    level down (other packs keep e.g. models/LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct)."""
+    """Checkpoint folders of a supported family under the model roots: 'folder', or 'group/folder' one level
+    down (other packs keep e.g. models/LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct). Other models there (text LLMs,
+    towers) are left out; a folder whose config.json cannot be read is listed, so that picking it says why."""
     found = []
     for root in model_roots():
         for name in sorted(os.listdir(root)):
             folder = os.path.join(root, name)
             if os.path.isfile(os.path.join(folder, "config.json")):
-                found.append(name)
+                found += [name] if _is_vlm(folder) else []
             elif os.path.isdir(folder):
-                found += [f"{name}/{sub}" for sub in sorted(os.listdir(folder))
-                          if os.path.isfile(os.path.join(folder, sub, "config.json"))]
+                found += [f"{name}/{sub}" for sub in sorted(os.listdir(folder)) if _is_vlm(os.path.join(folder, sub))]
     return list(dict.fromkeys(found))
+
+
+def _is_vlm(folder: str) -> bool:
+    import json
+
+    from ..comfy_visionzip.models import FAMILIES
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("model_type") in FAMILIES
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def resolve_model(name: str) -> str:

@@ -96,19 +96,24 @@ def test_answer_node_fits_or_refuses_tokens_over_the_context(setup):
 
 
 def test_model_list_finds_checkpoints_one_level_down_in_other_packs_folders(pack, monkeypatch, tmp_path):
-    """Qwen packs keep models/LLM/Qwen-VL/<checkpoint>: listed as 'Qwen-VL/<checkpoint>' and resolved back."""
+    """Qwen packs keep models/LLM/Qwen-VL/<checkpoint>: listed as 'Qwen-VL/<checkpoint>' and resolved back;
+    only supported families are listed."""
     import sys
     import types
 
-    for where in ("visionzip/tiny-llava", "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct", "LLM/notes"):
+    configs = {"visionzip/tiny-llava": '{"model_type": "llava"}', "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct":
+               '{"model_type": "qwen2_5_vl"}', "LLM/Qwen3-8B": '{"model_type": "qwen3"}', "LLM/broken": "{not json",
+               "LLM/notes": None}
+    for where, text in configs.items():
         (tmp_path / where).mkdir(parents=True)
-    for where in ("visionzip/tiny-llava", "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct"):
-        (tmp_path / where / "config.json").write_text("{}")
+        if text:
+            (tmp_path / where / "config.json").write_text(text)
     registered: dict = {}
     fake = types.SimpleNamespace(models_dir=str(tmp_path), folder_names_and_paths=registered,
                                  add_model_folder_path=lambda name, path: registered.setdefault(name, [path]),
                                  get_folder_paths=lambda name: registered[name])
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
     comfy = sys.modules[pack.__name__ + ".nodes._comfy"]
-    assert comfy.list_model_folders() == ["tiny-llava", "Qwen-VL/Qwen2.5-VL-3B-Instruct"]
+    # a text LLM of another pack is left out; an unreadable config is listed (picking it says what is wrong)
+    assert comfy.list_model_folders() == ["tiny-llava", "Qwen-VL/Qwen2.5-VL-3B-Instruct", "broken"]
     assert comfy.resolve_model("Qwen-VL/Qwen2.5-VL-3B-Instruct") == str(tmp_path / "LLM/Qwen-VL/Qwen2.5-VL-3B-Instruct")
