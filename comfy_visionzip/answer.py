@@ -19,6 +19,7 @@ fit is refused with the numbers. Projection lives in :mod:`~comfy_visionzip.proj
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import time
@@ -199,6 +200,7 @@ class Chat:
         frames = self.video.num_frames
         layout = visual_layout(self.vlm, method=self.video.method, dominant=self.video.dominant,
                                contextual=self.video.contextual, frame_size=self.video.meta.get("frame_size"))
+        layout = dataclasses.replace(layout, frames_per_unit=1)  # the chat's frames are encoded ones (temporal patches)
         if layout.total(frames) != self.visual.shape[0]:  # tokens of an unusual make: count from what is there
             layout = type(layout)(self.visual.shape[0] // max(frames, 1), self.visual.shape[0] % max(frames, 1),
                                   layout.crops, layout.per_image)

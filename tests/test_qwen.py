@@ -373,3 +373,16 @@ def test_long_answers_never_say_a_placeholder(family, tiny_model_dir, clip):
         chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=200, temperature=1.0, seed=seed))
         assert not set(chat.conversation_ids[chat.first_prompt_length:]) & set(chat.placeholder_ids)
         chat.ask("and then ?", GenerationConfig(max_new_tokens=60))
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_a_chat_too_long_for_the_context_is_thinned_in_temporal_patches(family, tiny_model_dir, clip):
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    video = compress_video(vlm, clip, num_frames=16, dominant=6, contextual=2)  # 8 temporal patches x 8 tokens
+    chat = Chat(vlm, video, context=90)
+    chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=8))
+    assert "fitted to the context" in chat.note and chat.video.num_frames < 8
+    assert len(chat.cached_ids) <= 90 and chat.video.positions.shape == (chat.video.num_frames, 8)
+    assert sum(1 for i in chat.cached_ids if i == chat.token_id) == chat.video.num_frames * 8
+    with pytest.raises(VisionZipError, match="strict|does not fit"):
+        Chat(vlm, video, context=90, policy="strict").ask("What happens in this video ?", GenerationConfig(max_new_tokens=8))
