@@ -10,7 +10,7 @@ attention, full attention in blocks 7/15/23/31, 2x2 merger into 2048) and Qwen3-
 1024, DeepStack after blocks 5/11/17, merger into 2048). Frames of the real clip (../shared/media), or a
 generated one, resized as the processor does.
 
-Timed, best of --repeats, on the same pixel rows:
+Timed, best of --repeats (the three run in turn, so drift hits them alike), on the same pixel rows:
   own      the tower's forward, as the model runs it for ``pixel_values_videos`` (merged tokens out)
   ours     our encoder's forward: the same forward with two hooks on the last block, then the attention
            each patch receives (in query chunks), head-averaged keys, both averaged per 2x2 group and
@@ -71,20 +71,22 @@ def frames(count: int, size: int) -> torch.Tensor:
     return clip.frames, source
 
 
-def best(fn, repeats: int, device) -> float:
+def best(fns: dict, repeats: int, device) -> dict:
+    """Best time of each function, run in turn (own, ours, ours+zip, own, ...) so that drift hits them alike."""
+    times = {name: [] for name in fns}
     with torch.inference_mode():
-        fn()  # warm-up (allocator, kernels), not timed
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for fn in fns.values():
+            fn()  # warm-up (allocator, kernels), not timed
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+    return {name: min(values) for name, values in times.items()}
 
 
 def measure(name, kind, config, video, dominant, contextual, args, dtype, device) -> dict:
@@ -98,10 +100,10 @@ def measure(name, kind, config, video, dominant, contextual, args, dtype, device
     encoder = QwenEncoder(visual, spec, window=kind == "qwen2_5_vl")
     rows, grid = encoder.preprocess(video)
     rows, grid = rows.to(device), grid.to(device)
-    own = best(lambda: visual(rows, grid_thw=grid), args.repeats, device)
-    ours = best(lambda: encoder.encode_pixels(rows, grid), args.repeats, device)
+    timed = best({"own": lambda: visual(rows, grid_thw=grid), "ours": lambda: encoder.encode_pixels(rows, grid),
+                  "zip": lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual)}, args.repeats, device)
+    own, ours, zipped = timed["own"], timed["ours"], timed["zip"]
     encoded = encoder.encode_pixels(rows, grid)
-    zipped = best(lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual), args.repeats, device)
     row = {"tower": name, "temporal_patches": int(grid.shape[0]), "grid": [int(grid[0, 1]), int(grid[0, 2])],
            "merged_tokens_per_patch": int(encoded.hidden.shape[1]), "kept_per_patch": dominant + contextual,
            "own_s": round(own, 3), "ours_s": round(ours, 3), "ours_zip_s": round(zipped, 3),
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     out = HERE / "results" / f"qwen_vision_{device.type}_{args.dtype}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     lines = [f"# Qwen vision side: ours vs the model's own forward ({device}, {args.dtype})", "",
-             f"{args.frames} frames of {Path(source).name} at about {args.size}x{args.size} px, best of {args.repeats}, "
+             f"{args.frames} frames of {Path(source).name} at about {args.size}x{args.size} px, best of {args.repeats} (run in turn), "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Random weights at the released sizes.", "",
              "| tower | temporal patches | merged tokens / patch | own forward s | ours s | ours / own | ours + zip s | (+zip) / own |",
              "|---|---|---|---|---|---|---|---|"]

@@ -3,7 +3,8 @@ whose 2x2 merger already projects into the language model's width, and 3D (time,
 rotary positions in the language model.
 
 How VisionZip reads these towers (the semantics of the VisionZip authors' Qwen2.5-VL release,
-``Qwen2_5_VL/qwen2_5vl_visionzip.py``, kept by default):
+``Qwen2_5_VL/qwen2_5vl_visionzip.py`` of dvlab-research / JIA-Lab-research VisionZip, May 2025, kept by
+default):
   - scores come from the last vision block (a full-attention block in Qwen2.5-VL): the attention each
     patch receives, averaged over heads and summed over the query rows of its own image (no CLS
     token), computed in query chunks from the block's rotary-embedded query/key (no S x S per head is
@@ -18,9 +19,12 @@ How VisionZip reads these towers (the semantics of the VisionZip authors' Qwen2.
     takes its own (t, h, w) (a contextual token its target's); the text after the video keeps the
     positions it has without compression, and generation continues from the largest position + 1
     (what the uncompressed model's ``generate`` does).
-Where we differ from that release, on purpose: it handles one image at batch size 1 (its flash path
-also scores across frame boundaries); here every temporal patch is an image of its own, any batch,
-video included, with no patched model class. DeepStack (Qwen3-VL) features are pruned and merged
+Where we differ from that release, on purpose: it handles one image at batch size 1 and no video (its
+flash path recomputes a dense softmax over every patch of the batch in bf16, across image boundaries);
+here every temporal patch is an image of its own, scored in float32 within itself, any batch, video
+included, with no patched model class and the tower's own attention kernel kept (flash included). It
+keeps a fixed share of each image (65% dominant + 5% contextual, edited in its source); here the counts
+are per temporal patch (``dominant`` / ``contextual``), like every other family, so the budget is exact. DeepStack (Qwen3-VL) features are pruned and merged
 with exactly the kept tokens' selection (as the public Qwen3-VL port does; it merges by plain mean,
 we keep the authors' target + mean).
 
