@@ -31,7 +31,7 @@ import torch
 from .budget import context_length, fit_frames, thinned_prompt
 from .encoder import CompressedVideo
 from .errors import VisionZipError
-from .projection import check_compatible, project, visual_layout
+from .projection import check_compatible, frame_placeholders, project, visual_layout
 from .prompt import PromptBuilder, PromptVideo, time_instruction
 from .video import uniform_pick
 from .vlm import VisionLanguageModel
@@ -122,6 +122,7 @@ class Chat:
         self._asking: int | None = None  # the first prompt's length while the first turn runs
         t = time.perf_counter()
         self.visual = project(vlm, video)  # (N, D_text)
+        self.frame_tokens = frame_placeholders(vlm, video)  # per frame, where the temporal stage made them differ
         self.family_state = vlm.family.chat_state(vlm, video)  # what else the family runs with (positions, DeepStack)
         self.project_seconds = time.perf_counter() - t
         self.messages: list[dict] = []
@@ -153,7 +154,8 @@ class Chat:
     def prompt_video(self) -> PromptVideo:
         """What the prompt says about the video (frames, visual tokens, times)."""
         video = self.video
-        return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps), video.meta.get("duration"))
+        return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps), video.meta.get("duration"),
+                           self.frame_tokens)
 
     def render(self, messages: list[dict], *, generation_prompt: bool = True) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
@@ -206,6 +208,12 @@ class Chat:
                                   layout.crops, layout.per_image)
 
         video_of = thinned_prompt(frames, layout, self.video.timestamps, self.video.meta.get("duration"))
+        if self.video.repeats is not None:  # temporal: the exact prompt of the thinned video (repeats of dropped
+            def video_of(n: int) -> PromptVideo:  # frames come back as tokens of their own)
+                thin = self.video.select(uniform_pick(frames, n))
+                counts = frame_placeholders(self.vlm, thin)
+                return PromptVideo(thin.num_frames, sum(counts) + layout.extra, tuple(thin.timestamps),
+                                   thin.meta.get("duration"), counts)
 
         def count(n: int) -> int:
             return self.prompt.count(video_of(n), messages) + keep
@@ -220,6 +228,7 @@ class Chat:
             raise VisionZipError(f"the video does not fit: {numbers}; {fix}")
         self.video = self.video.select(uniform_pick(frames, fitted))
         self.visual = project(self.vlm, self.video)
+        self.frame_tokens = frame_placeholders(self.vlm, self.video)
         self.family_state = self.vlm.family.chat_state(self.vlm, self.video)
         ids = self._ids(messages)
         self.note = (f"fitted to the context: {numbers}; kept {fitted} of {frames} frames (evenly spread): "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .errors import VisionZipError
 from .stream import prefetch
 from .towers import tower_parts
-from .zip import METHODS, ZipResult, compress
+from .zip import METHODS, ZipResult, compress, token_cells
 
 log = logging.getLogger(__name__)
 
@@ -495,8 +495,12 @@ class CompressedVideo:
     preprocess: Preprocess | None = None  # how frames were turned into pixels (to draw heatmaps on frames)
     source: str = ""
     meta: dict = field(default_factory=dict)  # model name, settings (for saving and checking)
-    # (frames, K) int32: the grid cell each token stands at (Qwen families: their 3D rotary positions)
+    # (frames, K) int32: the position in its image's token sequence each token stands at (CLS 0 where there is
+    # one; a contextual token at its target's); for the Qwen families these give the 3D rotary positions
     positions: torch.Tensor | None = None
+    # (frames, K) int32, with the temporal stage: the flat index (frame * K + slot) of the token each token
+    # repeats, its own when it is kept (see comfy_visionzip.temporal); None: every token is kept
+    repeats: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:
@@ -507,8 +511,32 @@ class CompressedVideo:
         return int(self.tokens.shape[0])
 
     @property
+    def keep(self) -> torch.Tensor | None:
+        """(frames, K) bool: the tokens that reach the model (None: all of them)."""
+        if self.repeats is None:
+            return None
+        own = torch.arange(self.repeats.numel(), dtype=torch.long).view(self.repeats.shape)
+        return self.repeats.long() == own
+
+    @property
     def total_tokens(self) -> int:
-        return self.num_frames * self.tokens_per_frame
+        """Visual tokens that reach the model (the temporal stage's repeats left out)."""
+        keep = self.keep
+        return self.num_frames * self.tokens_per_frame if keep is None else int(keep.sum())
+
+    def frame_tokens(self) -> list[int]:
+        """Tokens each frame gives the model."""
+        keep = self.keep
+        return [self.tokens_per_frame] * self.num_frames if keep is None else keep.sum(1).tolist()
+
+    def spans(self) -> torch.Tensor | None:
+        """(frames, K) int: for each kept token the last frame (position in this video) it stands for."""
+        if self.repeats is None:
+            return None
+        frames = torch.arange(self.num_frames).repeat_interleave(self.tokens_per_frame)
+        last = torch.zeros(self.repeats.numel(), dtype=torch.long)
+        last.scatter_reduce_(0, self.repeats.long().flatten(), frames, reduce="amax")
+        return last.view(self.repeats.shape)
 
     def select(self, frames: Sequence[int]) -> CompressedVideo:
         """A copy holding only the given frames (positions into this video, ascending), maps included."""
@@ -517,12 +545,22 @@ class CompressedVideo:
             raise VisionZipError(f"frames {keep[:4]}... are not all in 0..{self.num_frames - 1}")
         crops = max(self.crops, 1)
         rows = torch.tensor([f * crops + c for f in keep for c in range(crops)], dtype=torch.long)
+        repeats = None
+        if self.repeats is not None:  # tokens that repeat a frame left out stand for themselves again
+            per = self.tokens_per_frame
+            new_frame = torch.full((self.num_frames,), -1, dtype=torch.long)
+            new_frame[keep] = torch.arange(len(keep))
+            old = self.repeats[keep].long()
+            old_frame, slot = old // per, old % per
+            mapped = new_frame[old_frame] * per + slot
+            own = torch.arange(len(keep) * per, dtype=torch.long).view(len(keep), per)
+            repeats = torch.where(new_frame[old_frame] >= 0, mapped, own).to(torch.int32)
         return dataclasses.replace(
             self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
             indices=[self.indices[f] for f in keep] if self.indices else [],
             scores=self.scores[rows] if self.scores is not None else None,
             assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
-            positions=self.positions[keep] if self.positions is not None else None)
+            positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
 
     def summary(self) -> str:
         where = f" of {self.source}" if self.source else ""
@@ -536,6 +574,13 @@ class CompressedVideo:
             frames = "1 image"
         else:
             frames = f"{self.num_frames} temporal patch{'es' if self.num_frames != 1 else ''} ({unit} frames each)"
+        if self.repeats is not None:
+            every = self.num_frames * self.tokens_per_frame
+            setting = self.meta.get("temporal") or {}
+            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeating earlier "
+                    f"frames dropped = {self.total_tokens} visual tokens ({how}, {self.crops} image(s) per frame; temporal: "
+                    f"threshold {setting.get('threshold', '?')}, {self.meta.get('temporal_segments', '?')} segments, "
+                    f"{self.total_tokens / max(every, 1):.0%} of the tokens kept)")
         return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
                 f"({how}, {self.crops} image(s) per frame)")
 
@@ -607,7 +652,7 @@ def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant
         scores=encoded.scores.to("cpu", torch.float16) if keep_maps else None,
         assignment=result.assignment.to("cpu", torch.int16) if keep_maps else None,
         preprocess=encoder.preprocess_spec, meta=dict(encoded.meta),
-        positions=result.positions.to("cpu", torch.int32) if result.positions is not None else None,
+        positions=token_cells(result).reshape(frames, -1).to("cpu", torch.int32),
     )
 
 
@@ -662,6 +707,7 @@ def compress_frames(
     progress: Callable[[int, int], None] | None = None,
     total: int | None = None,
     prefetch_depth: int = 1,
+    temporal=None,
 ) -> CompressedVideo:
     """Stream frames (VideoClip chunks, (frames, timestamps, indices) tuples or frame tensors) through
     encode + zip, ``batch_size`` frames at a time (None or 0: sized to the device, see
@@ -672,7 +718,14 @@ def compress_frames(
     the current one encodes (``prefetch_depth`` chunks ahead; 0: no thread). An out-of-memory error
     while encoding (CUDA OOM or a host ``MemoryError``) halves the batch and retries, with a log line.
     ``progress(done_frames, total)`` is called after every batch; raising from it cancels.
+    ``temporal`` (a :class:`~comfy_visionzip.temporal.Temporal`, a threshold, a budget or True) drops tokens
+    that repeat earlier frames' as the batches stream (see :mod:`comfy_visionzip.temporal`).
     """
+    from . import temporal as temporal_stage
+
+    temporal = temporal_stage.Temporal.parse(temporal)
+    matcher = None
+    width = getattr(encoder, "width", None)
     if method not in METHODS:
         raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
     if not batch_size:
@@ -691,8 +744,20 @@ def compress_frames(
             try:
                 encoded = encoder.encode(frames[start:stop], batch_size=limit * 8)
                 encoded.timestamps, encoded.indices = frame_times(encoder, times[start:stop], indices[start:stop])
-                out.add(compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
-                                         method=method, keep_maps=keep_maps))
+                part = compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
+                                        method=method, keep_maps=keep_maps)
+                if temporal is not None:
+                    if method == "full":
+                        raise VisionZipError("the temporal stage runs on compressed tokens (visionzip, pool, uniform), "
+                                             "not on 'full'")
+                    if matcher is None:
+                        matcher = temporal_stage.Matcher(temporal, part.grid, cls_token=part.cls_token, crops=part.crops)
+                    cells = temporal_stage.crop_cells(part.positions, part.crops, matcher.per_crop)
+                    feats = temporal_stage.token_features(part, width)
+                    per = part.tokens_per_frame
+                    part.repeats = torch.stack([matcher.frame(feats[f], cells[f], (out.frames + f) * per)
+                                                for f in range(part.num_frames)]).to(torch.int32)
+                out.add(part)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
                 if not _is_out_of_memory(e):
                     raise
@@ -713,12 +778,17 @@ def compress_frames(
         raise VisionZipError("no frames to encode")
     first = out.first
     tokens, scores, assignment = out.result()
-    return CompressedVideo(
+    video = CompressedVideo(
         tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
         contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
         assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
-        positions=out.positions(),
+        positions=out.positions(), repeats=out.repeats(),
     )
+    if temporal is not None:
+        video.meta.update(temporal=temporal_stage._describe(temporal), temporal_segments=matcher.segments)
+        if temporal.budget and video.total_tokens > temporal.budget:
+            video = temporal_stage.fit(video, temporal, temporal.budget, width=width)
+    return video
 
 
 class _Accumulator:
@@ -741,9 +811,14 @@ class _Accumulator:
     def positions(self) -> torch.Tensor | None:
         return torch.cat(self.cells) if self.cells and all(c is not None for c in self.cells) else None
 
+    def repeats(self) -> torch.Tensor | None:
+        return torch.cat(self.sources) if self.sources and all(c is not None for c in self.sources) else None
+
     def add(self, part: CompressedVideo) -> None:
         self.cells = getattr(self, "cells", [])
         self.cells.append(part.positions)
+        self.sources = getattr(self, "sources", [])
+        self.sources.append(part.repeats)
         self.first = self.first or part
         self.timestamps += part.timestamps
         self.indices += part.indices

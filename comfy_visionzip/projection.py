@@ -90,6 +90,17 @@ class VisualLayout:
         return max((visual_tokens - self.extra) // self.per_frame, 0) * self.frames_per_unit
 
 
+def frame_placeholders(vlm, video: CompressedVideo) -> tuple[int, ...]:
+    """Placeholders of each frame when the temporal stage made them differ (its kept tokens + the family's
+    per-frame extras, e.g. LLaVA-NeXT's newline); () when every frame has the same count."""
+    if video.repeats is None:
+        return ()
+    layout = visual_layout(vlm, method=video.method, dominant=video.dominant, contextual=video.contextual,
+                           frame_size=video.meta.get("frame_size"))
+    extra = layout.per_frame - layout.crops * layout.per_image
+    return tuple(int(k) + extra for k in video.frame_tokens())
+
+
 def crops_per_frame(spec, frame_size) -> int:
     """Images per frame: 1, or with anyres 1 + the tiles of the grid chosen for a frame of (H, W)."""
     if not spec.pinpoints:

@@ -23,6 +23,7 @@ class PromptVideo:
     visual_tokens: int  # placeholders in the prompt (all frames, newlines included)
     timestamps: tuple[float, ...] = ()  # seconds, one per frame (empty: unknown)
     duration: float | None = None  # the source's length in seconds (None: the last timestamp)
+    frame_tokens: tuple[int, ...] = ()  # placeholders of each frame when they differ (the temporal stage)
 
 
 def time_instruction(video: PromptVideo) -> str:
@@ -92,10 +93,11 @@ class PromptBuilder:
         if self.kind == "video":
             return self.token_text * (video.visual_tokens if per_frame is None else per_frame)
         count = video.visual_tokens // max(video.num_frames, 1) if per_frame is None else per_frame
+        counts = list(video.frame_tokens) if video.frame_tokens and per_frame is None else [count] * video.num_frames
         parts = []
         for k in range(video.num_frames):
             label = frame_label(video.timestamps[k]) if stamps else ""
-            parts.append(label + self.token_text * count)
+            parts.append(label + self.token_text * counts[k])
         return "\n".join(parts)
 
     def render(self, video: PromptVideo, messages: list[dict], *, generation_prompt: bool = True,

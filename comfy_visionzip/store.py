@@ -27,6 +27,8 @@ def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
         tensors["assignment"] = video.assignment.contiguous()
     if video.positions is not None:
         tensors["positions"] = video.positions.contiguous()
+    if video.repeats is not None:
+        tensors["repeats"] = video.repeats.contiguous()
     meta = {
         "format": FORMAT,
         "timestamps": video.timestamps, "indices": video.indices, "method": video.method,
@@ -66,6 +68,7 @@ def load_tokens(path: str | os.PathLike[str], *, model=None) -> CompressedVideo:
         dominant=meta["dominant"], contextual=meta["contextual"], crops=meta["crops"], grid=tuple(meta["grid"]),
         cls_token=meta["cls_token"], scores=tensors.get("scores"), assignment=tensors.get("assignment"),
         preprocess=prep, source=meta.get("source", ""), meta=meta.get("meta", {}), positions=tensors.get("positions"),
+        repeats=tensors.get("repeats"),
     )
     if model is not None:
         check_compatible(model, video)

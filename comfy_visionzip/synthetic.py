@@ -139,3 +139,53 @@ def set_mp4_rotation(path: str, degrees: int) -> None:
         data[offset + 4 * k: offset + 4 * k + 4] = (value & 0xFFFFFFFF).to_bytes(4, "big")
     with open(path, "wb") as f:
         f.write(bytes(data))
+
+
+def scene_frames(count: int, width: int, height: int, *, motion: str = "static", seed: int = 0) -> np.ndarray:
+    """uint8 (count, height, width, 3) frames of a textured scene with a given kind of motion:
+
+    ``static`` nothing moves; ``slow`` a square crosses the frame once over the clip; ``fast`` the camera
+    pans (the whole scene shifts by 1/8 of its width each frame, wrapping around); ``cuts`` static shots
+    of 4 different scenes, one after another (long static stretches with scene changes between).
+    """
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(4 if motion == "cuts" else 1):
+        blocks = rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3)).astype(np.float32)
+        texture = np.kron(blocks, np.ones((8, 8, 1), np.float32))[:height, :width]
+        texture = np.pad(texture, ((0, height - texture.shape[0]), (0, width - texture.shape[1]), (0, 0)), mode="edge")
+        scenes.append(texture)
+    out = np.empty((count, height, width, 3), np.uint8)
+    side = max(height // 4, 4)
+    for i in range(count):
+        if motion == "cuts":
+            frame = scenes[min(i * 4 // max(count, 1), 3)].copy()
+        elif motion == "fast":
+            frame = np.roll(scenes[0], shift=(i * max(width // 8, 1)) % width, axis=1).copy()
+        else:
+            frame = scenes[0].copy()
+        if motion == "slow":
+            x = int((width - side) * i / max(count - 1, 1))
+            y = (height - side) // 2
+            frame[y: y + side, x: x + side] = (250, 40, 40)
+        out[i] = frame.clip(0, 255).astype(np.uint8)
+    return out
+
+
+def make_scene_clip(path: str | os.PathLike[str], *, motion: str = "static", frames: int = 120, fps: float = 30,
+                    size: tuple[int, int] = (320, 180), seed: int = 0, options: dict[str, str] | None = None) -> str:
+    """An H.264 clip of :func:`scene_frames` (for the temporal stage's tests and benchmarks)."""
+    import av
+
+    path = os.fspath(path)
+    width, height = size
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", **(options or {})}
+        for image in scene_frames(frames, width, height, motion=motion, seed=seed):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

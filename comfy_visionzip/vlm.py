@@ -373,6 +373,7 @@ def compress_video(
     batch_size: int | None = None,
     progress=None,
     scale_at_decode: bool = True,
+    temporal=None,
     **sample_kwargs,
 ):
     """Sample -> encode -> zip a video file (or a VideoHandle / FramesHandle) in chunks with this model.
@@ -380,6 +381,9 @@ def compress_video(
     ``sample_kwargs`` are :func:`~comfy_visionzip.video.iter_video`'s (num_frames, fps, start, end, ...).
     Frames are scaled at decode time to what the encoder needs (``scale_at_decode``), decoding overlaps
     encoding, and ``batch_size`` None sizes the batch to the device (halved on out-of-memory).
+    ``temporal`` drops tokens that repeat earlier frames' (see :mod:`comfy_visionzip.temporal`; a
+    threshold, a token budget, True or a ``Temporal``); a handle from the budget planner carries its
+    room for visual tokens, which then becomes the stage's budget.
     Returns a :class:`~comfy_visionzip.encoder.CompressedVideo` labelled with the model it was made with.
     """
     handle = video_source(vlm, source, scale_at_decode=scale_at_decode, **sample_kwargs)
@@ -387,8 +391,15 @@ def compress_video(
     encoder = vlm.video_encoder()
     if not batch_size:
         batch_size = auto_batch_size(encoder)
+    from .temporal import Temporal
+
+    temporal = Temporal.parse(temporal)
+    planned = getattr(handle, "token_budget", None)  # the budget planner's room for visual tokens
+    if temporal is not None and temporal.budget is None and planned:
+        temporal = temporal.with_budget(int(planned))
     video = compress_frames(encoder, handle.iter(chunk_size=batch_size), dominant=dominant,
-                            contextual=contextual, method=method, batch_size=batch_size, progress=progress, total=total)
+                            contextual=contextual, method=method, batch_size=batch_size, progress=progress, total=total,
+                            temporal=temporal)
     label_tokens(vlm, video)
     video.meta["duration"] = handle.duration()
     video.source = str(getattr(handle, "source", ""))

@@ -49,6 +49,26 @@ class ZipResult:
         return int(self.tokens.shape[1])
 
 
+def token_cells(result: ZipResult) -> torch.Tensor:
+    """(B, K) the input position each output token stands at: a kept token its own, a contextual token its
+    target's, a pooled token the first position it covers."""
+    if result.positions is not None:
+        return result.positions
+    batch, count = result.tokens.shape[:2]
+    cells = torch.cat([result.dominant_positions, result.contextual_positions], dim=1)
+    if cells.shape[1] == count:
+        return cells
+    seq = result.assignment.shape[1]
+    if int(result.assignment.max()) >= count:  # tokens made by a resampler (uncompressed video): no cells of their own
+        return torch.arange(count, device=result.tokens.device).expand(batch, -1)
+    source = torch.arange(seq, device=result.assignment.device).expand(batch, -1)
+    cells = torch.full((batch, count), seq, dtype=torch.long, device=result.assignment.device)
+    valid = result.assignment >= 0
+    cells.scatter_reduce_(1, result.assignment.clamp(min=0), torch.where(valid, source, torch.full_like(source, seq)),
+                          reduce="amin")
+    return cells
+
+
 def _check_counts(seq_len: int, dominant: int, contextual: int, cls_token: bool) -> None:
     for name, value in (("dominant", dominant), ("contextual", contextual)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -41,7 +41,7 @@ import torch
 
 from ..encoder import DECODE_MARGIN, EncodedImages, Preprocess, resize_bicubic
 from ..errors import VisionZipError
-from ..zip import METHODS, ZipResult, compress
+from ..zip import METHODS, ZipResult, compress, token_cells
 from .base import FamilyModule
 
 VIDEO_TOKENS_PER_FRAME = 768  # the Qwen team's default cap for video frames (qwen-vl-utils), in merged tokens
@@ -363,14 +363,7 @@ class QwenEncoder:
 def raster_order(result: ZipResult) -> ZipResult:
     """Reorder output tokens by the cell each stands for (a contextual token: its target's), and record
     those cells as ``result.positions`` (B, K)."""
-    batch, count = result.tokens.shape[:2]
-    cells = torch.cat([result.dominant_positions, result.contextual_positions], dim=1)
-    if cells.shape[1] != count:  # pooled tokens: the first cell each one covers
-        cells = torch.full((batch, count), result.assignment.shape[1], dtype=torch.long, device=result.tokens.device)
-        source = torch.arange(result.assignment.shape[1], device=cells.device).expand(batch, -1)
-        valid = result.assignment >= 0
-        cells.scatter_reduce_(1, result.assignment.clamp(min=0), torch.where(valid, source, cells.new_tensor(10 ** 9)),
-                              reduce="amin")
+    cells = token_cells(result)
     order = torch.argsort(cells, dim=1, stable=True)
     tokens = result.tokens.gather(1, order[..., None].expand(-1, -1, result.tokens.shape[-1]))
     new_index = torch.argsort(order, dim=1)  # old output index -> new
@@ -417,8 +410,9 @@ class QwenFamily(FamilyModule):
 
     def project(self, vlm, video) -> torch.Tensor:
         width = vlm.video_encoder().width
-        tokens = video.tokens.to(vlm.device, vlm.dtype)
-        return tokens[..., :width].reshape(-1, width)
+        tokens = video.tokens.to(vlm.device, vlm.dtype)[..., :width]
+        keep = video.keep
+        return tokens[keep.to(tokens.device)] if keep is not None else tokens.reshape(-1, width)
 
     def layout(self, vlm, *, method, dominant, contextual, frame_size):
         from ..projection import VisualLayout
@@ -447,10 +441,11 @@ class QwenFamily(FamilyModule):
     def visual_text(self, builder, video, per_frame, stamps) -> str | None:
         """The text replacing the template's vision part (vision_start + pad + vision_end)."""
         count = video.visual_tokens // max(video.num_frames, 1) if per_frame is None else per_frame
+        counts = list(video.frame_tokens) if video.frame_tokens and per_frame is None else [count] * video.num_frames
         start, end = "<|vision_start|>", "<|vision_end|>"
         if self.timestamp_text and builder.kind == "video":
             times = video.timestamps if video.timestamps else [0.0] * video.num_frames  # the model's format needs them
-            return "".join(f"<{t:.1f} seconds>{start}{builder.token_text * count}{end}" for t in times)
+            return "".join(f"<{t:.1f} seconds>{start}{builder.token_text * n}{end}" for t, n in zip(times, counts))
         total = video.visual_tokens if per_frame is None else per_frame * video.num_frames
         return start + builder.token_text * total + end
 
@@ -464,13 +459,16 @@ class QwenFamily(FamilyModule):
         deep = []
         if encoder.deepstack:
             tokens = video.tokens.to(vlm.device, vlm.dtype)
-            deep = [tokens[..., width * (i + 1): width * (i + 2)].reshape(-1, width) for i in range(encoder.deepstack)]
+            keep = video.keep
+            deep = [tokens[..., width * (i + 1): width * (i + 2)] for i in range(encoder.deepstack)]
+            deep = [d[keep.to(d.device)] if keep is not None else d.reshape(-1, width) for d in deep]
         times = list(video.timestamps)
         # seconds between temporal patches (the processor's temporal_patch_size / fps); the last patch may hold a
         # repeated frame, so it is left out where there are others
         span = times[:-1] if len(times) > 2 else times
         spacing = round((span[-1] - span[0]) / (len(span) - 1), 6) if len(span) > 1 else 1.0
-        return {"grid": grid, "positions": video.positions.long(), "deepstack": deep, "spacing": float(spacing),
+        return {"grid": grid, "positions": video.positions.long(), "keep": video.keep, "deepstack": deep,
+                "spacing": float(spacing),
                 "rope": None}
 
     def _rope(self, vlm, state, ids: list[int], kind: str, token_id: int) -> torch.Tensor:
@@ -480,13 +478,17 @@ class QwenFamily(FamilyModule):
         cells = rows * cols
         positions = state["positions"]  # (units, K)
         units, per = positions.shape
+        keep = state.get("keep")
+        slots = [(u, k) for u in range(units) for k in range(per) if keep is None or bool(keep[u, k])]
         full: list[int] = []
         where: list[int] = []
         seen = base = 0
         for token in ids:
             if token == token_id:
-                unit, slot = divmod(seen, per)
-                if slot == 0:  # the unit's uncompressed cells start here
+                if seen >= len(slots):
+                    raise VisionZipError(f"the prompt holds more visual tokens than the video's {len(slots)}")
+                unit, slot = slots[seen]
+                if seen == 0 or slots[seen - 1][0] != unit:  # the unit's uncompressed cells start here
                     base = len(full)
                     full.extend([token_id] * cells)
                 where.append(base + int(positions[unit, slot]))
@@ -494,8 +496,8 @@ class QwenFamily(FamilyModule):
             else:
                 where.append(len(full))
                 full.append(token)
-        if seen != units * per:
-            raise VisionZipError(f"the prompt holds {seen} visual tokens, the video {units * per}")
+        if seen != len(slots):
+            raise VisionZipError(f"the prompt holds {seen} visual tokens, the video {len(slots)}")
         owner = self.rope_owner(vlm)
         input_ids = torch.tensor([full])
         merge = vlm.video_encoder().merge

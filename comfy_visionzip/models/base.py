@@ -41,8 +41,12 @@ class FamilyModule:
         return VisionEncoder(tower, self.preprocess(vlm), vision_feature_layer=vlm.config.get("vision_feature_layer", -2),
                              select_strategy=self.select_strategy(vlm), resampler=self.resampler(vlm))
 
-    def arrange(self, vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size) -> torch.Tensor:
-        """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order."""
+    def arrange(self, vlm, projected: torch.Tensor, *, method: str, crops: int, frame_size,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(frames, crops * K, D_text) projected tokens -> (N, D_text) in prompt order; ``keep`` (frames,
+        crops * K) leaves out the tokens the temporal stage dropped."""
+        if keep is not None:
+            return projected[keep.to(projected.device)]
         return projected.reshape(-1, projected.shape[-1])
 
     def token_width(self, vlm) -> int:
@@ -53,7 +57,8 @@ class FamilyModule:
         """(N, D_text): the video's tokens through the model's projector, arranged in prompt order."""
         tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
         projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
-        return self.arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"))
+        return self.arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"),
+                            keep=video.keep)
 
     def layout(self, vlm, *, method: str, dominant: int, contextual: int, frame_size):
         """A VisualLayout computed by the family itself, or None (then counted by arranging zeros)."""

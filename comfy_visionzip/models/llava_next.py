@@ -14,8 +14,12 @@ class LlavaNext(FamilyModule):
     class_name = "LlavaNextForConditionalGeneration"
     display = "LLaVA-NeXT"
 
-    def arrange(self, vlm, projected, *, method, crops, frame_size):
+    def arrange(self, vlm, projected, *, method, crops, frame_size, keep=None):
         inner = vlm.inner
+        if keep is not None:  # temporal: each frame's kept tokens, then its newline
+            newline = inner.image_newline[None].to(projected)
+            return torch.cat([part for f in range(projected.shape[0])
+                              for part in (projected[f][keep[f].to(projected.device)], newline)], dim=0)
         if method == "full" and crops > 1 and frame_size:
             strategy = vlm.config.get("vision_feature_select_strategy", "default")
             per_crop = projected.view(projected.shape[0], crops, -1, projected.shape[-1])

@@ -13,9 +13,9 @@ class Onevision(FamilyModule):
     display = "LLaVA-OneVision"
     video_input = "video"
 
-    def arrange(self, vlm, projected, *, method, crops, frame_size):
+    def arrange(self, vlm, projected, *, method, crops, frame_size, keep=None):
         inner = vlm.inner
         if method == "full":
             projected = inner.apply_pooling(projected)
-        flat = projected.reshape(-1, projected.shape[-1])
+        flat = projected[keep.to(projected.device)] if keep is not None else projected.reshape(-1, projected.shape[-1])
         return torch.cat([flat, inner.image_newline[None].to(flat)], dim=0)
