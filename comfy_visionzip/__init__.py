@@ -11,6 +11,7 @@ from .budget import BudgetPlan, context_length, frames_for_budget, plan_budget
 from .encoder import CompressedVideo, Preprocess, VisionEncoder, compress_frames, encode_frames
 from .errors import VideoError, VideoNotFoundError, VisionZipError
 from .store import load_tokens, save_tokens
+from .temporal import Temporal
 from .video import FramesHandle, VideoClip, VideoHandle, iter_video, plan_frames, sample_video
 from .vlm import VisionLanguageModel, compress_video, load_vlm
 from .zip import ZipResult, compress, split_tokens, visionzip
@@ -24,6 +25,7 @@ __all__ = [
     "FramesHandle",
     "GenerationConfig",
     "Preprocess",
+    "Temporal",
     "VideoClip",
     "VideoError",
     "VideoHandle",

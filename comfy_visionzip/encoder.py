@@ -555,12 +555,19 @@ class CompressedVideo:
             mapped = new_frame[old_frame] * per + slot
             own = torch.arange(len(keep) * per, dtype=torch.long).view(len(keep), per)
             repeats = torch.where(new_frame[old_frame] >= 0, mapped, own).to(torch.int32)
-        return dataclasses.replace(
+        thinned = dataclasses.replace(
             self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
             indices=[self.indices[f] for f in keep] if self.indices else [],
             scores=self.scores[rows] if self.scores is not None else None,
             assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
             positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
+        setting = self.meta.get("temporal")
+        if repeats is not None and setting:  # match the kept frames again: a repeat may now repeat another kept frame
+            from .temporal import Temporal, apply
+
+            config = Temporal(threshold=setting["threshold"], radius=setting["radius"], scene=setting["scene"])
+            thinned = apply(thinned, config, width=self.meta.get("temporal_width"))
+        return thinned
 
     def summary(self) -> str:
         where = f" of {self.source}" if self.source else ""
@@ -785,7 +792,8 @@ def compress_frames(
         positions=out.positions(), repeats=out.repeats(),
     )
     if temporal is not None:
-        video.meta.update(temporal=temporal_stage._describe(temporal), temporal_segments=matcher.segments)
+        video.meta.update(temporal=temporal_stage._describe(temporal), temporal_segments=matcher.segments,
+                          temporal_width=width)
         if temporal.budget and video.total_tokens > temporal.budget:
             video = temporal_stage.fit(video, temporal, temporal.budget, width=width)
     return video

@@ -182,6 +182,7 @@ def apply(video, config: Temporal | None, *, width: int | None = None):
         source[f] = matcher.frame(feats[f], cells[f], f * per)
     out = dataclasses.replace(video, repeats=source.to(torch.int32), meta={**video.meta, "temporal": _describe(config)})
     out.meta["temporal_segments"] = matcher.segments
+    out.meta["temporal_width"] = width
     return out
 
 
