@@ -118,6 +118,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"note: answering from {args.tokens}; the video argument ({args.video}) is not read (give '-' instead)",
               file=sys.stderr)
     tokens_per_frame = _tokens_per_frame_arg(args.tokens_per_frame)
+    temporal = _temporal_arg(args.temporal)
+    if temporal is not None and args.method == "full":
+        raise VisionZipError("--temporal drops repeats among compressed tokens: use it with --method visionzip, pool or uniform")
     if args.budget is not None and args.budget < 0:
         raise VisionZipError(f"--budget must be >= 0 tokens (0 = the model's context), got {args.budget}")
     if not args.tokens and not os.path.exists(args.video):
@@ -139,12 +142,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
                            tokens_per_frame=tokens_per_frame, max_new_tokens=args.max_new_tokens,
                            follow_ups=args.follow_up, timestamps=not args.no_timestamps, context=args.context,
                            num_frames=num_frames, fps=args.fps, every=args.every, max_frames=args.max_frames,
-                           start=args.start, end=args.end)
+                           start=args.start, end=args.end, temporal=temporal)
         times["plan"] = time.perf_counter() - t
         print(f"plan: {plan.summary()}")
         t = time.perf_counter()
         video = compress_video(vlm, plan.video, dominant=plan.dominant, contextual=plan.contextual, method=plan.method,
-                               batch_size=args.batch_size, progress=_progress_bar("sample + encode + zip", "frame"))
+                               batch_size=args.batch_size, progress=_progress_bar("sample + encode + zip", "frame"),
+                               temporal=temporal)
         times["sample + encode + zip"] = time.perf_counter() - t
         if args.save_tokens:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
@@ -172,6 +176,20 @@ def _check_writable(path: str) -> None:
         raise VisionZipError(f"{path}: cannot write there (permission denied); choose another place")
     if os.path.isdir(path):
         raise VisionZipError(f"{path}: is a folder; give a file name")
+
+
+def _temporal_arg(value: str | None):
+    """--temporal: absent = off; alone = the defaults; 0.85 = a threshold; 4000 = a budget of visual tokens."""
+    from .temporal import Temporal
+
+    if value is None:
+        return None
+    if value == "on":
+        return Temporal()
+    try:
+        return Temporal.parse(value)
+    except VisionZipError as e:
+        raise VisionZipError(f"--{e}") from None
 
 
 def _tokens_per_frame_arg(value: str | None):
@@ -399,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per image, split into dominant + contextual with the paper's ratio; 'auto': the "
                           "most of 192/128/64/32/16 at which every asked frame fits")
     ask.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
+    ask.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET",
+                     help="drop tokens that repeat earlier frames' (static stretches cost less, so more frames fit): "
+                          "alone the default setting (similarity 0.9); a value below 1 sets the similarity threshold "
+                          "(e.g. 0.85), a whole number the visual tokens the video may keep (e.g. 4000)")
     ask.add_argument("--batch-size", type=int, default=0, help="frames per encoder batch (default 0: sized to the device)")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0)

@@ -18,6 +18,8 @@ the token (the chat checks it again before every prefill and never runs past the
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from . import vlm as vlm_module
 from .errors import VisionZipError
 from .projection import visual_layout
 from .prompt import PromptBuilder, PromptVideo
+from .temporal import Temporal
 from .video import uniform_pick
 from .zip import split_tokens
 
@@ -149,6 +152,7 @@ class BudgetPlan:
     policy: str
     reasons: list[str] = field(default_factory=list)
     frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: a temporal patch of two)
+    temporal: Any = None  # the temporal stage's settings, when on (then visual_tokens is the most it may keep)
 
     @property
     def total_tokens(self) -> int:
@@ -169,9 +173,13 @@ class BudgetPlan:
         extra = f" + {once} closing newline" if once else ""
         frames = f"{self.frames} frames" if unit == 1 else f"{self.frames} frames = {units} temporal patches of {unit}"
         what = "tokens" if unit == 1 else "tokens each"
-        head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
-                f"{extra}; "
-                f"prompt {self.prompt_tokens}{reserve} = {self.total_tokens} of {self.budget} tokens"
+        if self.temporal is not None:
+            head = (f"{frames} x at most {self.per_frame} {what}{split}, up to {self.visual_tokens} visual tokens after "
+                    f"the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
+        else:
+            head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
+                    f"{extra}; prompt {self.prompt_tokens}{reserve}")
+        head = (f"{head} = {self.total_tokens} of {self.budget} tokens"
                 f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
         return "; ".join([head, *self.reasons])
 
@@ -193,6 +201,8 @@ def plan_budget(
     system: str | None = None,
     timestamps: bool = True,
     context: int | None = None,
+    temporal=None,
+    temporal_expand: float = 4.0,
     **sample_kwargs,
 ) -> BudgetPlan:
     """Choose frames x tokens per frame so that the whole first prompt plus the reserves fits.
@@ -215,6 +225,10 @@ def plan_budget(
             ``follow_up_tokens`` reserves a plain number of tokens besides.
         system, timestamps: as :class:`~comfy_visionzip.answer.Chat` will be given them.
         context: override the checkpoint's context length.
+        temporal: the temporal stage (a threshold, True, or a :class:`~comfy_visionzip.temporal.Temporal`): static
+            stretches cost less, so up to ``temporal_expand`` times the frames that fit without it are kept
+            (never more than asked), and the room left for visual tokens becomes the stage's budget (on the
+            returned handle): after encoding, its threshold is tightened until the kept tokens fit.
 
     Raises:
         VisionZipError: nonsense numbers, a strict plan that does not fit (naming the counts and the
@@ -292,19 +306,55 @@ def plan_budget(
                                  "(num_frames / max_frames), fewer tokens per frame, or policy 'fit'")
         frames = fitted
         reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
+    temporal = Temporal.parse(temporal)
+    visual_budget = None
+    if temporal is not None:
+        if method == "full":
+            raise VisionZipError("the temporal stage runs on compressed tokens: use visionzip, pool or uniform")
+        frames, visual_budget, why = _temporal_plan(builder, first, layout, asked, asked_times, duration, frames,
+                                                    limit, temporal_expand)
+        reasons.append(why)
     prompt_tokens = len(builder.ids(video_of(frames), first))  # exact, with every placeholder tokenised
-    while prompt_tokens > limit and frames > 1:  # never expected (count() is exact); kept as a guarantee
+    while prompt_tokens > limit and frames > 1 and temporal is None:  # never expected (count() is exact)
         frames -= 1
         prompt_tokens = len(builder.ids(video_of(frames), first))
     chosen = picks(frames)
     chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
+    if temporal is not None:
+        thinned = dataclasses.replace(thinned, token_budget=visual_budget)
+        text = prompt_tokens - layout.total(frames)
+        prompt_tokens = min(prompt_tokens, text + visual_budget + (layout.total(frames) - layout.units(frames) *
+                                                                    layout.crops * layout.per_image))
     return BudgetPlan(
         video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
-        dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=layout.total(frames),
+        dominant=dominant, contextual=contextual, per_frame=layout.per_frame,
+        visual_tokens=layout.total(frames) if temporal is None else min(
+            layout.total(frames), visual_budget + layout.total(frames) - layout.units(frames) * layout.crops * layout.per_image),
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
         context=context, policy=policy, reasons=reasons, frames_per_unit=getattr(layout, "frames_per_unit", 1),
+        temporal=temporal,
     )
+
+
+def _temporal_plan(builder, first, layout, asked, asked_times, duration, fitted, limit, expand):
+    """(frames, budget of kept visual tokens, reason) with the temporal stage on."""
+    extras = layout.per_frame - layout.crops * layout.per_image  # per encoded frame, besides its tokens (newlines)
+    frames = min(len(asked), max(fitted, math.ceil(fitted * float(expand))))
+    while True:
+        video = thinned_prompt(len(asked), layout, asked_times, duration)(frames)
+        text = builder.count(video, first) - video.visual_tokens
+        units = layout.units(frames)
+        budget = limit - text - units * extras - layout.extra
+        if budget >= units or frames <= 1:  # every encoded frame keeps at least one token
+            break
+        frames = max(1, frames * 3 // 4)
+    if budget < 1:
+        raise VisionZipError("not even one frame fits with the temporal stage: raise the budget or shorten the question")
+    why = (f"temporal: {frames} of the asked {len(asked)} frames kept ({fitted} fit without the stage; up to "
+           f"{expand:g}x as many), and up to {budget} visual tokens for what they show that is new (tokens repeating "
+           "an earlier frame are dropped; the threshold is tightened after encoding if they do not fit)")
+    return frames, budget, why
 
 
 __all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "cap_budget", "context_length", "fit_frames", "frames_for_budget",

@@ -198,14 +198,26 @@ def crop_cells(positions: torch.Tensor, crops: int, per_crop: int) -> torch.Tens
 
 def fit(video, config: Temporal, budget: int, *, width: int | None = None):
     """Tighten the threshold (down to ``config.floor``) until the kept tokens fit ``budget``; returns the
-    video with the loosest threshold that fits (or the floor's, when none does)."""
+    video with the loosest threshold that fits. When even the floor keeps too many (constant motion), the
+    floor's video is thinned evenly to the most frames that fit (their repeats matched again)."""
+    from .video import uniform_pick
+
     best = apply(video, config, width=width)
     if best.total_tokens <= budget:
         return best
     low, high = config.floor, config.threshold
     floor = apply(video, dataclasses.replace(config, threshold=low), width=width)
     if floor.total_tokens > budget:
-        return floor
+        lo, hi = 1, floor.num_frames  # the most frames whose kept tokens fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if floor.select(uniform_pick(floor.num_frames, mid)).total_tokens <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        thinned = floor.select(uniform_pick(floor.num_frames, lo))
+        thinned.meta["temporal_thinned"] = f"{lo} of {floor.num_frames} frames kept to fit {budget} tokens"
+        return thinned
     best = floor
     for _ in range(12):  # ~0.0001 in threshold
         mid = (low + high) / 2
