@@ -99,15 +99,17 @@ def _group_colour(j: int) -> np.ndarray:
 
 
 def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[int, int], *, cls_token: bool,
-                   kept: int) -> np.ndarray:
+                   kept: int, repeated: torch.Tensor | None = None, notes: list[str] | None = None) -> np.ndarray:
     """Which patches were kept and which were merged into which token.
 
     ``assignment`` (T, S): the output token carrying each input token (-1 dropped). Tokens ``< kept`` are
     kept as they are (dominant): drawn in full colour; patches merged into token j are tinted with j's
-    colour over a dimmed frame; dropped patches are dark. Returns uint8 (T, S, S, 3).
+    colour over a dimmed frame; dropped patches are dark. ``repeated`` (T, K) bool, from the temporal stage:
+    patches of tokens that repeat a token kept in an earlier frame get a blue hatch; ``notes`` a line of
+    text per frame (what survived from which frame). Returns uint8 (T, S, S, 3).
     """
     out = []
-    for view, assign in zip(views.numpy(), assignment.long()):
+    for t, (view, assign) in enumerate(zip(views.numpy(), assignment.long())):
         cells = _patch_grid(assign, grid, cls_token).numpy()
         pixel_cells = _upsample(cells, *view.shape[:2])
         img = view.astype(np.float32)
@@ -122,7 +124,22 @@ def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[in
         edges[1:] |= pixel_cells[1:] != pixel_cells[:-1]
         edges[:, 1:] |= pixel_cells[:, 1:] != pixel_cells[:, :-1]
         result[edges] = result[edges] * 0.5
-        out.append(result.round().clip(0, 255).astype(np.uint8))
+        if repeated is not None:
+            carried = np.isin(pixel_cells, np.flatnonzero(repeated[t].numpy()))
+            yy, xx = np.indices(pixel_cells.shape)
+            hatch = carried & (((yy + xx) // 3) % 3 == 0)
+            result[carried] = result[carried] * 0.55 + np.array((40, 90, 230), np.float32) * 0.45
+            result[hatch] = (90, 150, 255)
+        image = result.round().clip(0, 255).astype(np.uint8)
+        if notes:
+            from PIL import Image, ImageDraw
+
+            canvas = Image.fromarray(image)
+            draw = ImageDraw.Draw(canvas)
+            draw.rectangle((0, 0, min(len(notes[t]) * 6 + 6, canvas.width), 13), fill=(16, 16, 16))
+            draw.text((3, 1), notes[t], fill=(235, 235, 235))
+            image = np.asarray(canvas)
+        out.append(image)
     return np.stack(out)
 
 
@@ -140,6 +157,9 @@ LEGENDS = {
     "attention": "attention at the select layer (each frame to its own range): dark = little, bright yellow = most",
     "tokens": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
               "dark = dropped; dark lines = borders between tokens",
+    "temporal": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
+                "blue hatch = repeats a token kept in an earlier frame (dropped: that token stands for it); "
+                "dark = dropped by VisionZip",
     "patch": "white square = the chosen patch; colour = how much it attends to each patch (dark = little, "
              "bright yellow = most)",
 }
@@ -189,3 +209,27 @@ def mark_patch(images: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndar
         img[top: bottom + 1, left: left + line] = 255
         img[top: bottom + 1, right - line + 1: right + 1] = 255
     return out
+
+
+def temporal_notes(video, picks: list[int]) -> tuple[torch.Tensor | None, list[str] | None]:
+    """For the whole-frame image of each picked frame: which of its tokens repeat earlier frames' (T, K) and
+    a line saying how many are new and which frames the others come from; (None, None) without the stage."""
+    if video.repeats is None:
+        return None, None
+    per = video.tokens_per_frame // max(video.crops, 1)
+    keep = video.keep
+    source_frame = video.repeats.long() // video.tokens_per_frame
+    spans = video.spans()
+    times = list(video.timestamps) or [float(i) for i in range(video.num_frames)]
+    unit = "s" if video.timestamps else ""
+    repeated, notes = [], []
+    for f in picks:
+        repeated.append(~keep[f, :per])
+        new = int(keep[f].sum())
+        sources = sorted(set(source_frame[f][~keep[f]].tolist()))
+        last = int(spans[f][keep[f]].max()) if new else f
+        note = f"{times[f]:.1f}{unit}: {new} new, to {times[last]:.1f}{unit}"
+        if sources:
+            note += f"; {video.tokens_per_frame - new} from {times[sources[0]]:.1f}{unit}+"
+        notes.append(note)
+    return torch.stack(repeated), notes

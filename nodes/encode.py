@@ -7,7 +7,7 @@ import torch
 from ..comfy_visionzip.encoder import compress_encoded, encode_frames, kept_count, model_view
 from ..comfy_visionzip.errors import VisionZipError
 from ..comfy_visionzip.video import uniform_pick
-from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, token_overlays, with_legend
+from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, temporal_notes, token_overlays, with_legend
 from ..comfy_visionzip.vlm import compress_video, label_tokens
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
@@ -122,18 +122,26 @@ class VisionZipVideoToTokens:
                 "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): the file and its frame plan."}),
                 **COUNTS,
                 "batch_size": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "Frames encoded at a time (the next ones decode meanwhile). 0 = sized to the GPU's free memory; halved automatically on out-of-memory."}),
-            }
+            },
+            "optional": {
+                "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Across frames: drop tokens that repeat a token kept in an earlier frame (cosine similarity at least this, at the same or a neighbouring place); static stretches then cost far fewer tokens. 0.9 is a good start; 0 = off, unless Frame Budget planned the video with it (then its budget and 0.9 are used)."}),
+            },
         }
 
-    def run(self, model, video, method, dominant, contextual, tokens_per_frame, batch_size):
+    def run(self, model, video, method, dominant, contextual, tokens_per_frame, batch_size, temporal=0.0):
         if video is None:
             raise ValueError("no video: Frame Budget's video output is empty when its own video input is not "
                              "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here directly")
         dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
         total = len(video.plan()[0])
+        setting = temporal or (True if getattr(video, "token_budget", None) else None)  # Frame Budget planned with it
+        if setting and method == "full":
+            raise ValueError("temporal drops repeats among compressed tokens: use method visionzip, pool or uniform")
         with model as vlm:
             tokens = compress_video(vlm, video, dominant=dominant, contextual=contextual, method=method,
-                                    batch_size=batch_size or None, progress=_comfy.progress_callback(total))
+                                    batch_size=batch_size or None, progress=_comfy.progress_callback(total),
+                                    temporal=setting)
         return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
 
 
@@ -175,9 +183,11 @@ class VisionZipAttentionHeatmap:
         rows = torch.tensor([p * crops for p in picks])  # the whole-frame image of each picked frame
         views = torch.from_numpy(enlarge(views))  # small models see 48 px: shown large, patch borders sharp
         heat = attention_overlays(views, tokens.scores[rows], tokens.grid, cls_token=tokens.cls_token)
+        repeated, notes = temporal_notes(tokens, picks)
         kept = token_overlays(views, tokens.assignment[rows], tokens.grid, cls_token=tokens.cls_token,
-                              kept=kept_count(tokens))
-        return (_image(with_legend(heat, "attention")), _image(with_legend(kept, "tokens")))
+                              kept=kept_count(tokens), repeated=repeated, notes=notes)
+        return (_image(with_legend(heat, "attention")),
+                _image(with_legend(kept, "tokens" if repeated is None else "temporal")))
 
 
 def _image(pictures) -> torch.Tensor:

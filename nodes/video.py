@@ -165,11 +165,13 @@ class VisionZipFrameBudget:
                                            "tooltip": "Room kept for the answer (use Answer's max_new_tokens)."}),
                 "policy": (list(POLICIES), {"default": "fit",
                                             "tooltip": "fit: thin the frames evenly until everything fits. strict: stop with the numbers instead."}),
+                "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Plan with the temporal stage (needs a model and a video): static stretches cost less, so up to 4x the frames are kept and the room for visual tokens travels with the video to Video to Tokens, which drops repeats until they fit. The value is its similarity threshold (0.9 is the default); 0 = off."}),
             },
         }
 
     def plan(self, token_budget, tokens_per_frame, reserved=0, max_frames=0, model=None, video=None,
-             question="What happens in this video?", max_new_tokens=256, policy="fit"):
+             question="What happens in this video?", max_new_tokens=256, policy="fit", temporal=0.0):
         if model is None or video is None:
             if token_budget == 0:
                 missing = "a video" if model is not None else "a model and a video"
@@ -194,7 +196,8 @@ class VisionZipFrameBudget:
             if len(indices) > max_frames:
                 video = video.pick([indices[i] for i in uniform_pick(len(indices), max_frames)])
         plan = plan_budget(model.vlm, video, question or "?", budget=token_budget, policy=policy,
-                           tokens_per_frame=tokens_per_frame, max_new_tokens=max_new_tokens, follow_up_tokens=reserved)
+                           tokens_per_frame=tokens_per_frame, max_new_tokens=max_new_tokens, follow_up_tokens=reserved,
+                           temporal=temporal or None)
         summary = plan.summary()
         return {"ui": {"text": [summary]}, "result": (plan.frames, summary, plan.video)}
 

@@ -158,3 +158,44 @@ def test_dataclass_copies_keep_the_repeats(tiny_model_dir, clips):
     video = compress_video(vlm, clips["static"], num_frames=6, dominant=6, contextual=2, temporal=True)
     assert dataclasses.replace(video).total_tokens == video.total_tokens
     assert "repeating earlier frames dropped" in video.summary() and "temporal: threshold 0.9" in video.summary()
+
+
+def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir, clips):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
+                                              keep_loaded=True, path=tiny_model_dir("llava"))[0]
+    preview, _times, handle, _count = nodes["VisionZipLoadVideo"]().load(
+        video="", mode="every", num_frames=8, fps=1.0, every=2, start=0.0, end=0.0, max_frames=0, max_size=0,
+        preview_frames=4, backend="auto", path=clips["static"])
+    frames, summary, planned = nodes["VisionZipFrameBudget"]().plan(
+        token_budget=300, tokens_per_frame=8, reserved=0, model=model, video=handle, question="What happens ?",
+        max_new_tokens=16, temporal=0.9)["result"]
+    assert "temporal" in summary and planned.token_budget and frames > 20
+    out = nodes["VisionZipVideoToTokens"]().run(model=model, video=planned, method="visionzip", dominant=6,
+                                                contextual=2, tokens_per_frame=0, batch_size=8)  # temporal from the plan
+    tokens = out["result"][0]
+    assert tokens.repeats is not None and tokens.total_tokens <= planned.token_budget
+    answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
+                                               max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0)
+    assert f"{tokens.total_tokens} visual tokens" in answer["ui"]["text"][0]
+    attention, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=preview)
+    assert kept.shape[0] == 4 and kept.shape[1] > attention.shape[1] - 40  # legend band of the temporal kind
+    off = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=6, contextual=2,
+                                                tokens_per_frame=0, batch_size=8)["result"][0]
+    assert off.repeats is None
+    on = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=6, contextual=2,
+                                               tokens_per_frame=0, batch_size=8, temporal=0.9)["result"][0]
+    assert on.total_tokens < off.total_tokens / 3
+
+
+def test_command_line_temporal(tiny_model_dir, clips, capsys):
+    from comfy_visionzip.__main__ import main
+
+    code = main(["ask", "--model", tiny_model_dir("llava"), clips["static"], "What happens ?", "--every", "3",
+                 "--dominant", "6", "--contextual", "2", "--temporal", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "repeating earlier frames dropped" in out
+    shown = int(out.split("visual tokens in the prompt: ")[1].split()[0])
+    assert shown < 30 * 8 / 3
+    assert main(["ask", "--model", tiny_model_dir("llava"), clips["static"], "What ?", "--temporal", "2.5"]) == 2
+    assert "--temporal 2.5" in capsys.readouterr().err
