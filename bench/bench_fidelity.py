@@ -59,6 +59,7 @@ NUM_ANSWERS = 19  # + video: half 17-18 (first, second)
 QUESTION_VOCAB = 6 + len(COLOURS)  # task ids 0-5 (5 = half), then the colour asked about
 RATIOS = {"10%": 26, "20%": 51, "30%": 77}  # tokens of 257
 VIDEO_FRAMES, EVENT_FRAMES, VIDEO_PER_FRAME = 80, 4, 25
+TEMPORAL, TEMPORAL_THRESHOLD = False, 0.9  # --temporal: also the temporal stage's conditions
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -327,17 +328,54 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
     conditions["oracle: 8 frames x 257 full, one on the event"] = (with_event, "full", 257)
     question = _questions([c["question"] for c in clips])
     answer = torch.tensor([c["answer"] for c in clips])
+    budget = VIDEO_FRAMES * VIDEO_PER_FRAME
+    temporal_used = {}
+    if TEMPORAL:  # per-frame VisionZip with more tokens per frame, the temporal stage fitting them to the same budget
+        for count in (64, 128):
+            name = f"80 frames x {count} visionzip + temporal, fitted to {budget}"
+            kept = [temporal_tokens(pool, views, c, count, budget) for c in clips]
+            temporal_used[name] = round(float(np.mean([k.shape[0] for k in kept])))
+            right = sum(int(readout(k[None], question[i: i + 1]).argmax(-1)[0] == answer[i]) for i, k in enumerate(kept))
+            conditions[name] = None
+            result_extra = right / len(clips)
+            temporal_used[name + "#acc"] = result_extra
     seen = sum(1 for c in clips if c["event"] and any(c["event"]["at"] <= p < c["event"]["at"] + EVENT_FRAMES
                                                           for p in uniform8)) / max(sum(1 for c in clips if c["event"]), 1)
     result = {}
-    for name, (picks, method, count) in conditions.items():
+    for name, condition in conditions.items():
+        if condition is None:  # the temporal ones: accuracy computed above, clip by clip (their lengths differ)
+            result[name] = temporal_used[name + "#acc"]
+            continue
+        picks, method, count = condition
         visual = torch.stack([tokens(c, picks(c), method, count) for c in clips])
         result[name] = accuracy(readout, visual, question, None, answer, batch=8)
     log(f"  video seed {seed}: events seen by 8 uniform frames: {seen:.2f}; " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     return {"accuracy": result, "event_seen_by_8_uniform_frames": seen,
             "tokens": {"8 frames x 257 full": 8 * 257, **{f"80 frames x {VIDEO_PER_FRAME} {m}": 80 * VIDEO_PER_FRAME
                                                           for m in ("visionzip", "pool", "uniform", "random")},
-                       "oracle: 8 frames x 257 full, one on the event": 8 * 257}}
+                       "oracle: 8 frames x 257 full, one on the event": 8 * 257,
+                       **{k: v for k, v in temporal_used.items() if not k.endswith("#acc")}}}
+
+
+def temporal_tokens(pool: dict, views, clip: dict, count: int, budget: int) -> torch.Tensor:
+    """(kept, 384) the clip's 80 frames compressed by VisionZip to ``count`` tokens each, then by the temporal
+    stage (default threshold, tightened until at most ``budget`` tokens remain), in time order."""
+    from comfy_visionzip.encoder import CompressedVideo
+    from comfy_visionzip.temporal import Temporal, fit
+    from comfy_visionzip.zip import compress, split_tokens, token_cells
+
+    rows = list(clip["frames"])
+    if clip["event"]:
+        for k in range(EVENT_FRAMES):
+            rows[clip["event"]["at"] + k] = len(views) + clip["event"]["first"] + k
+    index = torch.tensor(rows)
+    dominant, contextual = split_tokens(count)
+    result = compress(pool["hidden"][index].float(), pool["scores"][index], pool["keys"][index].float(), dominant, contextual)
+    video = CompressedVideo(tokens=result.tokens, timestamps=[], indices=list(range(len(rows))), method="visionzip",
+                            dominant=dominant, contextual=contextual, grid=(16, 16), cls_token=True,
+                            positions=token_cells(result).to(torch.int32))
+    fitted = fit(video, Temporal(threshold=TEMPORAL_THRESHOLD), budget)
+    return fitted.tokens[fitted.keep]
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -354,7 +392,12 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--video-test", type=int, default=200)
+    parser.add_argument("--temporal", action="store_true",
+                        help="also: VisionZip + the temporal stage at the same video token budget (80 frames x 64 / 128)")
+    parser.add_argument("--temporal-threshold", type=float, default=0.95)
     args = parser.parse_args()
+    global TEMPORAL, TEMPORAL_THRESHOLD
+    TEMPORAL, TEMPORAL_THRESHOLD = args.temporal, args.temporal_threshold
     folder = find_real_tower()
     if folder is None or not CLIP.exists():
         print("needs the real weights (python -m comfy_visionzip fetch-weights) and ../shared/media/flipping_a_pancake.mkv")

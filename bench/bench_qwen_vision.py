@@ -66,7 +66,9 @@ def frames(count: int, size: int) -> torch.Tensor:
     from comfy_visionzip import sample_video
     from comfy_visionzip.synthetic import make_clip
 
-    source = str(CLIP) if CLIP.exists() else make_clip(HERE / "results" / "_qwen_bench.mp4", frames=120, size=(640, 360))
+    import tempfile
+
+    source = str(CLIP) if CLIP.exists() else make_clip(Path(tempfile.mkdtemp()) / "clip.mp4", frames=120, size=(640, 360))
     clip = sample_video(source, num_frames=count)
     return clip.frames, source
 

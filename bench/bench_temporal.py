@@ -42,8 +42,9 @@ def main() -> int:
     torch.set_num_threads(torch.get_num_threads())
     encoder = load_tower(folder, device="cpu", dtype="fp32")
     clips = {}
-    work = HERE / "results" / "_temporal_clips"
-    work.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="visionzip-temporal-"))  # generated clips: never in the repository
     for motion in ("static", "slow", "fast", "cuts"):
         clips[motion] = (make_scene_clip(work / f"{motion}.mp4", motion=motion, frames=1800, fps=30, size=(320, 180)), 1.0)
     if CLIP.exists():

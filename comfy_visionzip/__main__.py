@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
     ask.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET",
                      help="drop tokens that repeat earlier frames' (static stretches cost less, so more frames fit): "
-                          "alone the default setting (similarity 0.9); a value below 1 sets the similarity threshold "
+                          "alone the default setting (similarity 0.95); a value below 1 sets the similarity threshold "
                           "(e.g. 0.85), a whole number the visual tokens the video may keep (e.g. 4000)")
     ask.add_argument("--batch-size", type=int, default=0, help="frames per encoder batch (default 0: sized to the device)")
     ask.add_argument("--max-new-tokens", type=int, default=256)

@@ -41,7 +41,7 @@ from .errors import VisionZipError
 class Temporal:
     """Settings of the temporal stage (see the module docstring)."""
 
-    threshold: float = 0.9  # cosine similarity at which a token repeats an earlier kept one
+    threshold: float = 0.95  # cosine similarity at which a token repeats an earlier kept one (see bench_temporal)
     radius: int = 1  # cells around a token's own where the earlier token may be (0: the same cell only)
     scene: float = 0.8  # frame similarity below which a new segment starts (the frame is kept whole)
     budget: int | None = None  # visual tokens the whole video may keep (the threshold is tightened to fit)
@@ -72,7 +72,7 @@ class Temporal:
             try:
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
-                raise VisionZipError(f"temporal {value!r}: give a threshold (0.9) or a token budget (4000)") from None
+                raise VisionZipError(f"temporal {value!r}: give a threshold (0.95) or a token budget (4000)") from None
         if isinstance(value, float) and 0 < value <= 1:
             return cls(threshold=value)
         if isinstance(value, (int, float)) and value >= 2 and float(value).is_integer():

@@ -166,7 +166,7 @@ class VisionZipFrameBudget:
                 "policy": (list(POLICIES), {"default": "fit",
                                             "tooltip": "fit: thin the frames evenly until everything fits. strict: stop with the numbers instead."}),
                 "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Plan with the temporal stage (needs a model and a video): static stretches cost less, so up to 4x the frames are kept and the room for visual tokens travels with the video to Video to Tokens, which drops repeats until they fit. The value is its similarity threshold (0.9 is the default); 0 = off."}),
+                                       "tooltip": "Plan with the temporal stage (needs a model and a video): static stretches cost less, so up to 4x the frames are kept and the room for visual tokens travels with the video to Video to Tokens, which drops repeats until they fit. The value is its similarity threshold (0.95 is the default); 0 = off."}),
             },
         }
 

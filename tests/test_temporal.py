@@ -40,7 +40,8 @@ def test_settings_parse_and_refuse_nonsense():
         Temporal(radius=9)
 
 
-def test_static_stretches_cost_far_fewer_tokens_and_motion_about_the_same(tiny_model_dir, clips):
+def test_static_stretches_cost_far_fewer_tokens_than_motion(tiny_model_dir, clips):
+    """On a random tower (features of unlike frames are still alike); the real encoder's numbers are below."""
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
     per_frame = 24 * 8
     cost = {}
@@ -50,8 +51,7 @@ def test_static_stretches_cost_far_fewer_tokens_and_motion_about_the_same(tiny_m
         assert all(n >= 1 for n in video.frame_tokens())  # every frame keeps at least one token
         cost[motion] = video.total_tokens
     assert cost["static"] <= 8 + 23 and cost["static"] < per_frame * 0.2  # the first frame + one token a frame
-    assert cost["fast"] >= per_frame * 0.9  # a panning camera: almost nothing repeats
-    assert cost["static"] < cost["slow"] < cost["fast"]
+    assert cost["fast"] > 3 * cost["static"] and cost["static"] < cost["slow"]
     cuts = compress_video(vlm, clips["cuts"], num_frames=24, dominant=6, contextual=2, temporal=True)
     assert cuts.meta["temporal_segments"] == 4  # four static shots: each starts whole
     assert cuts.total_tokens <= 4 * 8 + 20
@@ -157,7 +157,7 @@ def test_dataclass_copies_keep_the_repeats(tiny_model_dir, clips):
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
     video = compress_video(vlm, clips["static"], num_frames=6, dominant=6, contextual=2, temporal=True)
     assert dataclasses.replace(video).total_tokens == video.total_tokens
-    assert "repeating earlier frames dropped" in video.summary() and "temporal: threshold 0.9" in video.summary()
+    assert "repeating earlier frames dropped" in video.summary() and "temporal: threshold 0.95" in video.summary()
 
 
 def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir, clips):
@@ -199,3 +199,23 @@ def test_command_line_temporal(tiny_model_dir, clips, capsys):
     assert shown < 30 * 8 / 3
     assert main(["ask", "--model", tiny_model_dir("llava"), clips["static"], "What ?", "--temporal", "2.5"]) == 2
     assert "--temporal 2.5" in capsys.readouterr().err
+
+
+@pytest.mark.needs_weights
+def test_on_a_real_encoder_static_video_is_nearly_free_and_real_motion_costs_about_the_same(real_clip, tmp_path):
+    from comfy_visionzip import sample_video
+    from comfy_visionzip.vlm import load_tower
+    from comfy_visionzip.weights import find_real_tower
+
+    folder = find_real_tower()
+    if folder is None:
+        pytest.skip("real weights not fetched (python -m comfy_visionzip fetch-weights)")
+    encoder = load_tower(folder, device="cpu", dtype="fp32")
+    static = make_scene_clip(tmp_path / "static.mp4", motion="static", frames=300, size=(320, 180))
+    share = {}
+    for name, path, fps in (("static", static, 3.0), ("real", real_clip, 3.0)):
+        frames = sample_video(path, fps=fps)
+        video = compress_frames(encoder, [frames], dominant=54, contextual=10, temporal=True)
+        share[name] = video.total_tokens / (video.num_frames * 64)
+    assert share["static"] < 0.1  # the first frame, then one token a frame
+    assert share["real"] > 0.8  # a handheld camera and people moving: nearly every token is new
