@@ -3,6 +3,7 @@ slow and fast content and on the real clip, with a real pretrained encoder (run 
 
     python -m comfy_visionzip fetch-weights     # once: the real DINOv2-S/14 (see the README)
     python bench/bench_temporal.py              # about 2 minutes on 2 CPU cores
+    python bench/bench_temporal.py --memory     # peak RSS for 1 / 10 / 60 minutes of static video, stage on
 
 Encoder: the real DINOv2-S/14 (224 px: CLS + 256 patches, layer 10 as VisionZip reads it), VisionZip
 54 + 10 tokens per frame, frames at 1 fps (the real clip, 10 s long: 3 fps, reported per minute).
@@ -25,8 +26,47 @@ CLIP = HERE.parent.parent / "shared" / "media" / "flipping_a_pancake.mkv"
 THRESHOLDS = (None, 0.98, 0.95, 0.9, 0.85, 0.8)
 
 
+def memory(minutes: float, folder: str) -> dict:
+    """Peak RSS of file -> temporal tokens for a static clip of ``minutes`` (a fresh process each)."""
+    import subprocess
+
+    from comfy_visionzip.synthetic import make_scene_clip
+
+    clip = make_scene_clip(Path(folder) / f"static_{minutes}.mp4", motion="static", frames=int(minutes * 60 * 5),
+                           fps=5, size=(160, 90), options={"g": "50"})  # made here: the measured process only reads it
+    code = f"""
+import json, os, sys, time
+sys.path.insert(0, {str(HERE.parent)!r})
+from comfy_visionzip.tiny import build_tiny
+from comfy_visionzip.vlm import compress_video, load_vlm
+clip = {clip!r}
+vlm = load_vlm(build_tiny("llava", os.path.join({folder!r}, "tiny")), device="cpu")
+def hwm():  # this process's own peak (ru_maxrss would carry the parent's over fork + exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = hwm()
+t = time.perf_counter()
+video = compress_video(vlm, clip, fps=1.0, dominant=54, contextual=10, temporal=True)
+print(json.dumps({{"minutes": {minutes}, "frames": video.num_frames, "visual_tokens": video.total_tokens,
+                  "peak_rss_mib": round(hwm() / 1024, 1),
+                  "rss_before_mib": round(before / 1024, 1), "seconds": round(time.perf_counter() - t, 1),
+                  "token_bytes_mib": round(video.tokens.numel() * video.tokens.element_size() / 2**20, 1)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     import torch
+
+    if "--memory" in sys.argv:  # memory against length with the stage on (tiny model: the stage, decode and store)
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="visionzip-temporal-")
+        rows = [memory(m, folder) for m in (1, 10, 60)]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        (HERE / "results" / "temporal_memory.json").write_text(json.dumps(rows, indent=2))
+        return 0
 
     from comfy_visionzip import sample_video
     from comfy_visionzip.encoder import compress_frames

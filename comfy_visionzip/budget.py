@@ -351,9 +351,11 @@ def _temporal_plan(builder, first, layout, asked, asked_times, duration, fitted,
         frames = max(1, frames * 3 // 4)
     if budget < 1:
         raise VisionZipError("not even one frame fits with the temporal stage: raise the budget or shorten the question")
+    most = layout.units(frames) * layout.crops * layout.per_image
+    room = (f"room for {budget} of their at most {most} tokens: the threshold is tightened after encoding if the "
+            "new ones do not fit" if budget < most else f"room for all their {most} tokens (nothing to tighten)")
     why = (f"temporal: {frames} of the asked {len(asked)} frames kept ({fitted} fit without the stage; up to "
-           f"{expand:g}x as many), and up to {budget} visual tokens for what they show that is new (tokens repeating "
-           "an earlier frame are dropped; the threshold is tightened after encoding if they do not fit)")
+           f"{expand:g}x as many); tokens repeating an earlier frame are dropped; {room}")
     return frames, budget, why
 
 

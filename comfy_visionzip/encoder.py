@@ -584,10 +584,10 @@ class CompressedVideo:
         if self.repeats is not None:
             every = self.num_frames * self.tokens_per_frame
             setting = self.meta.get("temporal") or {}
-            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeating earlier "
-                    f"frames dropped = {self.total_tokens} visual tokens ({how}, {self.crops} image(s) per frame; temporal: "
-                    f"threshold {setting.get('threshold', '?')}, {self.meta.get('temporal_segments', '?')} segments, "
-                    f"{self.total_tokens / max(every, 1):.0%} of the tokens kept)")
+            segments = self.meta.get("temporal_segments", "?")
+            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
+                    f"frames dropped = {self.total_tokens} visual tokens ({how}; temporal {setting.get('threshold', '?')}: "
+                    f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
         return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
                 f"({how}, {self.crops} image(s) per frame)")
 

@@ -157,7 +157,7 @@ def test_dataclass_copies_keep_the_repeats(tiny_model_dir, clips):
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
     video = compress_video(vlm, clips["static"], num_frames=6, dominant=6, contextual=2, temporal=True)
     assert dataclasses.replace(video).total_tokens == video.total_tokens
-    assert "repeating earlier frames dropped" in video.summary() and "temporal: threshold 0.95" in video.summary()
+    assert "repeats of earlier frames dropped" in video.summary() and "temporal 0.95: 1 segment," in video.summary()
 
 
 def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir, clips):
@@ -194,7 +194,7 @@ def test_command_line_temporal(tiny_model_dir, clips, capsys):
     code = main(["ask", "--model", tiny_model_dir("llava"), clips["static"], "What happens ?", "--every", "3",
                  "--dominant", "6", "--contextual", "2", "--temporal", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
-    assert code == 0 and "repeating earlier frames dropped" in out
+    assert code == 0 and "repeats of earlier frames dropped" in out
     shown = int(out.split("visual tokens in the prompt: ")[1].split()[0])
     assert shown < 30 * 8 / 3
     assert main(["ask", "--model", tiny_model_dir("llava"), clips["static"], "What ?", "--temporal", "2.5"]) == 2
