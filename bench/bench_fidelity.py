@@ -395,7 +395,11 @@ def main() -> int:
     parser.add_argument("--temporal", action="store_true",
                         help="also: VisionZip + the temporal stage at the same video token budget (80 frames x 64 / 128)")
     parser.add_argument("--temporal-threshold", type=float, default=0.95)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from bench/results/fidelity.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((HERE / "results" / "fidelity.json").read_text()), HERE / "results")
+        return 0
     global TEMPORAL, TEMPORAL_THRESHOLD
     TEMPORAL, TEMPORAL_THRESHOLD = args.temporal, args.temporal_threshold
     folder = find_real_tower()
@@ -457,6 +461,12 @@ def main() -> int:
     lines.append("")
     (out / "fidelity.md").write_text("\n".join(lines))
     print("\n".join(lines))
+    plot(results, out)
+    return 0
+
+
+def plot(results: dict, out: Path) -> None:
+    img, vid = results["image"]["summary"], results["video"]["summary"]
     try:
         import matplotlib
 
@@ -464,7 +474,7 @@ def main() -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         print("(matplotlib is not installed: no plot)")
-        return 0
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     methods = ("visionzip", "visionzip+proj", "pool", "uniform", "random")
     for i, method in enumerate(methods):
@@ -478,13 +488,15 @@ def main() -> int:
     names = list(vid)
     axes[1].bar(range(len(names)), [vid[n]["accuracy_mean"] for n in names], yerr=[vid[n]["accuracy_std"] for n in names],
                 capsize=3, color=(["grey", "C0", "C2", "C3", "C4", "lightgrey"] * 2)[: len(names)])
-    axes[1].set_xticks(range(len(names)), [n.replace(" x ", "\nx ").replace(", one", ",\none") for n in names], fontsize=6)
+    labels = [n.replace(" visionzip + temporal, fitted to ", " VZ\n+ temporal\n-> ").replace(" x ", "\nx ")
+              .replace(", one", ",\none") for n in names]
+    axes[1].set_xticks(range(len(names)), labels, fontsize=6)
     axes[1].set(ylabel="accuracy", title="video: 8 frames full vs 80 frames compressed (~2000 tokens)")
-    fig.suptitle(f"{results['machine']}; {args.seeds} seeds", fontsize=8)
+    fig.suptitle(f"{results['machine']}; {results['seeds']} seeds", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fidelity.png", dpi=110)
     print(f"plot -> {out / 'fidelity.png'}")
-    return 0
+
 
 
 if __name__ == "__main__":
