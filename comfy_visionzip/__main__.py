@@ -132,6 +132,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     if args.tokens:
         video = load_tokens(args.tokens, model=vlm)
+        if temporal is not None:  # the stage runs on stored tokens too (nothing is encoded again)
+            from .temporal import apply, fit
+
+            width = getattr(vlm.video_encoder(), "width", None)
+            video = fit(video, temporal, temporal.budget, width=width) if temporal.budget else \
+                apply(video, temporal, width=width)
         times["load tokens"] = time.perf_counter() - t
     else:
         num_frames = args.frames

@@ -219,3 +219,14 @@ def test_on_a_real_encoder_static_video_is_nearly_free_and_real_motion_costs_abo
         share[name] = video.total_tokens / (video.num_frames * 64)
     assert share["static"] < 0.1  # the first frame, then one token a frame
     assert share["real"] > 0.8  # a handheld camera and people moving: nearly every token is new
+
+
+def test_the_stage_runs_on_a_saved_tokens_file_too(tiny_model_dir, clips, tmp_path, capsys):
+    from comfy_visionzip.__main__ import main
+
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    path = save_tokens(compress_video(vlm, clips["static"], num_frames=12, dominant=6, contextual=2), tmp_path / "plain")
+    assert main(["ask", "--model", tiny_model_dir("llava"), "-", "What ?", "--tokens", path, "--temporal",
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "visual tokens in the prompt: 19" in out  # 8 + one a frame for the 11 static frames after the first
