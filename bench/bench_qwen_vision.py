@@ -63,10 +63,10 @@ def tower(kind: str, config: dict, dtype, device):
 
 
 def frames(count: int, size: int) -> torch.Tensor:
+    import tempfile
+
     from comfy_visionzip import sample_video
     from comfy_visionzip.synthetic import make_clip
-
-    import tempfile
 
     source = str(CLIP) if CLIP.exists() else make_clip(Path(tempfile.mkdtemp()) / "clip.mp4", frames=120, size=(640, 360))
     clip = sample_video(source, num_frames=count)
