@@ -231,7 +231,6 @@ def _progress_bar(desc: str, unit: str):
 
 
 def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
-    from .answer import Chat, GenerationConfig
     from .encoder import kept_count
     from .tiny import build_tiny
     from .viz import attention_overlays, token_overlays
@@ -248,11 +247,7 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
         t = time.perf_counter()
         video = compress_video(vlm, clip_path, fps=1.0, dominant=dominant, contextual=contextual, method=method)
         seconds = time.perf_counter() - t
-        chat = Chat(vlm, video)
-        config = GenerationConfig(max_new_tokens=12)
-        chat.ask("What happens in this video ?", config)
-        chat.ask("and then ?", config)
-        first, second = chat.turns
+        first, second = _two_turns(vlm, video)
         print(f"  {method:<9} {video.num_frames} frames x {video.tokens_per_frame:>2} tokens = {video.total_tokens:>4} visual "
               f"tokens (sample+encode+zip {seconds:.2f} s); answer prefilled {first.prefill_tokens} tokens "
               f"in {first.seconds['prefill'] * 1000:.0f} ms; follow-up prefilled {second.prefill_tokens} "
@@ -272,11 +267,21 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             print(f"  attention heatmaps and kept/merged tokens -> {target}")
 
 
+def _two_turns(vlm, video):
+    """The demo's question and a cached follow-up; returns both turns."""
+    from .answer import Chat, GenerationConfig
+
+    chat = Chat(vlm, video)
+    config = GenerationConfig(max_new_tokens=12)
+    chat.ask("What happens in this video ?", config)
+    chat.ask("and then ?", config)
+    return chat.turns
+
+
 def _demo_qwen(clip_path: str, tmp: str) -> None:
     """The same pipeline with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (temporal patches, 3D positions)."""
     import transformers
 
-    from .answer import Chat, GenerationConfig
     from .tiny import build_tiny
     from .vlm import compress_video, load_vlm
 
@@ -288,11 +293,7 @@ def _demo_qwen(clip_path: str, tmp: str) -> None:
             continue
         vlm = load_vlm(build_tiny(family, os.path.join(tmp, f"tiny-{family}")), device="cpu")
         video = compress_video(vlm, clip_path, fps=1.0, dominant=54, contextual=10)
-        chat = Chat(vlm, video)
-        config = GenerationConfig(max_new_tokens=12)
-        chat.ask("What happens in this video ?", config)
-        chat.ask("and then ?", config)
-        first, second = chat.turns
+        first, second = _two_turns(vlm, video)
         print(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) x {video.tokens_per_frame} tokens "
               f"= {video.total_tokens} visual tokens; answer prefilled {first.prefill_tokens} "
               f"tokens; follow-up prefilled {second.prefill_tokens} (reused {second.cached_tokens} from the cache)")

@@ -133,8 +133,7 @@ class Chat:
         self.conversation_ids: list[int] = []  # ids of the conversation so far, generated answers as generated
         self._logits_kwarg = _logits_kwarg(vlm.model)
         # transformers >= 5.2x calls the cache `cache` (past_key_values is deprecated); 4.50 only knows past_key_values
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
-        self.cache_kwarg = self._cache_kwarg
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
 
     @property
     def placeholder_ids(self) -> list[int]:
@@ -257,7 +256,7 @@ class Chat:
 
         if self.cache is None:
             self.cache = DynamicCache()
-        kwargs = {self._cache_kwarg: self.cache, "use_cache": True}
+        kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self._logits_kwarg:
             kwargs[self._logits_kwarg] = 1
         with torch.inference_mode():

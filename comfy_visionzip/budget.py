@@ -30,6 +30,7 @@ from .errors import VisionZipError
 from .projection import visual_layout
 from .prompt import PromptBuilder, PromptVideo
 from .temporal import Temporal
+from .temporal import check as temporal_check
 from .video import uniform_pick
 from .zip import split_tokens
 
@@ -246,6 +247,9 @@ def plan_budget(
         raise VisionZipError(f"tokens_per_frame 'auto' chooses VisionZip settings; method is {method!r}")
     if tokens_per_frame not in (None, 0, "auto"):
         dominant, contextual = split_tokens(tokens_per_frame)
+    temporal = Temporal.parse(temporal)
+    if temporal is not None:
+        temporal_check(method)
     context = _check_int("context", context, 1) if context else context_length(vlm)
     budget, capped = cap_budget(budget, context, policy)
     reasons: list[str] = [capped] if capped else []
@@ -306,11 +310,8 @@ def plan_budget(
                                  "(num_frames / max_frames), fewer tokens per frame, or policy 'fit'")
         frames = fitted
         reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
-    temporal = Temporal.parse(temporal)
     visual_budget = None
     if temporal is not None:
-        if method == "full":
-            raise VisionZipError("the temporal stage runs on compressed tokens: use visionzip, pool or uniform")
         frames, visual_budget, why = _temporal_plan(builder, first, layout, asked, asked_times, duration, frames,
                                                     limit, temporal_expand)
         reasons.append(why)
@@ -321,16 +322,14 @@ def plan_budget(
     chosen = picks(frames)
     chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
-    if temporal is not None:
+    visual_tokens = layout.total(frames)
+    if temporal is not None:  # at most: the stage keeps what is new, within the room
         thinned = dataclasses.replace(thinned, token_budget=visual_budget)
-        text = prompt_tokens - layout.total(frames)
-        prompt_tokens = min(prompt_tokens, text + visual_budget + (layout.total(frames) - layout.units(frames) *
-                                                                    layout.crops * layout.per_image))
+        most = min(visual_tokens, visual_budget + layout.besides_tokens(frames))
+        prompt_tokens, visual_tokens = prompt_tokens - visual_tokens + most, most
     return BudgetPlan(
         video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
-        dominant=dominant, contextual=contextual, per_frame=layout.per_frame,
-        visual_tokens=layout.total(frames) if temporal is None else min(
-            layout.total(frames), visual_budget + layout.total(frames) - layout.units(frames) * layout.crops * layout.per_image),
+        dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=visual_tokens,
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
         context=context, policy=policy, reasons=reasons, frames_per_unit=getattr(layout, "frames_per_unit", 1),
         temporal=temporal,
@@ -339,13 +338,12 @@ def plan_budget(
 
 def _temporal_plan(builder, first, layout, asked, asked_times, duration, fitted, limit, expand):
     """(frames, budget of kept visual tokens, reason) with the temporal stage on."""
-    extras = layout.per_frame - layout.crops * layout.per_image  # per encoded frame, besides its tokens (newlines)
     frames = min(len(asked), max(fitted, math.ceil(fitted * float(expand))))
     while True:
         video = thinned_prompt(len(asked), layout, asked_times, duration)(frames)
         text = builder.count(video, first) - video.visual_tokens
         units = layout.units(frames)
-        budget = limit - text - units * extras - layout.extra
+        budget = limit - text - layout.besides_tokens(frames)
         if budget >= units or frames <= 1:  # every encoded frame keeps at least one token
             break
         frames = max(1, frames * 3 // 4)

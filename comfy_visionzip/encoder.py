@@ -545,9 +545,10 @@ class CompressedVideo:
             raise VisionZipError(f"frames {keep[:4]}... are not all in 0..{self.num_frames - 1}")
         crops = max(self.crops, 1)
         rows = torch.tensor([f * crops + c for f in keep for c in range(crops)], dtype=torch.long)
+        setting = self.meta.get("temporal")
         repeats = None
-        if self.repeats is not None:  # tokens that repeat a frame left out stand for themselves again
-            per = self.tokens_per_frame
+        if self.repeats is not None and not setting:  # no settings to match again: repeats of frames left out
+            per = self.tokens_per_frame  # stand for themselves
             new_frame = torch.full((self.num_frames,), -1, dtype=torch.long)
             new_frame[keep] = torch.arange(len(keep))
             old = self.repeats[keep].long()
@@ -561,8 +562,7 @@ class CompressedVideo:
             scores=self.scores[rows] if self.scores is not None else None,
             assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
             positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
-        setting = self.meta.get("temporal")
-        if repeats is not None and setting:  # match the kept frames again: a repeat may now repeat another kept frame
+        if self.repeats is not None and setting:  # match the kept frames again: a repeat may now repeat another kept one
             from .temporal import Temporal, apply
 
             config = Temporal(threshold=setting["threshold"], radius=setting["radius"], scene=setting["scene"])
@@ -730,11 +730,13 @@ def compress_frames(
     """
     from . import temporal as temporal_stage
 
-    temporal = temporal_stage.Temporal.parse(temporal)
-    matcher = None
-    width = getattr(encoder, "width", None)
     if method not in METHODS:
         raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+    temporal = temporal_stage.Temporal.parse(temporal)
+    if temporal is not None:
+        temporal_stage.check(method)
+    matcher = None
+    width = getattr(encoder, "width", None)  # Qwen: the main features (DeepStack ride along in the same rows)
     if not batch_size:
         batch_size = auto_batch_size(encoder)
         log.info("encoder batch: %d frames (sized to %s)", batch_size, encoder.device)
@@ -754,16 +756,9 @@ def compress_frames(
                 part = compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
                                         method=method, keep_maps=keep_maps)
                 if temporal is not None:
-                    if method == "full":
-                        raise VisionZipError("the temporal stage runs on compressed tokens (visionzip, pool, uniform), "
-                                             "not on 'full'")
                     if matcher is None:
                         matcher = temporal_stage.Matcher(temporal, part.grid, cls_token=part.cls_token, crops=part.crops)
-                    cells = temporal_stage.crop_cells(part.positions, part.crops, matcher.per_crop)
-                    feats = temporal_stage.token_features(part, width)
-                    per = part.tokens_per_frame
-                    part.repeats = torch.stack([matcher.frame(feats[f], cells[f], (out.frames + f) * per)
-                                                for f in range(part.num_frames)]).to(torch.int32)
+                    part.repeats = matcher.video(part, out.frames, width)
                 out.add(part)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
                 if not _is_out_of_memory(e):
@@ -792,11 +787,14 @@ def compress_frames(
         positions=out.positions(), repeats=out.repeats(),
     )
     if temporal is not None:
-        video.meta.update(temporal=temporal_stage._describe(temporal), temporal_segments=matcher.segments,
-                          temporal_width=width)
+        temporal_stage.describe(video, temporal, matcher, width)
         if temporal.budget and video.total_tokens > temporal.budget:
             video = temporal_stage.fit(video, temporal, temporal.budget, width=width)
     return video
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return torch.cat(parts) if parts and all(p is not None for p in parts) else None
 
 
 class _Accumulator:
@@ -815,17 +813,17 @@ class _Accumulator:
         self.rows = 0  # frames x crops written to the maps
         self.timestamps: list[float] = []
         self.indices: list[int] = []
+        self.cells: list[torch.Tensor | None] = []
+        self.sources: list[torch.Tensor | None] = []
 
     def positions(self) -> torch.Tensor | None:
-        return torch.cat(self.cells) if self.cells and all(c is not None for c in self.cells) else None
+        return _cat(self.cells)
 
     def repeats(self) -> torch.Tensor | None:
-        return torch.cat(self.sources) if self.sources and all(c is not None for c in self.sources) else None
+        return _cat(self.sources)
 
     def add(self, part: CompressedVideo) -> None:
-        self.cells = getattr(self, "cells", [])
-        self.cells.append(part.positions)
-        self.sources = getattr(self, "sources", [])
+        self.cells.append(part.positions)  # small per-frame maps: concatenated at the end
         self.sources.append(part.repeats)
         self.first = self.first or part
         self.timestamps += part.timestamps

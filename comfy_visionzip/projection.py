@@ -86,6 +86,10 @@ class VisualLayout:
     def total(self, frames: int) -> int:
         return self.units(frames) * self.per_frame + self.extra
 
+    def besides_tokens(self, frames: int) -> int:
+        """Placeholders that are not visual tokens (newline tokens) in a video of ``frames`` frames."""
+        return self.total(frames) - self.units(frames) * self.crops * self.per_image
+
     def frames_for(self, visual_tokens: int) -> int:
         return max((visual_tokens - self.extra) // self.per_frame, 0) * self.frames_per_unit
 

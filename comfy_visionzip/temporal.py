@@ -83,10 +83,10 @@ class Temporal:
         return dataclasses.replace(self, budget=budget)
 
 
-def _cell_layout(video_grid: tuple[int, int], cls_token: bool, crops: int) -> tuple[int, int, int]:
-    rows, cols = (int(v) for v in video_grid)
-    prefix = 1 if cls_token else 0
-    return rows, cols, prefix
+def check(method: str) -> None:
+    """The stage runs on compressed tokens only (cheap: checked before anything is encoded)."""
+    if method == "full":
+        raise VisionZipError("the temporal stage runs on compressed tokens (visionzip, pool, uniform), not on 'full'")
 
 
 class Matcher:
@@ -99,9 +99,9 @@ class Matcher:
 
     def __init__(self, config: Temporal, grid: tuple[int, int], *, cls_token: bool, crops: int = 1) -> None:
         self.config = config
-        rows, cols, prefix = _cell_layout(grid, cls_token, crops)
-        self.rows, self.cols, self.prefix = rows, cols, prefix
-        self.per_crop = prefix + rows * cols
+        self.rows, self.cols = (int(v) for v in grid)
+        self.prefix = 1 if cls_token else 0
+        self.per_crop = self.prefix + self.rows * self.cols
         self.cells = self.per_crop * max(crops, 1)
         self.neighbours = self._neighbours(max(crops, 1))
         self.reference: torch.Tensor | None = None  # (cells, D) normalised features of kept tokens
@@ -125,6 +125,14 @@ class Matcher:
                         if 0 <= yy < self.rows and 0 <= xx < self.cols:
                             table[cell, j] = base + self.prefix + yy * self.cols + xx
         return table
+
+    def video(self, part, first_frame: int, width: int | None = None) -> torch.Tensor:
+        """(frames, K) int32 repeats of a compressed part whose first frame is ``first_frame`` of the video."""
+        cells = crop_cells(part.positions, part.crops, self.per_crop)
+        feats = token_features(part, width)
+        per = part.tokens_per_frame
+        return torch.stack([self.frame(feats[f], cells[f], (first_frame + f) * per)
+                            for f in range(part.num_frames)]).to(torch.int32)
 
     def frame(self, features: torch.Tensor, cells: torch.Tensor, offset: int) -> torch.Tensor:
         count = features.shape[0]
@@ -166,24 +174,23 @@ def token_features(video, width: int | None = None) -> torch.Tensor:
 
 def apply(video, config: Temporal | None, *, width: int | None = None):
     """Run the stage over a whole compressed video (the same result as while streaming); returns a copy
-    with ``source`` set (or without it, for ``config`` None)."""
+    with ``repeats`` set (or without it, for ``config`` None)."""
     if config is None:
         return dataclasses.replace(video, repeats=None)
-    if video.method == "full":
-        raise VisionZipError("the temporal stage runs on compressed tokens (visionzip, pool, uniform), not on 'full'")
+    check(video.method)
     if video.positions is None:
         raise VisionZipError("these tokens carry no token positions (made by an older version): encode again")
     matcher = Matcher(config, video.grid, cls_token=video.cls_token, crops=video.crops)
-    feats = token_features(video, width)
-    cells = crop_cells(video.positions, video.crops, matcher.per_crop)
-    per = video.tokens_per_frame
-    source = torch.empty(video.num_frames, per, dtype=torch.long)
-    for f in range(video.num_frames):
-        source[f] = matcher.frame(feats[f], cells[f], f * per)
-    out = dataclasses.replace(video, repeats=source.to(torch.int32), meta={**video.meta, "temporal": _describe(config)})
-    out.meta["temporal_segments"] = matcher.segments
-    out.meta["temporal_width"] = width
+    out = dataclasses.replace(video, repeats=matcher.video(video, 0, width))
+    describe(out, config, matcher, width)
     return out
+
+
+def describe(video, config: Temporal, matcher: Matcher, width: int | None) -> None:
+    """Record the stage's settings with the tokens (summaries, tokens files, re-matching after a thinning)."""
+    video.meta = {**video.meta, "temporal": {"threshold": round(float(config.threshold), 4), "radius": config.radius,
+                                             "scene": config.scene, "budget": config.budget},
+                  "temporal_segments": matcher.segments, "temporal_width": width}
 
 
 def crop_cells(positions: torch.Tensor, crops: int, per_crop: int) -> torch.Tensor:
@@ -229,9 +236,4 @@ def fit(video, config: Temporal, budget: int, *, width: int | None = None):
     return best
 
 
-def _describe(config: Temporal) -> dict:
-    return {"threshold": round(float(config.threshold), 4), "radius": config.radius, "scene": config.scene,
-            "budget": config.budget}
-
-
-__all__ = ["Matcher", "Temporal", "apply", "crop_cells", "fit"]
+__all__ = ["Matcher", "Temporal", "apply", "check", "crop_cells", "describe", "fit"]

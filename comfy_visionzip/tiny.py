@@ -30,20 +30,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(vocab_size: int = 512):
+def make_tokenizer(vocab_size: int = 512, *, special: list[str] = SPECIAL, words: list[str] = WORDS,
+                   template: str = CHAT_TEMPLATE, unk: str = "<unk>", bos: str | None = "<s>", eos: str = "</s>",
+                   pad: str = "<pad>"):
+    """A word-level tokenizer of ``special`` + ``words`` (+ filler words up to ``vocab_size``) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    vocab = {t: i for i, t in enumerate(special + words)}
     for i in range(len(vocab), vocab_size):
         vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(SPECIAL)
+    tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad,
+        padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=template,
     )
 
 
@@ -193,20 +196,9 @@ QWEN3_VL_TEMPLATE = (
 
 
 def make_qwen_tokenizer(template: str, vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(QWEN_SPECIAL + QWEN_WORDS)}
-    for i in range(len(vocab), vocab_size):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(QWEN_SPECIAL)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=template,
-    )
+    """The Qwen families' special tokens (ChatML, vision start/end, image/video pads), no BOS."""
+    return make_tokenizer(vocab_size, special=QWEN_SPECIAL, words=QWEN_WORDS, template=template, unk="<|endoftext|>",
+                          bos=None, eos="<|im_end|>", pad="<|endoftext|>")
 
 
 def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int = 6, seed: int = 0) -> str:

@@ -12,7 +12,7 @@ from comfy_visionzip import VisionZipError
 from comfy_visionzip.answer import Chat, GenerationConfig, project
 from comfy_visionzip.encoder import compress_frames
 from comfy_visionzip.store import load_tokens, save_tokens
-from comfy_visionzip.tiny import FAMILIES
+from comfy_visionzip.tiny import ALL_FAMILIES, FAMILIES
 from comfy_visionzip.vlm import compress_video, label_tokens, load_vlm
 
 
@@ -206,11 +206,16 @@ def test_cancelling_generation_leaves_the_chat_usable(tiny_model_dir, clip):
     assert again == reference.ask("and then ?", GenerationConfig(max_new_tokens=6))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+AVAILABLE = [f for f in ALL_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
+
+
+@pytest.mark.parametrize("family", AVAILABLE)
 def test_a_follow_up_prefills_only_its_own_new_text_for_every_family(family, tiny_model_dir, clip):
     """The conversation is kept as token ids: the previous answer is never re-tokenised and re-run."""
     vlm = load_vlm(tiny_model_dir(family), device="cpu")
-    video = compress_video(vlm, clip, num_frames=3, dominant=6, contextual=2)
+    # 8 frames: Qwen2.5-VL's temporal positions reach past the grid's side (where transformers 5's rope index
+    # and generate() continue differently: the follow-up must still agree with a fresh prefill)
+    video = compress_video(vlm, clip, num_frames=8, dominant=6, contextual=2)
     chat = Chat(vlm, video)
     chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=12))
     seen = list(chat.conversation_ids)

@@ -261,20 +261,6 @@ def test_deepstack_features_are_pruned_to_exactly_the_kept_tokens(tiny_model_dir
 
 
 @pytest.mark.parametrize("family", FAMILY)
-def test_follow_ups_reuse_the_cache_and_a_fresh_chat_agrees(family, tiny_model_dir, clip):
-    vlm = load_vlm(tiny_model_dir(family), device="cpu")
-    video = compress_video(vlm, clip, num_frames=8, dominant=6, contextual=2)
-    chat = Chat(vlm, video)
-    chat.ask("What happens in this video ?", GenerationConfig(max_new_tokens=10))
-    seen = list(chat.conversation_ids)
-    chat.ask("Who is in the kitchen ?", GenerationConfig(max_new_tokens=4))
-    assert chat.turns[1].cached_tokens == len(seen) and chat.turns[1].prefill_tokens < 20
-    fresh = Chat(vlm, video)
-    fresh.messages, fresh.turns, fresh.conversation_ids = chat.messages[:2], chat.turns[:1], seen
-    assert fresh.ask("Who is in the kitchen ?", GenerationConfig(max_new_tokens=4)) == chat.turns[1].answer
-
-
-@pytest.mark.parametrize("family", FAMILY)
 def test_budget_counts_temporal_patches_and_tokens_files_round_trip(family, tiny_model_dir, clip, tmp_path):
     vlm = load_vlm(tiny_model_dir(family), device="cpu")
     plan = plan_budget(vlm, clip, "What happens in this video ?", budget=120, num_frames=40, dominant=6, contextual=2,

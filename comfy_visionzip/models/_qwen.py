@@ -100,10 +100,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-class _Captured(Exception):
-    pass
-
-
 class QwenEncoder:
     """A Qwen vision tower + its preprocessing, with VisionZip scores, keys and merged tokens per temporal patch.
 
@@ -419,12 +415,9 @@ class QwenFamily(FamilyModule):
 
         encoder = vlm.video_encoder()
         full = encoder.tokens_for(frame_size) if frame_size else encoder.tokens_per_image
-        if method == "full" or dominant + contextual >= full:  # a frame this small keeps all its merged tokens
-            per = full
-        else:
-            probe = EncodedImages(torch.zeros(1, full, 1), torch.zeros(1, full), torch.zeros(1, full, 1), False,
-                                  encoder.grid_for(frame_size) if frame_size else (1, full))
-            per = encoder.zip(probe, dominant, contextual, method).tokens.shape[1]
+        probe = EncodedImages(torch.zeros(1, full, 1), torch.zeros(1, full), torch.zeros(1, full, 1), False,
+                              encoder.grid_for(frame_size) if frame_size else (1, full))
+        per = encoder.zip(probe, dominant, contextual, method).tokens.shape[1]  # the encoder's own count (small frames too)
         return VisualLayout(per_frame=int(per), extra=0, crops=1, per_image=int(per), frames_per_unit=encoder.temporal)
 
     # ---- prompt
