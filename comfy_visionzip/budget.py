@@ -154,6 +154,7 @@ class BudgetPlan:
     reasons: list[str] = field(default_factory=list)
     frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: a temporal patch of two)
     temporal: Any = None  # the temporal stage's settings, when on (then visual_tokens is the most it may keep)
+    newlines: int = 0  # placeholders among visual_tokens that are newline tokens, not visual tokens
 
     @property
     def total_tokens(self) -> int:
@@ -175,8 +176,9 @@ class BudgetPlan:
         frames = f"{self.frames} frames" if unit == 1 else f"{self.frames} frames = {units} temporal patches of {unit}"
         what = "tokens" if unit == 1 else "tokens each"
         if self.temporal is not None:
-            head = (f"{frames} x at most {self.per_frame} {what}{split}, up to {self.visual_tokens} visual tokens after "
-                    f"the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
+            lines = f" + {self.newlines} newline{'s' if self.newlines != 1 else ''}" if self.newlines else ""
+            head = (f"{frames} x at most {self.per_frame} {what}{split}, up to {self.visual_tokens - self.newlines} visual "
+                    f"tokens{lines} after the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
         else:
             head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
                     f"{extra}; prompt {self.prompt_tokens}{reserve}")
@@ -332,7 +334,7 @@ def plan_budget(
         dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=visual_tokens,
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
         context=context, policy=policy, reasons=reasons, frames_per_unit=getattr(layout, "frames_per_unit", 1),
-        temporal=temporal,
+        temporal=temporal, newlines=layout.besides_tokens(frames),
     )
 
 

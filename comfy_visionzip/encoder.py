@@ -585,6 +585,7 @@ class CompressedVideo:
             every = self.num_frames * self.tokens_per_frame
             setting = self.meta.get("temporal") or {}
             segments = self.meta.get("temporal_segments", "?")
+            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how  # short: one box
             return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
                     f"frames dropped = {self.total_tokens} visual tokens ({how}; temporal {setting.get('threshold', '?')}: "
                     f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
