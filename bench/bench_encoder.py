@@ -37,7 +37,8 @@ def child(variant: str, batch: int, device: str, dtype_name: str, repeats: int) 
     import torch
     import transformers
 
-    from comfy_visionzip.encoder import Preprocess, VisionEncoder
+    from comfy_visionzip.encoder import VisionEncoder
+    from comfy_visionzip.preprocess import Preprocess
     from comfy_visionzip.zip import visionzip
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]

@@ -132,7 +132,7 @@ def image_sample(rng, views: np.ndarray) -> tuple[np.ndarray, list[int], int, st
 @torch.inference_mode()
 def encode_views(encoder, views: np.ndarray, batch: int = 32) -> dict[str, torch.Tensor]:
     """Cached select-layer features of 224 px views: hidden (fp16), scores, keys (fp16)."""
-    from comfy_visionzip.encoder import preprocess_frames
+    from comfy_visionzip.preprocess import preprocess_frames
 
     parts = {"hidden": [], "scores": [], "keys": []}
     for start in range(0, len(views), batch):
@@ -360,8 +360,8 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
 def temporal_tokens(pool: dict, views, clip: dict, count: int, budget: int) -> torch.Tensor:
     """(kept, 384) the clip's 80 frames compressed by VisionZip to ``count`` tokens each, then by the temporal
     stage (default threshold, tightened until at most ``budget`` tokens remain), in time order."""
-    from comfy_visionzip.encoder import CompressedVideo
     from comfy_visionzip.temporal import Temporal, fit
+    from comfy_visionzip.tokens import CompressedVideo
     from comfy_visionzip.zip import compress, split_tokens, token_cells
 
     rows = list(clip["frames"])
@@ -383,7 +383,7 @@ def temporal_tokens(pool: dict, views, clip: dict, count: int, budget: int) -> t
 
 def main() -> int:
     from comfy_visionzip import sample_video
-    from comfy_visionzip.encoder import Preprocess
+    from comfy_visionzip.preprocess import Preprocess
     from comfy_visionzip.vlm import load_tower
     from comfy_visionzip.weights import find_real_tower
 

@@ -55,7 +55,7 @@ def build(folder: str, *, tower: str) -> str:
     import torch
     import transformers as tf
 
-    from comfy_visionzip.tiny import _clip_processor, make_tokenizer, save_checkpoint
+    from comfy_visionzip.testing.tiny import _clip_processor, make_tokenizer, save_checkpoint
 
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -75,7 +75,7 @@ def build(folder: str, *, tower: str) -> str:
 
 
 def make_video(folder: str, minutes: float, *, size=(640, 360), fps: int = 5) -> str:
-    from comfy_visionzip.synthetic import make_clip
+    from comfy_visionzip.testing.synthetic import make_clip
 
     path = os.path.join(folder, f"generated_{minutes:g}min_{size[1]}p.mkv")
     if not os.path.isfile(path):
@@ -113,7 +113,8 @@ def child_memory(args) -> int:
     """One length, in this fresh process: file -> compressed tokens at 1 fps; prints one JSON line."""
     import torch
 
-    from comfy_visionzip.vlm import compress_video, load_vlm
+    from comfy_visionzip.pipeline import compress_video
+    from comfy_visionzip.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     compress_video(vlm, args.clip, num_frames=2)  # warm-up: allocator, kernels, the index cache of another clip
@@ -132,7 +133,8 @@ def child_memory(args) -> int:
 
 
 def child_resolution(args) -> int:
-    from comfy_visionzip.vlm import compress_video, load_vlm
+    from comfy_visionzip.pipeline import compress_video
+    from comfy_visionzip.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     scale = args.scale == "on"
@@ -145,7 +147,7 @@ def child_resolution(args) -> int:
 
 
 def part_resolution(args, tmp: str, model: str) -> dict:
-    from comfy_visionzip.synthetic import make_clip
+    from comfy_visionzip.testing.synthetic import make_clip
 
     rows = []
     for width, height in ((3840, 2160), (1920, 1080), (854, 480)):
@@ -193,8 +195,8 @@ def _stages(vlm, clip: str, *, num_frames: int, method: str, dominant: int, cont
     import torch
 
     from comfy_visionzip.answer import Chat
-    from comfy_visionzip.encoder import CompressedVideo, compress_encoded
-    from comfy_visionzip.vlm import label_tokens, video_source
+    from comfy_visionzip.pipeline import compress_encoded, label_tokens, video_source
+    from comfy_visionzip.tokens import CompressedVideo
 
     encoder = vlm.video_encoder()
     handle = video_source(vlm, clip, num_frames=num_frames)
@@ -272,8 +274,8 @@ def part_tenx(args, tmp: str, model: str, sync) -> dict:
 
 
 def part_overlap(args, tmp: str, model: str, sync) -> dict:
-    from comfy_visionzip.encoder import compress_frames
-    from comfy_visionzip.vlm import load_vlm, video_source
+    from comfy_visionzip.pipeline import compress_frames, video_source
+    from comfy_visionzip.vlm import load_vlm
 
     vlm = load_vlm(model, device=args.device, dtype=args.dtype)
     encoder = vlm.video_encoder()

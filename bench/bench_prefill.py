@@ -32,7 +32,7 @@ def build(folder: str):
     import torch
     import transformers as tf
 
-    from comfy_visionzip.tiny import _clip_processor, make_tokenizer, save_checkpoint
+    from comfy_visionzip.testing.tiny import _clip_processor, make_tokenizer, save_checkpoint
 
     torch.manual_seed(0)
     tok = make_tokenizer(32000)
@@ -54,8 +54,9 @@ def main() -> int:
     import torch
 
     from comfy_visionzip.answer import Chat, GenerationConfig
-    from comfy_visionzip.encoder import CompressedVideo
-    from comfy_visionzip.vlm import label_tokens, load_vlm
+    from comfy_visionzip.pipeline import label_tokens
+    from comfy_visionzip.tokens import CompressedVideo
+    from comfy_visionzip.vlm import load_vlm
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")

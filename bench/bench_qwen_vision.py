@@ -66,7 +66,7 @@ def frames(count: int, size: int) -> torch.Tensor:
     import tempfile
 
     from comfy_visionzip import sample_video
-    from comfy_visionzip.synthetic import make_clip
+    from comfy_visionzip.testing.synthetic import make_clip
 
     source = str(CLIP) if CLIP.exists() else make_clip(Path(tempfile.mkdtemp()) / "clip.mp4", frames=120, size=(640, 360))
     clip = sample_video(source, num_frames=count)
@@ -92,8 +92,8 @@ def best(fns: dict, repeats: int, device) -> dict:
 
 
 def measure(name, kind, config, video, dominant, contextual, args, dtype, device) -> dict:
-    from comfy_visionzip.encoder import Preprocess
-    from comfy_visionzip.models._qwen import QwenEncoder
+    from comfy_visionzip.models.qwen_vision import QwenEncoder
+    from comfy_visionzip.preprocess import Preprocess
 
     visual = tower(kind, config, dtype, device)
     factor = config["patch_size"] * 2
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens kept per temporal patch (54+10 for 64)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    from comfy_visionzip.budget import split_tokens
+    from comfy_visionzip.zip import split_tokens
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

@@ -47,8 +47,10 @@ def main() -> int:
     import transformers
 
     from comfy_visionzip import sample_video
-    from comfy_visionzip.encoder import VisionEncoder, compress_encoded, kept_count
-    from comfy_visionzip.synthetic import make_clip
+    from comfy_visionzip.encoder import VisionEncoder
+    from comfy_visionzip.pipeline import compress_encoded
+    from comfy_visionzip.testing.synthetic import make_clip
+    from comfy_visionzip.tokens import kept_count
     from comfy_visionzip.viz import attention_overlays, contact_sheet, enlarge, save_png, token_overlays
     from comfy_visionzip.vlm import load_tower
     from comfy_visionzip.weights import CONFIG, find_real_tower

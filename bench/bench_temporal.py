@@ -7,7 +7,7 @@ slow and fast content and on the real clip, with a real pretrained encoder (run 
 
 Encoder: the real DINOv2-S/14 (224 px: CLS + 256 patches, layer 10 as VisionZip reads it), VisionZip
 54 + 10 tokens per frame, frames at 1 fps (the real clip, 10 s long: 3 fps, reported per minute).
-Clips (``comfy_visionzip.synthetic.scene_frames``, 60 s at 30 fps, 320x180, H.264; nobody tuned the
+Clips (``comfy_visionzip.testing.synthetic.scene_frames``, 60 s at 30 fps, 320x180, H.264; nobody tuned the
 stage on them): static (nothing moves), slow (a square crosses the frame once), fast (the camera pans
 1/8 of the frame a frame), cuts (4 static shots). Writes bench/results/temporal.{json,md,png}; the
 accuracy table at a fixed token budget is made by bench/bench_fidelity.py (--temporal).
@@ -30,15 +30,16 @@ def memory(minutes: float, folder: str) -> dict:
     """Peak RSS of file -> temporal tokens for a static clip of ``minutes`` (a fresh process each)."""
     import subprocess
 
-    from comfy_visionzip.synthetic import make_scene_clip
+    from comfy_visionzip.testing.synthetic import make_scene_clip
 
     clip = make_scene_clip(Path(folder) / f"static_{minutes}.mp4", motion="static", frames=int(minutes * 60 * 5),
                            fps=5, size=(160, 90), options={"g": "50"})  # made here: the measured process only reads it
     code = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(HERE.parent)!r})
-from comfy_visionzip.tiny import build_tiny
-from comfy_visionzip.vlm import compress_video, load_vlm
+from comfy_visionzip.testing.tiny import build_tiny
+from comfy_visionzip.vlm import load_vlm
+from comfy_visionzip.pipeline import compress_video
 clip = {clip!r}
 vlm = load_vlm(build_tiny("llava", os.path.join({folder!r}, "tiny")), device="cpu")
 def hwm():  # this process's own peak (ru_maxrss would carry the parent's over fork + exec)
@@ -69,9 +70,9 @@ def main() -> int:
         return 0
 
     from comfy_visionzip import sample_video
-    from comfy_visionzip.encoder import compress_frames
-    from comfy_visionzip.synthetic import make_scene_clip
+    from comfy_visionzip.pipeline import compress_frames
     from comfy_visionzip.temporal import Temporal, apply
+    from comfy_visionzip.testing.synthetic import make_scene_clip
     from comfy_visionzip.vlm import load_tower
     from comfy_visionzip.weights import find_real_tower
 

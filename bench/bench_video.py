@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from comfy_visionzip import iter_video, sample_video  # noqa: E402
-from comfy_visionzip.synthetic import make_clip  # noqa: E402
+from comfy_visionzip.testing.synthetic import make_clip  # noqa: E402
 from comfy_visionzip.video import BACKENDS, get_index  # noqa: E402
 from comfy_visionzip.video.backends import backend_available  # noqa: E402
 

@@ -1,19 +1,25 @@
-"""ComfyUI-VisionZip library: ask LLaVA-family models about long videos with VisionZip token compression.
+"""ComfyUI-VisionZip library: ask vision-language models about long videos with VisionZip token compression.
 
-Pure Python + torch; never imports ComfyUI. The data flow runs one way:
-sample (video) -> encode (vision tower to the select layer + one attention row) -> zip (dominant +
-contextual tokens) -> answer (projector, prompt, generation, chat with a kept KV cache).
-transformers is imported only when a model is loaded.
+Pure Python + torch + transformers; never imports ComfyUI. The data flow runs one way:
+plan (budget) -> sample (video) -> encode (vision tower to the select layer + one attention row) -> zip
+(dominant + contextual tokens) -> [temporal] -> answer (projector, prompt, generation, chat with a kept
+KV cache). Each step is a module of its own; the README's "Code layout" lists them.
 """
 
 from .answer import Chat, GenerationConfig
 from .budget import BudgetPlan, context_length, frames_for_budget, plan_budget
-from .encoder import CompressedVideo, Preprocess, VisionEncoder, compress_frames, encode_frames
+from .encoded import EncodedImages, Encoder
+from .encoder import VisionEncoder
 from .errors import VideoError, VideoNotFoundError, VisionZipError
+from .models import VisionLanguageModel
+from .pipeline import compress_frames, compress_video, encode_frames
+from .preprocess import Preprocess
+from .settings import Compression
 from .store import load_tokens, save_tokens
 from .temporal import Temporal
+from .tokens import CompressedVideo
 from .video import FramesHandle, VideoClip, VideoHandle, iter_video, plan_frames, sample_video
-from .vlm import VisionLanguageModel, compress_video, load_vlm
+from .vlm import load_vlm
 from .zip import ZipResult, compress, split_tokens, visionzip
 
 __version__ = "0.1.0"
@@ -22,6 +28,9 @@ __all__ = [
     "BudgetPlan",
     "Chat",
     "CompressedVideo",
+    "Compression",
+    "EncodedImages",
+    "Encoder",
     "FramesHandle",
     "GenerationConfig",
     "Preprocess",

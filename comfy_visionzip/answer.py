@@ -13,30 +13,31 @@ before branching a conversation, because generation mutates it in place.
 No prefill runs past the model's context: every prompt is counted before it runs (the same
 :class:`~comfy_visionzip.prompt.PromptBuilder` the budget planner counts with); a first question whose
 video does not fit is thinned evenly (policy "fit") or refused ("strict"), a follow-up that would not
-fit is refused with the numbers. Projection lives in :mod:`~comfy_visionzip.projection`.
+fit is refused with the numbers (the planner decides: :func:`~comfy_visionzip.budget.fit_turn`).
+Projection lives in :mod:`~comfy_visionzip.projection`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers import DynamicCache
 
-from .budget import context_length, fit_frames, thinned_prompt
-from .encoder import CompressedVideo
+from .budget import POLICIES, context_length, fit_turn
 from .errors import VisionZipError
-from .projection import check_compatible, frame_placeholders, project, visual_layout
-from .prompt import PromptBuilder, PromptVideo, time_instruction
-from .video import uniform_pick
-from .vlm import VisionLanguageModel
+from .models.base import PromptVideo, VisionLanguageModel
+from .projection import frame_placeholders, project
+from .prompt import Message, PromptBuilder
+from .tokens import CompressedVideo
 
-__all__ = ["Chat", "GenerationConfig", "Turn", "check_compatible", "project", "time_instruction"]
+__all__ = ["Chat", "GenerationConfig", "Turn", "project"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Turn:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _logits_kwarg(model) -> str | None:
+def _logits_kwarg(model: Any) -> str | None:
     params = inspect.signature(model.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
@@ -100,11 +101,11 @@ class Chat:
     def __init__(self, vlm: VisionLanguageModel, video: CompressedVideo, *, timestamps: bool = True,
                  system: str | None = None, policy: str = "fit", context: int | None = None,
                  reserve: int = 0) -> None:
-        if policy not in ("fit", "strict"):
+        if policy not in POLICIES:
             raise VisionZipError(f"unknown policy {policy!r}; valid: fit (drop frames to fit), strict (refuse)")
-        if not hasattr(vlm, "tokenizer"):
-            raise VisionZipError(f"{getattr(vlm, 'name', 'this model')} is a bare vision tower: it has no language model "
-                                 "to answer with; load a LLaVA-family checkpoint (Load VLM) to ask questions")
+        if not isinstance(vlm, VisionLanguageModel):
+            raise VisionZipError(f"{vlm.name} is a bare vision tower: it has no language model to answer with; "
+                                 "load a vision-language checkpoint (Load VLM) to ask questions")
         self.vlm = vlm
         self.video = video
         self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps),
@@ -125,9 +126,9 @@ class Chat:
         self.frame_tokens = frame_placeholders(vlm, video)  # per frame, where the temporal stage made them differ
         self.family_state = vlm.family.chat_state(vlm, video)  # what else the family runs with (positions, DeepStack)
         self.project_seconds = time.perf_counter() - t
-        self.messages: list[dict] = []
+        self.messages: list[Message] = []
         self.turns: list[Turn] = []
-        self.cache = None
+        self.cache: Any = None
         self.cached_ids: list[int] = []
         self.pending: int | None = None  # the last generated token: produced but not yet run through the model
         self.conversation_ids: list[int] = []  # ids of the conversation so far, generated answers as generated
@@ -156,14 +157,14 @@ class Chat:
         return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps), video.meta.get("duration"),
                            self.frame_tokens)
 
-    def render(self, messages: list[dict], *, generation_prompt: bool = True) -> str:
+    def render(self, messages: list[Message], *, generation_prompt: bool = True) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
         return self.prompt.render(self.prompt_video(), messages, generation_prompt=generation_prompt)
 
-    def _ids(self, messages: list[dict]) -> list[int]:
+    def _ids(self, messages: list[Message]) -> list[int]:
         return self.prompt.ids(self.prompt_video(), messages)
 
-    def _followup_ids(self, messages: list[dict]) -> list[int] | None:
+    def _followup_ids(self, messages: list[Message]) -> list[int] | None:
         """The ids of a follow-up: the conversation's own ids (the answer as generated, not re-tokenised)
         followed by the template's text that closes the answer and asks the new question.
 
@@ -186,55 +187,18 @@ class Chat:
         delta = answered[at + len(answer):] + following[len(answered):]
         return self.conversation_ids + self.vlm.tokenizer(delta, add_special_tokens=False)["input_ids"]
 
-    def _check_room(self, ids: list[int], messages: list[dict], config: GenerationConfig) -> list[int]:
-        """The ids to prefill, after making sure prompt + answer fit the context (fitting the video if allowed)."""
-        first = not self.turns
-        keep = config.max_new_tokens + (self.reserve if first else 0)
-        need = len(ids) + keep
-        if need <= self.context:
+    def _check_room(self, ids: list[int], messages: list[Message], config: GenerationConfig) -> list[int]:
+        """The ids to prefill, once the planner says prompt + answer fit the context (it may thin the video)."""
+        fit = fit_turn(self.vlm, self.prompt, self.video, messages, len(ids), first=not self.turns,
+                       answer_tokens=config.max_new_tokens, reserve=self.reserve, context=self.context,
+                       policy=self.policy)
+        if not fit.thinned:
             return ids
-        if not first:
-            raise VisionZipError(
-                f"this follow-up does not fit the context: the conversation is {len(ids)} tokens and the answer may take "
-                f"{config.max_new_tokens} more ({need} > {self.context}); lower max_new_tokens, or start a new chat "
-                "with fewer frames or tokens per frame (or more room reserved for follow-ups)")
-        frames = self.video.num_frames
-        layout = visual_layout(self.vlm, method=self.video.method, dominant=self.video.dominant,
-                               contextual=self.video.contextual, frame_size=self.video.meta.get("frame_size"))
-        layout = dataclasses.replace(layout, frames_per_unit=1)  # the chat's frames are encoded ones (temporal patches)
-        if layout.total(frames) != self.visual.shape[0]:  # tokens of an unusual make: count from what is there
-            layout = type(layout)(self.visual.shape[0] // max(frames, 1), self.visual.shape[0] % max(frames, 1),
-                                  layout.crops, layout.per_image)
-
-        video_of = thinned_prompt(frames, layout, self.video.timestamps, self.video.meta.get("duration"))
-        if self.video.repeats is not None:  # temporal: the exact prompt of the thinned video (repeats of dropped
-            def video_of(n: int) -> PromptVideo:  # frames come back as tokens of their own)
-                thin = self.video.select(uniform_pick(frames, n))
-                counts = frame_placeholders(self.vlm, thin)
-                return PromptVideo(thin.num_frames, sum(counts) + layout.extra, tuple(thin.timestamps),
-                                   thin.meta.get("duration"), counts)
-
-        def count(n: int) -> int:
-            return self.prompt.count(video_of(n), messages) + keep
-
-        fitted = fit_frames(count, self.context, frames)
-        room = f" and {self.reserve} for follow-ups" if self.reserve else ""
-        numbers = (f"{frames} frames x {layout.per_frame} tokens make a prompt of {len(ids)} tokens, plus "
-                   f"{config.max_new_tokens} for the answer{room} = {need} > the context of {self.context}")
-        if self.policy == "strict" or fitted == 0:
-            fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
-                   else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
-            raise VisionZipError(f"the video does not fit: {numbers}; {fix}")
-        self.video = self.video.select(uniform_pick(frames, fitted))
+        self.video, self.note = fit.video, fit.note
         self.visual = project(self.vlm, self.video)
         self.frame_tokens = frame_placeholders(self.vlm, self.video)
         self.family_state = self.vlm.family.chat_state(self.vlm, self.video)
-        ids = self._ids(messages)
-        self.note = (f"fitted to the context: {numbers}; kept {fitted} of {frames} frames (evenly spread): "
-                     f"prompt {len(ids)} + answer {config.max_new_tokens}{f' + follow-ups {self.reserve}' if self.reserve else ''}"
-                     f" <= {self.context}")
-        log.warning("%s", self.note)
-        return ids
+        return self._ids(messages)
 
     # ---- model
     def _embed(self, ids: list[int], start: int) -> torch.Tensor:
@@ -252,11 +216,9 @@ class Chat:
 
     def _run(self, emb: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
         """Run ids[start:] (embedded) through the model, the family's way; returns the next-token logits."""
-        from transformers import DynamicCache
-
         if self.cache is None:
             self.cache = DynamicCache()
-        kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
+        kwargs: dict[str, Any] = {self.cache_kwarg: self.cache, "use_cache": True}
         if self._logits_kwarg:
             kwargs[self._logits_kwarg] = 1
         with torch.inference_mode():
@@ -273,7 +235,7 @@ class Chat:
         while common < limit and ids[common] == self.cached_ids[common]:
             common += 1
         if common == 0:
-            self.cache = None
+            self.cache: Any = None
         elif common < len(self.cached_ids):
             self.cache.crop(common - len(self.cached_ids))  # negative: drop that many (transformers 4.50 and 5.x)
         logits = self._run(self._embed(ids, common), ids, common)
@@ -312,7 +274,8 @@ class Chat:
                                {"prompt": t1 - t0, "prefill": t2 - t1, "generate": t3 - t2}))
         return answer
 
-    def _generate(self, logits: torch.Tensor, config: GenerationConfig, on_text, progress) -> tuple[str, int]:
+    def _generate(self, logits: torch.Tensor, config: GenerationConfig, on_text: Callable[[str], None] | None,
+                  progress: Callable[[int, int], None] | None) -> tuple[str, int]:
         tokenizer = self.vlm.tokenizer
         eos = set(_as_list(self.vlm.model.generation_config.eos_token_id) or []) | {tokenizer.eos_token_id}
         generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
@@ -353,7 +316,7 @@ class Chat:
         return other
 
 
-def _as_list(value) -> list:
+def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]

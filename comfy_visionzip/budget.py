@@ -11,6 +11,10 @@ the nodes and the Python API ask it, so "fits" means the same everywhere:
     (:func:`~comfy_visionzip.projection.visual_layout`);
   - room is reserved for the answer (``max_new_tokens``) and, where asked, for follow-up turns.
 
+It fits in two places of a run, with the same counting: before decoding (:func:`plan_budget`: which
+frames to sample) and before every prefill of a chat (:func:`fit_turn`: a first question whose
+compressed video does not fit is thinned, a follow-up that does not fit is refused).
+
 Policies: ``fit`` (default) thins the asked frame plan evenly until it fits and says so; ``strict``
 refuses with the numbers and how to fix them. The planned prompt length is the prefilled one, to
 the token (the chat checks it again before every prefill and never runs past the context).
@@ -18,21 +22,25 @@ the token (the chat checks it again before every prefill and never runs past the
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import vlm as vlm_module
 from .errors import VisionZipError
-from .projection import visual_layout
-from .prompt import PromptBuilder, PromptVideo
-from .temporal import Temporal
-from .temporal import check as temporal_check
-from .video import uniform_pick
+from .models.base import PromptVideo, VisionLanguageModel, VisualLayout
+from .pipeline import video_source
+from .projection import frame_placeholders, video_layout, visual_layout
+from .prompt import Message, PromptBuilder
+from .settings import Compression
+from .temporal import Temporal, thin
+from .tokens import CompressedVideo
+from .video import FramesHandle, VideoHandle, uniform_pick
 from .zip import split_tokens
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("fit", "strict")
 # tokens per image tried by tokens_per_frame="auto", most first: the paper's LLaVA-1.5 settings, then below
@@ -72,21 +80,20 @@ def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int
     return frames
 
 
-def context_length(vlm) -> int:
+def context_length(vlm: VisionLanguageModel) -> int:
     """The language model's context window in tokens, from the checkpoint's text config."""
-    config = vlm.config if isinstance(vlm.config, dict) else {}
+    config = vlm.config
     text = config.get("text_config") or {}
     for source in (text, config):
         for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
             value = source.get(key) if isinstance(source, dict) else None
             if isinstance(value, int) and value > 0:
                 return value
-    model_config = getattr(getattr(vlm, "model", None), "config", None)
-    if model_config is not None and hasattr(model_config, "get_text_config"):
-        value = getattr(model_config.get_text_config(), "max_position_embeddings", None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise VisionZipError(f"{getattr(vlm, 'path', 'the model')}: its config states no context length "
+    # the transformers config fills in its class defaults (a config.json may leave the length out)
+    value = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    raise VisionZipError(f"{vlm.path}: its config states no context length "
                          "(text_config.max_position_embeddings); give the context explicitly")
 
 
@@ -103,9 +110,10 @@ def cap_budget(budget: int, context: int, policy: str) -> tuple[int, str | None]
     return context, f"budget {budget} capped at the context of {context}"
 
 
-def thinned_prompt(frames: int, layout, timestamps: Sequence[float], duration: float | None) -> Callable[[int], PromptVideo]:
+def thinned_prompt(frames: int, layout: VisualLayout, timestamps: Sequence[float],
+                   duration: float | None) -> Callable[[int], PromptVideo]:
     """``video(n)``: what the prompt says of a video of ``frames`` frames thinned evenly to n of them."""
-    unit = getattr(layout, "frames_per_unit", 1)
+    unit = layout.frames_per_unit
 
     def video(n: int) -> PromptVideo:
         keep = uniform_pick(frames, n)
@@ -135,14 +143,12 @@ def fit_frames(count: Callable[[int], int], limit: int, frames: int) -> int:
 class BudgetPlan:
     """What the planner chose, the exact counts behind it, and why (:meth:`summary`)."""
 
-    video: Any  # the handle to sample: the asked one, or thinned to the chosen frames
+    video: VideoHandle | FramesHandle  # the handle to sample: the asked one, or thinned to the chosen frames
     frames: int  # frames chosen
     asked_frames: int  # frames the asked plan had
     indices: list[int]
     timestamps: list[float]
-    method: str
-    dominant: int
-    contextual: int
+    compression: Compression  # what to compress with (the temporal stage held to the plan's room for visual tokens)
     per_frame: int  # visual tokens per frame in the prompt (crops and newlines included)
     visual_tokens: int  # placeholders in the first prompt
     prompt_tokens: int  # the first prompt, exactly what the first question prefills
@@ -153,8 +159,24 @@ class BudgetPlan:
     policy: str
     reasons: list[str] = field(default_factory=list)
     frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: a temporal patch of two)
-    temporal: Any = None  # the temporal stage's settings, when on (then visual_tokens is the most it may keep)
     newlines: int = 0  # placeholders among visual_tokens that are newline tokens, not visual tokens
+
+    @property
+    def method(self) -> str:
+        return self.compression.method
+
+    @property
+    def dominant(self) -> int:
+        return self.compression.dominant
+
+    @property
+    def contextual(self) -> int:
+        return self.compression.contextual
+
+    @property
+    def temporal(self) -> Temporal | None:
+        """The temporal stage's settings, when on (then visual_tokens is the most it may keep)."""
+        return self.compression.temporal
 
     @property
     def total_tokens(self) -> int:
@@ -188,8 +210,8 @@ class BudgetPlan:
 
 
 def plan_budget(
-    vlm,
-    video,
+    vlm: VisionLanguageModel,
+    video: Any,
     question: str,
     *,
     budget: int = 0,
@@ -204,9 +226,10 @@ def plan_budget(
     system: str | None = None,
     timestamps: bool = True,
     context: int | None = None,
-    temporal=None,
+    temporal: Temporal | float | int | str | bool | None = None,
     temporal_expand: float = 4.0,
-    **sample_kwargs,
+    compression: Compression | None = None,
+    **sample_kwargs: Any,
 ) -> BudgetPlan:
     """Choose frames x tokens per frame so that the whole first prompt plus the reserves fits.
 
@@ -231,7 +254,8 @@ def plan_budget(
         temporal: the temporal stage (a threshold, True, or a :class:`~comfy_visionzip.temporal.Temporal`): static
             stretches cost less, so up to ``temporal_expand`` times the frames that fit without it are kept
             (never more than asked), and the room left for visual tokens becomes the stage's budget (on the
-            returned handle): after encoding, its threshold is tightened until the kept tokens fit.
+            returned plan's ``compression``): after encoding, its threshold is tightened until the kept tokens fit.
+        compression: method, counts, tokens_per_frame "auto" and temporal at once (then leave those out).
 
     Raises:
         VisionZipError: nonsense numbers, a strict plan that does not fit (naming the counts and the
@@ -244,18 +268,14 @@ def plan_budget(
     follow_up_tokens = _check_int("follow_up_tokens", follow_up_tokens, 0)
     if not isinstance(question, str) or not question.strip():
         raise VisionZipError("the question is empty")
-    auto = tokens_per_frame == "auto"
-    if auto and method != "visionzip":
-        raise VisionZipError(f"tokens_per_frame 'auto' chooses VisionZip settings; method is {method!r}")
-    if tokens_per_frame not in (None, 0, "auto"):
-        dominant, contextual = split_tokens(tokens_per_frame)
-    temporal = Temporal.parse(temporal)
-    if temporal is not None:
-        temporal_check(method)
+    settings = compression or Compression.parse(method=method, dominant=dominant, contextual=contextual,
+                                                tokens_per_frame=tokens_per_frame, temporal=temporal)
+    auto, temporal_on = settings.auto, settings.temporal
+    method = settings.method
     context = _check_int("context", context, 1) if context else context_length(vlm)
     budget, capped = cap_budget(budget, context, policy)
     reasons: list[str] = [capped] if capped else []
-    source = vlm_module.video_source(vlm, video, **sample_kwargs)
+    source = video_source(vlm, video, **sample_kwargs)
     asked, asked_times = source.plan()
     duration = source.duration()
     frame_size = source.frame_size()
@@ -282,7 +302,7 @@ def plan_budget(
         most = vlm.video_encoder().tokens_per_image
         ladder = [split_tokens(t) for t in TOKEN_LADDER if t < most] or [split_tokens(min(TOKEN_LADDER[-1], most))]
     else:
-        ladder = [(dominant, contextual)]
+        ladder = [(settings.dominant, settings.contextual)]
     for step, (d, c) in enumerate(ladder):
         layout = visual_layout(vlm, method=method, dominant=d, contextual=c, frame_size=frame_size)
         video_of = thinned_prompt(len(asked), layout, asked_times, duration)
@@ -293,7 +313,7 @@ def plan_budget(
         asked_count = count(len(asked))
         if asked_count <= limit or step == len(ladder) - 1:
             break
-    dominant, contextual = d, c
+    settings = settings.with_counts(d, c)
     if auto:
         reasons.append(f"{layout.per_image} tokens per image ({d}+{c}): "
                        + ("the most of " + "/".join(map(str, TOKEN_LADDER)) + " at which every asked frame fits"
@@ -313,32 +333,31 @@ def plan_budget(
         frames = fitted
         reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
     visual_budget = None
-    if temporal is not None:
+    if temporal_on is not None:
         frames, visual_budget, why = _temporal_plan(builder, first, layout, asked, asked_times, duration, frames,
                                                     limit, temporal_expand)
         reasons.append(why)
     prompt_tokens = len(builder.ids(video_of(frames), first))  # exact, with every placeholder tokenised
-    while prompt_tokens > limit and frames > 1 and temporal is None:  # never expected (count() is exact)
-        frames -= 1
-        prompt_tokens = len(builder.ids(video_of(frames), first))
     chosen = picks(frames)
     chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
     visual_tokens = layout.total(frames)
-    if temporal is not None:  # at most: the stage keeps what is new, within the room
-        thinned = dataclasses.replace(thinned, token_budget=visual_budget)
+    if temporal_on is not None:  # at most: the stage keeps what is new, within the room
+        settings = settings.with_temporal_budget(visual_budget)
         most = min(visual_tokens, visual_budget + layout.besides_tokens(frames))
         prompt_tokens, visual_tokens = prompt_tokens - visual_tokens + most, most
     return BudgetPlan(
-        video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times, method=method,
-        dominant=dominant, contextual=contextual, per_frame=layout.per_frame, visual_tokens=visual_tokens,
+        video=thinned, frames=frames, asked_frames=len(asked), indices=chosen, timestamps=chosen_times,
+        compression=settings, per_frame=layout.per_frame, visual_tokens=visual_tokens,
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
-        context=context, policy=policy, reasons=reasons, frames_per_unit=getattr(layout, "frames_per_unit", 1),
-        temporal=temporal, newlines=layout.besides_tokens(frames),
+        context=context, policy=policy, reasons=reasons, frames_per_unit=layout.frames_per_unit,
+        newlines=layout.besides_tokens(frames),
     )
 
 
-def _temporal_plan(builder, first, layout, asked, asked_times, duration, fitted, limit, expand):
+def _temporal_plan(builder: PromptBuilder, first: list[Message], layout: VisualLayout, asked: list[int],
+                   asked_times: list[float], duration: float | None, fitted: int, limit: int,
+                   expand: float) -> tuple[int, int, str]:
     """(frames, budget of kept visual tokens, reason) with the temporal stage on."""
     frames = min(len(asked), max(fitted, math.ceil(fitted * float(expand))))
     while True:
@@ -359,5 +378,62 @@ def _temporal_plan(builder, first, layout, asked, asked_times, duration, fitted,
     return frames, budget, why
 
 
-__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "cap_budget", "context_length", "fit_frames", "frames_for_budget",
-           "plan_budget", "thinned_prompt"]
+@dataclass
+class TurnFit:
+    """What :func:`fit_turn` decided for one turn of a chat."""
+
+    video: CompressedVideo  # the video the turn runs with (thinned, or the same)
+    note: str = ""  # what was changed, and why (empty: nothing)
+
+    @property
+    def thinned(self) -> bool:
+        return bool(self.note)
+
+
+def compressed_prompt(vlm: VisionLanguageModel, video: CompressedVideo) -> PromptVideo:
+    """What the prompt says of a compressed video (its encoded frames, placeholders, times)."""
+    counts = frame_placeholders(vlm, video)
+    layout = video_layout(vlm, video)
+    visual = sum(counts) + layout.extra if counts else layout.total(video.num_frames)
+    return PromptVideo(video.num_frames, visual, tuple(video.timestamps), video.meta.get("duration"), counts)
+
+
+def fit_turn(vlm: VisionLanguageModel, builder: PromptBuilder, video: CompressedVideo, messages: list[Message],
+             prompt_tokens: int, *, first: bool, answer_tokens: int, reserve: int, context: int,
+             policy: str) -> TurnFit:
+    """Check that a chat turn's prompt (``prompt_tokens`` long) + its answer (+ ``reserve`` for follow-ups,
+    on the first turn) fit ``context``; thin the video evenly to fit a first question (policy "fit") or
+    refuse with the numbers ("strict", and any follow-up: its video is already in the cache)."""
+    keep = answer_tokens + (reserve if first else 0)
+    need = prompt_tokens + keep
+    if need <= context:
+        return TurnFit(video)
+    if not first:
+        raise VisionZipError(
+            f"this follow-up does not fit the context: the conversation is {prompt_tokens} tokens and the answer may "
+            f"take {answer_tokens} more ({need} > {context}); lower max_new_tokens, or start a new chat with fewer "
+            "frames or tokens per frame (or more room reserved for follow-ups)")
+    frames = video.num_frames
+    per_frame = video_layout(vlm, video).per_frame
+
+    def count(n: int) -> int:
+        return builder.count(compressed_prompt(vlm, thin(video, uniform_pick(frames, n))), messages) + keep
+
+    fitted = fit_frames(count, context, frames)
+    room = f" and {reserve} for follow-ups" if reserve else ""
+    numbers_ = (f"{frames} frames x {per_frame} tokens make a prompt of {prompt_tokens} tokens, plus "
+                f"{answer_tokens} for the answer{room} = {need} > the context of {context}")
+    if policy == "strict" or fitted == 0:
+        fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
+               else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
+        raise VisionZipError(f"the video does not fit: {numbers_}; {fix}")
+    thinned = thin(video, uniform_pick(frames, fitted))
+    prompt = count(fitted) - keep
+    note = (f"fitted to the context: {numbers_}; kept {fitted} of {frames} frames (evenly spread): "
+            f"prompt {prompt} + answer {answer_tokens}{f' + follow-ups {reserve}' if reserve else ''} <= {context}")
+    log.warning("%s", note)
+    return TurnFit(thinned, note)
+
+
+__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "TurnFit", "cap_budget", "compressed_prompt", "context_length",
+           "fit_frames", "fit_turn", "frames_for_budget", "plan_budget", "thinned_prompt"]

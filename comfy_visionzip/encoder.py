@@ -1,5 +1,5 @@
-"""The vision encoder with attention: preprocessing, a forward pass that stops at the select layer,
-and the select layer's CLS attention row (or attention received) and head-averaged keys.
+"""The CLIP / SigLIP / DINOv2 vision encoder: a forward pass that stops at the select layer, and that
+layer's CLS attention row (or attention received) and head-averaged keys.
 
 How the scores are read without slowing the tower down:
   - the tower keeps its fast attention (SDPA); nothing asks it for attention maps;
@@ -11,240 +11,33 @@ How the scores are read without slowing the tower down:
     all heads of a whole batch at once;
   - the hooks are removed in ``finally``; nothing is patched on any class.
 
-Preprocessing reproduces the checkpoint's image processor (shortest-edge resize + centre crop for CLIP;
-square resize; LLaVA-NeXT / OneVision "anyres" crops) in batched torch on the model's device. The
-bicubic resize is done in two passes with rounding to 0..255 in between, as PIL does, which keeps pixel values within a couple of uint8 steps of the processor on any device.
+:class:`VisionEncoder` implements the :class:`~comfy_visionzip.models.base.Encoder` interface (the Qwen
+towers' encoder is :class:`~comfy_visionzip.models.qwen_vision.QwenEncoder`). Pixels come from
+:mod:`comfy_visionzip.preprocess`; where a tower's parts are, from :mod:`comfy_visionzip.towers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import hashlib
+import json
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .encoded import EncodedImages, Encoder
 from .errors import VisionZipError
-from .stream import prefetch
+from .preprocess import DECODE_MARGIN, Preprocess, model_view, preprocess_frames
 from .towers import tower_parts
-from .zip import METHODS, ZipResult, compress, token_cells
+from .zip import METHODS, ZipResult, compress
 
-log = logging.getLogger(__name__)
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# frames are decoded at this much more than the encoder's input size (then resized exactly as the processor does)
-DECODE_MARGIN = 1.25
-
-
-# ------------------------------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a checkpoint turns an RGB image into pixel values (read from its processor config)."""
-
-    shortest_edge: int | None = None  # resize so the shorter side is this long (CLIP) ...
-    resize_hw: tuple[int, int] | None = None  # ... or to exactly (height, width) (SigLIP / OneVision)
-    crop_hw: tuple[int, int] | None = None  # centre crop after the resize (None: no crop)
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
-    rescale: float = 1 / 255
-    pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres grid resolutions (height, width)
-    # dynamic resolution (Qwen): (patch x merge factor, min pixels, max pixels, patch, temporal patch)
-    pixels: tuple[int, int, int, int, int] | None = None
-
-    @property
-    def tile(self) -> int:
-        """Side of the square image the tower sees."""
-        if self.crop_hw is not None:
-            return self.crop_hw[0]
-        if self.resize_hw is not None:
-            return self.resize_hw[0]
-        return int(self.shortest_edge or 0)
-
-    @classmethod
-    def from_config(cls, config: dict, *, anyres: bool = True) -> Preprocess:
-        """From an image/video processor config (``preprocessor_config.json`` keys or processor attributes)."""
-
-        def get(key, default=None):
-            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
-
-        size = get("size")
-        if hasattr(size, "items") and not isinstance(size, dict):
-            size = {k: v for k, v in size.items() if v is not None}  # transformers SizeDict
-        shortest = resize_hw = None
-        if isinstance(size, dict):
-            if size.get("shortest_edge"):
-                shortest = int(size["shortest_edge"])
-            elif size.get("height") and size.get("width"):
-                resize_hw = (int(size["height"]), int(size["width"]))
-        elif isinstance(size, int):
-            shortest = size
-        if shortest is None and resize_hw is None:
-            raise VisionZipError(f"the processor config has no usable 'size' ({size!r})")
-        crop = get("crop_size")
-        if hasattr(crop, "items") and not isinstance(crop, dict):
-            crop = {k: v for k, v in crop.items() if v is not None}
-        crop_hw = None
-        if get("do_center_crop", crop is not None) and crop:
-            crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
-        mean = tuple(float(v) for v in (get("image_mean") or OPENAI_CLIP_MEAN))
-        std = tuple(float(v) for v in (get("image_std") or OPENAI_CLIP_STD))
-        rescale = float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0
-        pinpoints = get("image_grid_pinpoints") if anyres else None
-        pins = tuple((int(h), int(w)) for h, w in pinpoints) if pinpoints else None
-        return cls(shortest, resize_hw, crop_hw, mean, std, rescale, pins)
-
-
-def resize_bicubic(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, C, H, W) float 0..255 (integral values) -> (N, C, height, width), antialiased bicubic, 0..255 integral.
-
-    Done the way transformers' torchvision backend (the one ComfyUI installs) does it: on the CPU the
-    uint8 kernel (bit-exact with it), elsewhere one float pass then clamp and round (as it does on GPU).
-    """
-    if x.shape[-2:] == (height, width):
-        return x
-    if x.device.type == "cpu":
-        small = x.round().clamp(0, 255).to(torch.uint8).contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(small, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-        return out.float().contiguous()
-    out = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return out.clamp_(0, 255).round_()
-
-
-def _shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
-    short, long = (height, width) if height <= width else (width, height)
-    new_long = int(edge * long / short)
-    return (edge, new_long) if height <= width else (new_long, edge)
-
-
-def _center_crop(x: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
-    height, width = x.shape[-2:]
-    if height < crop_h or width < crop_w:  # the processor pads small images with zeros first
-        pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        height, width = x.shape[-2:]
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return x[..., top: top + crop_h, left: left + crop_w]
-
-
-def select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The anyres grid resolution (h, w) keeping the most of the image and wasting the least (LLaVA-NeXT)."""
-    best, best_effective, best_waste = None, 0, math.inf
-    for target_h, target_w in pinpoints:
-        scale = min(target_w / width, target_h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        waste = target_h * target_w - effective
-        if effective > best_effective or (effective == best_effective and waste < best_waste):
-            best, best_effective, best_waste = (target_h, target_w), effective, waste
-    return best
-
-
-def _fit_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
-    scale_w, scale_h = target_w / width, target_h / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_h), target_w
-    return target_h, min(math.ceil(width * scale_h), target_w)
-
-
-def preprocess_frames(
-    frames: torch.Tensor,
-    spec: Preprocess,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    normalize: bool = True,
-) -> torch.Tensor:
-    """uint8 [T, H, W, 3] frames (all the same size) -> pixel values.
-
-    Returns (T, 3, S, S), or (T, 1 + tiles, 3, S, S) with anyres (the resized whole image first, then
-    the grid tiles row by row), normalised as the checkpoint's processor does (``normalize=False``:
-    the 0..255 pixels the model looks at, for previews).
-    """
-    if frames.dim() != 4 or frames.shape[-1] != 3:
-        raise VisionZipError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(frames.shape)}")
-    if frames.dtype != torch.uint8:
-        if frames.is_floating_point():  # a ComfyUI IMAGE: float 0..1
-            frames = (frames.clamp(0, 1) * 255).round().to(torch.uint8)
-        else:
-            raise VisionZipError(f"frames must be uint8 0..255 or float 0..1, got {frames.dtype}")
-    x = frames.to(device=device).permute(0, 3, 1, 2).float()  # (T, 3, H, W), 0..255
-    height, width = x.shape[-2:]
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-
-    def finish(tiles: torch.Tensor) -> torch.Tensor:  # per-tile resize/crop (no-ops on square tiles), normalise
-        if spec.shortest_edge is not None:
-            h, w = _shortest_edge_size(tiles.shape[-2], tiles.shape[-1], spec.shortest_edge)
-            tiles = resize_bicubic(tiles, h, w)
-        elif spec.resize_hw is not None:
-            tiles = resize_bicubic(tiles, *spec.resize_hw)
-        if spec.crop_hw is not None:
-            tiles = _center_crop(tiles, *spec.crop_hw)
-        if not normalize:
-            return tiles.to(dtype)
-        return ((tiles * spec.rescale - mean) / std).to(dtype)
-
-    if not spec.pinpoints:
-        return finish(x)
-
-    tile = spec.tile
-    target_h, target_w = select_best_resolution(height, width, spec.pinpoints)
-    new_h, new_w = _fit_size(height, width, target_h, target_w)
-    grid = resize_bicubic(x, new_h, new_w)
-    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-    grid = F.pad(grid, (left, target_w - new_w - left, top, target_h - new_h - top))  # black, before normalising
-    rows, cols = target_h // tile, target_w // tile
-    tiles = grid.reshape(-1, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)  # (T, rows, cols, 3, S, S)
-    tiles = tiles.reshape(-1, rows * cols, 3, tile, tile)
-    base_hw = spec.resize_hw or (spec.shortest_edge, spec.shortest_edge)
-    base = resize_bicubic(x, *base_hw)[:, None]  # (T, 1, 3, S, S): the whole image, squashed to a square
-    both = torch.cat([base, tiles], dim=1)  # (T, 1 + tiles, 3, S, S)
-    out = finish(both.flatten(0, 1))
-    return out.view(both.shape[0], both.shape[1], *out.shape[1:])
-
-
-def model_view(frames: torch.Tensor, spec: Preprocess) -> torch.Tensor:
-    """uint8 (T, S, S, 3): the whole-frame image a model with ``spec`` sees (resized / cropped, not normalised)."""
-    if spec.pinpoints:  # anyres: the first crop is the whole frame squashed to a square
-        spec = Preprocess(resize_hw=(spec.tile, spec.tile), mean=spec.mean, std=spec.std)
-    pixels = preprocess_frames(frames, spec, device="cpu", normalize=False)
-    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-# ----------------------------------------------------------------------------------- the encoder
+# config keys that say how a tower was saved or run, not what it computes (left out of its identity)
+_RUNTIME_KEYS = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "_attn_implementation",
+                 "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict")
 
 
 class _StopTower(Exception):
     """Raised by our hook after the select layer: the rest of the tower is not needed."""
-
-
-@dataclass
-class EncodedImages:
-    """Select-layer outputs of N images (frames, or crops of frames)."""
-
-    hidden: torch.Tensor  # (N, S, D): the select layer's output, CLS first when there is one
-    scores: torch.Tensor  # (N, S-1) CLS attention to each patch (summed over heads), or (N, S) received
-    keys: torch.Tensor  # (N, S, head_dim): the select layer's keys averaged over heads (float32)
-    cls_token: bool
-    grid: tuple[int, int]  # patch rows, cols
-    crops: int = 1  # images per frame (anyres: the whole image + grid tiles)
-    timestamps: list[float] = field(default_factory=list)  # per frame, when known
-    indices: list[int] = field(default_factory=list)  # per frame
-    views: torch.Tensor | None = None  # uint8 (frames, S, S, 3): what the model saw of each frame (previews)
-    encoder: VisionEncoder | None = None  # the encoder that made them (compressing needs its settings)
-    meta: dict = field(default_factory=dict)  # the model that made them
-
-    def __len__(self) -> int:
-        return int(self.hidden.shape[0])
-
-    @property
-    def num_frames(self) -> int:
-        return len(self) // self.crops
 
 
 def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
@@ -257,7 +50,7 @@ def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
     return index
 
 
-class VisionEncoder:
+class VisionEncoder(Encoder):
     """One vision tower + its preprocessing, run to the select layer with attention scores and keys.
 
     Args:
@@ -301,6 +94,8 @@ class VisionEncoder:
         self.scale = self.parts.head_dim ** -0.5
         side = (preprocess.tile or self.parts.image_size) // self.parts.patch_size  # DINOv2 runs below its 518 px
         self.grid = (side, side)
+        self.frames_per_unit = 1
+        self.width = int(tower.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -329,6 +124,23 @@ class VisionEncoder:
         else:
             height = width = int(spec.shortest_edge)
         return math.ceil(height * margin), math.ceil(width * margin)
+
+    def units(self, times: list[float], indices: list[int]) -> tuple[list[float], list[int]]:
+        """One encoded image per sampled frame: its own time and number."""
+        return list(times), list(indices)
+
+    def frame_bytes(self) -> int:
+        """Per frame the forward to the select layer holds about S x 8 D activations in the tower's dtype
+        (hidden, q/k/v, the MLP's 4 D), our float32 query/key copies for the scores, and the pixels;
+        anyres frames are about 1 + 4 images."""
+        element = torch.finfo(self.dtype).bits // 8
+        size = self.preprocess_spec.tile
+        crops = 1 + (4 if self.preprocess_spec.pinpoints else 0)
+        return crops * (self.tokens_per_image * self.width * (8 * element + 8) + 3 * size * size * 4)
+
+    def identity(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "select_layer": int(self.layer_index), "tower_layers": int(self.num_layers),
+                "select_strategy": self.select_strategy, "tower": tower_digest(self.tower.config)}
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         return preprocess_frames(frames, self.preprocess_spec, device=self.device, dtype=self.dtype)
@@ -471,417 +283,10 @@ def _concat(parts: list[EncodedImages]) -> EncodedImages:
     )
 
 
-# ------------------------------------------------------------------------------------- streaming
 
-
-@dataclass
-class CompressedVideo:
-    """The compressed visual tokens of a video (or an image batch), ready for the model's projector.
-
-    Only this accumulates while a long video streams through sample -> encode -> zip.
-    """
-
-    tokens: torch.Tensor  # (frames, crops * tokens_per_crop, D) on the CPU, the tower's dtype
-    timestamps: list[float]  # seconds, one per frame (empty when unknown, e.g. a plain IMAGE batch)
-    indices: list[int]  # source frame numbers
-    method: str
-    dominant: int
-    contextual: int
-    crops: int = 1
-    grid: tuple[int, int] = (0, 0)
-    cls_token: bool = True
-    scores: torch.Tensor | None = None  # (frames * crops, S') float16, for heatmaps
-    assignment: torch.Tensor | None = None  # (frames * crops, S) int16: output token carrying each input token
-    preprocess: Preprocess | None = None  # how frames were turned into pixels (to draw heatmaps on frames)
-    source: str = ""
-    meta: dict = field(default_factory=dict)  # model name, settings (for saving and checking)
-    # (frames, K) int32: the position in its image's token sequence each token stands at (CLS 0 where there is
-    # one; a contextual token at its target's); for the Qwen families these give the 3D rotary positions
-    positions: torch.Tensor | None = None
-    # (frames, K) int32, with the temporal stage: the flat index (frame * K + slot) of the token each token
-    # repeats, its own when it is kept (see comfy_visionzip.temporal); None: every token is kept
-    repeats: torch.Tensor | None = None
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return int(self.tokens.shape[1])
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def keep(self) -> torch.Tensor | None:
-        """(frames, K) bool: the tokens that reach the model (None: all of them)."""
-        if self.repeats is None:
-            return None
-        own = torch.arange(self.repeats.numel(), dtype=torch.long).view(self.repeats.shape)
-        return self.repeats.long() == own
-
-    @property
-    def total_tokens(self) -> int:
-        """Visual tokens that reach the model (the temporal stage's repeats left out)."""
-        keep = self.keep
-        return self.num_frames * self.tokens_per_frame if keep is None else int(keep.sum())
-
-    def frame_tokens(self) -> list[int]:
-        """Tokens each frame gives the model."""
-        keep = self.keep
-        return [self.tokens_per_frame] * self.num_frames if keep is None else keep.sum(1).tolist()
-
-    def spans(self) -> torch.Tensor | None:
-        """(frames, K) int: for each kept token the last frame (position in this video) it stands for."""
-        if self.repeats is None:
-            return None
-        frames = torch.arange(self.num_frames).repeat_interleave(self.tokens_per_frame)
-        last = torch.zeros(self.repeats.numel(), dtype=torch.long)
-        last.scatter_reduce_(0, self.repeats.long().flatten(), frames, reduce="amax")
-        return last.view(self.repeats.shape)
-
-    def select(self, frames: Sequence[int]) -> CompressedVideo:
-        """A copy holding only the given frames (positions into this video, ascending), maps included."""
-        keep = sorted({int(f) for f in frames})
-        if not keep or keep[0] < 0 or keep[-1] >= self.num_frames:
-            raise VisionZipError(f"frames {keep[:4]}... are not all in 0..{self.num_frames - 1}")
-        crops = max(self.crops, 1)
-        rows = torch.tensor([f * crops + c for f in keep for c in range(crops)], dtype=torch.long)
-        setting = self.meta.get("temporal")
-        repeats = None
-        if self.repeats is not None and not setting:  # no settings to match again: repeats of frames left out
-            per = self.tokens_per_frame  # stand for themselves
-            new_frame = torch.full((self.num_frames,), -1, dtype=torch.long)
-            new_frame[keep] = torch.arange(len(keep))
-            old = self.repeats[keep].long()
-            old_frame, slot = old // per, old % per
-            mapped = new_frame[old_frame] * per + slot
-            own = torch.arange(len(keep) * per, dtype=torch.long).view(len(keep), per)
-            repeats = torch.where(new_frame[old_frame] >= 0, mapped, own).to(torch.int32)
-        thinned = dataclasses.replace(
-            self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
-            indices=[self.indices[f] for f in keep] if self.indices else [],
-            scores=self.scores[rows] if self.scores is not None else None,
-            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
-            positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
-        if self.repeats is not None and setting:  # match the kept frames again: a repeat may now repeat another kept one
-            from .temporal import Temporal, apply
-
-            config = Temporal(threshold=setting["threshold"], radius=setting["radius"], scene=setting["scene"])
-            thinned = apply(thinned, config, width=self.meta.get("temporal_width"))
-        return thinned
-
-    def summary(self) -> str:
-        where = f" of {self.source}" if self.source else ""
-        per_image = self.tokens_per_frame // max(self.crops, 1)
-        how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
-               "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
-        unit = int(self.meta.get("frames_per_unit", 1))
-        if unit == 1:
-            frames = f"{self.num_frames} frames"
-        elif self.num_frames == 1 and not self.timestamps:
-            frames = "1 image"
-        else:
-            frames = f"{self.num_frames} temporal patch{'es' if self.num_frames != 1 else ''} ({unit} frames each)"
-        if self.repeats is not None:
-            every = self.num_frames * self.tokens_per_frame
-            setting = self.meta.get("temporal") or {}
-            segments = self.meta.get("temporal_segments", "?")
-            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how  # short: one box
-            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
-                    f"frames dropped = {self.total_tokens} visual tokens ({how}; temporal {setting.get('threshold', '?')}: "
-                    f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
-        return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
-                f"({how}, {self.crops} image(s) per frame)")
-
-
-def _unpack(chunk) -> tuple[torch.Tensor, list[float], list[int]]:
-    if hasattr(chunk, "frames"):
-        return chunk.frames, list(chunk.timestamps), list(chunk.indices)
-    if isinstance(chunk, tuple) and len(chunk) == 3:
-        return chunk
-    if isinstance(chunk, torch.Tensor):  # bare frames: times unknown
-        return chunk, [], list(range(chunk.shape[0]))
-    raise VisionZipError(f"cannot encode a {type(chunk).__name__}; give VideoClip chunks or frame tensors")
-
-
-def _batches(chunks: Iterable, batch_size: int):
-    """(frames, timestamps, indices) batches of at most ``batch_size`` frames from any chunk stream."""
-    for chunk in chunks:
-        frames, times, indices = _unpack(chunk)
-        for start in range(0, frames.shape[0], batch_size):
-            yield (frames[start: start + batch_size], list(times[start: start + batch_size]),
-                   list(indices[start: start + batch_size]), getattr(chunk, "source", ""))
-
-
-def encode_frames(
-    encoder: VisionEncoder,
-    chunks: Iterable,
-    *,
-    batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-    total: int | None = None,
-    keep_views: bool = True,
-) -> EncodedImages:
-    """Encode every frame and keep the uncompressed select-layer outputs (for a handful of frames:
-    previews, side-by-side method comparisons). Long videos go through :func:`compress_frames`."""
-    parts, views, times, indices = [], [], [], []
-    done = 0
-    batch_size = _unit_batch(encoder, batch_size)
-    for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size):
-        batch_times, batch_indices = frame_times(encoder, batch_times, batch_indices)
-        encoded = encoder.encode(frames, batch_size=batch_size * 8)
-        parts.append(EncodedImages(encoded.hidden.to("cpu"), encoded.scores.to("cpu"), encoded.keys.to("cpu"),
-                                   encoded.cls_token, encoded.grid, encoded.crops, meta=encoded.meta))
-        if keep_views:
-            views.append(encoder.view(frames))
-        times += batch_times
-        indices += batch_indices
-        done += frames.shape[0]
-        if progress is not None:
-            progress(done, total or done)
-    if not parts:
-        raise VisionZipError("no frames to encode")
-    merged = _concat(parts)
-    merged.timestamps, merged.indices = times, indices
-    merged.views = torch.cat(views) if keep_views else None
-    merged.encoder = encoder
-    merged.meta = dict(parts[0].meta)
-    return merged
-
-
-def compress_encoded(encoder: VisionEncoder, encoded: EncodedImages, *, dominant: int, contextual: int,
-                     method: str = "visionzip", keep_maps: bool = True) -> CompressedVideo:
-    """Compress encoded frames (all crops of a frame stay together, in order)."""
-    result = encoder.zip(encoded, dominant, contextual, method)
-    frames = encoded.num_frames
-    tokens = result.tokens.reshape(frames, -1, result.tokens.shape[-1])  # (frames, crops * K, D)
-    return CompressedVideo(
-        tokens=tokens.to("cpu"), timestamps=list(encoded.timestamps), indices=list(encoded.indices), method=method,
-        dominant=dominant, contextual=contextual, crops=encoded.crops, grid=encoded.grid, cls_token=encoded.cls_token,
-        scores=encoded.scores.to("cpu", torch.float16) if keep_maps else None,
-        assignment=result.assignment.to("cpu", torch.int16) if keep_maps else None,
-        preprocess=encoder.preprocess_spec, meta=dict(encoded.meta),
-        positions=token_cells(result).reshape(frames, -1).to("cpu", torch.int32),
-    )
-
-
-def frame_times(encoder, times: list[float], indices: list[int]) -> tuple[list[float], list[int]]:
-    """Times and frame numbers per encoded frame: the encoder's own grouping (Qwen: per temporal patch)."""
-    if hasattr(encoder, "units"):
-        return encoder.units(times, indices)
-    return times, indices
-
-
-def _unit_batch(encoder, size: int) -> int:
-    """A batch size that keeps an encoder's temporal patches whole (a multiple of its frames per unit)."""
-    unit = getattr(encoder, "frames_per_unit", 1)
-    return max(unit, -(-int(size) // unit) * unit)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError) or isinstance(error, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()  # MPS, older CUDA builds
-
-
-def auto_batch_size(encoder: VisionEncoder, *, most: int = 64) -> int:
-    """Frames per encoder batch for this device: from free GPU memory on CUDA, 8 elsewhere.
-
-    Per image the forward to the select layer holds about S x 8 D activations in the tower's dtype
-    (hidden, q/k/v, the MLP's 4 D), our float32 query/key copies for the scores, and the pixels; half
-    of the free memory is used, the rest left to the allocator and the language model.
-    """
-    device = encoder.device
-    if device.type != "cuda":
-        return 8
-    free, _total = torch.cuda.mem_get_info(device)
-    seq = getattr(encoder, "patches_per_image", encoder.tokens_per_image)  # Qwen: patches before the 2x2 merge
-    width = int(getattr(encoder.tower.config, "hidden_size", 1024))
-    size = encoder.preprocess_spec.tile or int(math.isqrt(seq)) * int(getattr(encoder, "patch", 14))
-    element = torch.finfo(encoder.dtype).bits // 8
-    crops = 1 + (len(encoder.preprocess_spec.pinpoints or ()) and 4)  # anyres: about 1 + 4 tiles per frame
-    per_frame = crops * (seq * width * (8 * element + 8) + 3 * size * size * 4)
-    return int(max(1, min(most, free * 0.5 // per_frame)))
-
-
-def compress_frames(
-    encoder: VisionEncoder,
-    chunks: Iterable,
-    *,
-    dominant: int,
-    contextual: int,
-    method: str = "visionzip",
-    batch_size: int | None = 8,
-    keep_maps: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    total: int | None = None,
-    prefetch_depth: int = 1,
-    temporal=None,
-) -> CompressedVideo:
-    """Stream frames (VideoClip chunks, (frames, timestamps, indices) tuples or frame tensors) through
-    encode + zip, ``batch_size`` frames at a time (None or 0: sized to the device, see
-    :func:`auto_batch_size`).
-
-    Each batch is encoded, compressed and dropped: only the compressed tokens (and, with ``keep_maps``,
-    small per-token maps for heatmaps) are kept. The next chunk decodes in a background thread while
-    the current one encodes (``prefetch_depth`` chunks ahead; 0: no thread). An out-of-memory error
-    while encoding (CUDA OOM or a host ``MemoryError``) halves the batch and retries, with a log line.
-    ``progress(done_frames, total)`` is called after every batch; raising from it cancels.
-    ``temporal`` (a :class:`~comfy_visionzip.temporal.Temporal`, a threshold, a budget or True) drops tokens
-    that repeat earlier frames' as the batches stream (see :mod:`comfy_visionzip.temporal`).
-    """
-    from . import temporal as temporal_stage
-
-    if method not in METHODS:
-        raise VisionZipError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
-    temporal = temporal_stage.Temporal.parse(temporal)
-    if temporal is not None:
-        temporal_stage.check(method)
-    matcher = None
-    width = getattr(encoder, "width", None)  # Qwen: the main features (DeepStack ride along in the same rows)
-    if not batch_size:
-        batch_size = auto_batch_size(encoder)
-        log.info("encoder batch: %d frames (sized to %s)", batch_size, encoder.device)
-    batch_size = _unit_batch(encoder, batch_size)
-    limit = int(batch_size)  # frames per forward; halved on out-of-memory
-    out = _Accumulator(total)
-    done = 0
-    source = ""
-    for frames, times, indices, chunk_source in _batches(prefetch(chunks, prefetch_depth), batch_size):
-        source = source or chunk_source
-        start = 0
-        while start < frames.shape[0]:
-            stop = start + limit
-            try:
-                encoded = encoder.encode(frames[start:stop], batch_size=limit * 8)
-                encoded.timestamps, encoded.indices = frame_times(encoder, times[start:stop], indices[start:stop])
-                part = compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual,
-                                        method=method, keep_maps=keep_maps)
-                if temporal is not None:
-                    if matcher is None:
-                        matcher = temporal_stage.Matcher(temporal, part.grid, cls_token=part.cls_token, crops=part.crops)
-                    part.repeats = matcher.video(part, out.frames, width)
-                out.add(part)
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
-                if not _is_out_of_memory(e):
-                    raise
-                encoded = None
-                if encoder.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if limit <= getattr(encoder, "frames_per_unit", 1):
-                    raise VisionZipError(f"out of memory encoding a single frame on {encoder.device} ({str(e)[:120]}); "
-                                         "free memory (other models), use a smaller dtype, or the CPU") from e
-                limit = _unit_batch(encoder, max(1, limit // 2))
-                log.warning("out of memory encoding on %s; retrying with batches of %d frames", encoder.device, limit)
-                continue
-            start = stop
-        done += frames.shape[0]
-        if progress is not None:
-            progress(done, total or done)
-    if out.first is None:
-        raise VisionZipError("no frames to encode")
-    first = out.first
-    tokens, scores, assignment = out.result()
-    video = CompressedVideo(
-        tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=method, dominant=dominant,
-        contextual=contextual, crops=first.crops, grid=first.grid, cls_token=first.cls_token, scores=scores,
-        assignment=assignment, preprocess=encoder.preprocess_spec, source=str(source), meta=dict(first.meta),
-        positions=out.positions(), repeats=out.repeats(),
-    )
-    if temporal is not None:
-        temporal_stage.describe(video, temporal, matcher, width)
-        if temporal.budget and video.total_tokens > temporal.budget:
-            video = temporal_stage.fit(video, temporal, temporal.budget, width=width)
-    return video
-
-
-def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return torch.cat(parts) if parts and all(p is not None for p in parts) else None
-
-
-class _Accumulator:
-    """Compressed batches written into tensors allocated once for the planned frame count.
-
-    Concatenating the parts at the end would hold the tokens twice; with the total known, the only
-    memory that grows with the video is the tokens' own (and the small heatmap maps).
-    """
-
-    def __init__(self, total: int | None) -> None:
-        self.total = total
-        self.first: CompressedVideo | None = None
-        self.parts: list[CompressedVideo] = []  # when the total is unknown
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.frames = 0
-        self.rows = 0  # frames x crops written to the maps
-        self.timestamps: list[float] = []
-        self.indices: list[int] = []
-        self.cells: list[torch.Tensor | None] = []
-        self.sources: list[torch.Tensor | None] = []
-
-    def positions(self) -> torch.Tensor | None:
-        return _cat(self.cells)
-
-    def repeats(self) -> torch.Tensor | None:
-        return _cat(self.sources)
-
-    def add(self, part: CompressedVideo) -> None:
-        self.cells.append(part.positions)  # small per-frame maps: concatenated at the end
-        self.sources.append(part.repeats)
-        self.first = self.first or part
-        self.timestamps += part.timestamps
-        self.indices += part.indices
-        fields = {"tokens": part.tokens, "scores": part.scores, "assignment": part.assignment}
-        if not self.total or self.frames + part.num_frames > self.total or (
-                self.buffers and part.tokens.shape[1:] != self.buffers["tokens"].shape[1:]):
-            self._spill()
-            self.parts.append(part)
-            self.frames += part.num_frames
-            return
-        crops = max(part.crops, 1)
-        for name, value in fields.items():
-            if value is None:
-                continue
-            if name not in self.buffers:
-                rows = self.total if name == "tokens" else self.total * crops
-                self.buffers[name] = torch.empty((rows, *value.shape[1:]), dtype=value.dtype)
-            if name == "tokens":
-                self.buffers[name][self.frames: self.frames + value.shape[0]] = value
-            else:
-                self.buffers[name][self.rows: self.rows + value.shape[0]] = value
-        self.frames += part.num_frames
-        self.rows += part.num_frames * crops
-
-    def _spill(self) -> None:
-        """Fall back to a list of parts (a total that was wrong, or a change of shape)."""
-        if self.buffers and not self.parts:
-            first = self.first
-            self.parts.append(dataclasses.replace(
-                first, tokens=self.buffers["tokens"][: self.frames],
-                scores=self.buffers["scores"][: self.rows] if "scores" in self.buffers else None,
-                assignment=self.buffers["assignment"][: self.rows] if "assignment" in self.buffers else None))
-            self.buffers = {}
-        self.total = None
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        if self.parts:
-            def cat(name):
-                values = [getattr(p, name) for p in self.parts]
-                return None if any(v is None for v in values) else torch.cat(values)
-            return cat("tokens"), cat("scores"), cat("assignment")
-        tokens = self.buffers["tokens"]
-        tokens = tokens if self.frames == tokens.shape[0] else tokens[: self.frames].clone()
-        maps = []
-        for name in ("scores", "assignment"):
-            value = self.buffers.get(name)
-            maps.append(None if value is None else value if self.rows == value.shape[0] else value[: self.rows].clone())
-        return tokens, maps[0], maps[1]
-
-
-def kept_count(video: CompressedVideo) -> int:
-    """How many of each image's output tokens are kept tokens (drawn as such in previews)."""
-    if video.method == "visionzip":
-        per_image = video.tokens_per_frame // max(video.crops, 1)
-        # a frame with no more tokens than asked for (Qwen's small frames) keeps every token
-        return per_image if per_image < video.dominant + video.contextual else video.dominant
-    if video.method in ("uniform", "full"):
-        return video.tokens_per_frame // max(video.crops, 1)
-    return 0  # pool: every token is a merge of a cell
+def tower_digest(config: Any) -> str:
+    """A short hash of a tower's config (what it computes; how it was saved or run left out)."""
+    values = config.to_dict()
+    for key in _RUNTIME_KEYS:
+        values.pop(key, None)
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]

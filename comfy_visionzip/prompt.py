@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from typing import Any
 
 from .errors import VisionZipError
+from .models.base import PromptVideo, VisionLanguageModel
+
+Message = dict[str, str]  # {"role": "user" | "assistant", "text": ...}
 
 
-@dataclass(frozen=True)
-class PromptVideo:
-    """What the prompt needs to know about a video: how many frames and visual tokens, and when."""
-
-    num_frames: int
-    visual_tokens: int  # placeholders in the prompt (all frames, newlines included)
-    timestamps: tuple[float, ...] = ()  # seconds, one per frame (empty: unknown)
-    duration: float | None = None  # the source's length in seconds (None: the last timestamp)
-    frame_tokens: tuple[int, ...] = ()  # placeholders of each frame when they differ (the temporal stage)
-
-
-def time_instruction(video: PromptVideo) -> str:
-    """LLaVA-Video's wording for where the sampled frames lie in time."""
-    times = ", ".join(f"{t:.2f}s" for t in video.timestamps)
-    length = video.duration or (video.timestamps[-1] if video.timestamps else 0.0)
-    return (f"The video lasts for {length:.2f} seconds, and {video.num_frames} frames are sampled from it. "
-            f"These frames are located at {times}. Please answer the following questions related to this video.\n")
-
-
-def frame_label(seconds: float) -> str:
-    """What precedes each frame's tokens for image models (which have no notion of video time)."""
-    return f"frame at {seconds:.1f} s: "
-
-
-def chat_template(vlm) -> str:
+def chat_template(vlm: VisionLanguageModel) -> str:
     """The checkpoint's chat template (``chat_template.jinja`` / ``.json``, or the tokenizer's)."""
     path = os.path.join(vlm.path, "chat_template.jinja")
     if os.path.isfile(path):
@@ -48,13 +27,13 @@ def chat_template(vlm) -> str:
     path = os.path.join(vlm.path, "chat_template.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
-            return json.load(f)["chat_template"]
-    if getattr(vlm.tokenizer, "chat_template", None):
-        return vlm.tokenizer.chat_template
+            return str(json.load(f)["chat_template"])
+    if getattr(vlm.tokenizer, "chat_template", None):  # a transformers tokenizer may have none
+        return str(vlm.tokenizer.chat_template)
     raise VisionZipError(f"{vlm.path}: no chat template (chat_template.jinja / .json or in the tokenizer config)")
 
 
-def placeholder(vlm, kind: str | None = None) -> tuple[str, int, str]:
+def placeholder(vlm: VisionLanguageModel, kind: str | None = None) -> tuple[str, int, str]:
     """(content type for the template, placeholder token id, its text) for frames of this family
     (``kind`` "image" / "video" overrides the family's usual one)."""
     config = vlm.config
@@ -66,7 +45,7 @@ def placeholder(vlm, kind: str | None = None) -> tuple[str, int, str]:
         kind = "image"
     if token_id is None:
         raise VisionZipError(f"{vlm.path}: config.json names no {kind} token id")
-    return kind, int(token_id), vlm.tokenizer.convert_ids_to_tokens(int(token_id))
+    return kind, int(token_id), str(vlm.tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
 class PromptBuilder:
@@ -76,7 +55,8 @@ class PromptBuilder:
     message, as the LLaVA processors put it.
     """
 
-    def __init__(self, vlm, *, system: str | None = None, timestamps: bool = True, kind: str | None = None) -> None:
+    def __init__(self, vlm: VisionLanguageModel, *, system: str | None = None, timestamps: bool = True,
+                 kind: str | None = None) -> None:
         self.vlm = vlm
         self.family = vlm.family
         self.kind, self.token_id, self.token_text = placeholder(vlm, kind)
@@ -87,24 +67,13 @@ class PromptBuilder:
     def _visual_text(self, video: PromptVideo, per_frame: int | None = None) -> str:
         """The placeholder run for the video (``per_frame`` overrides the count, for fast counting)."""
         stamps = self.timestamps and bool(video.timestamps)
-        own = self.family.visual_text(self, video, per_frame, stamps)
-        if own is not None:
-            return own
-        if self.kind == "video":
-            return self.token_text * (video.visual_tokens if per_frame is None else per_frame)
-        count = video.visual_tokens // max(video.num_frames, 1) if per_frame is None else per_frame
-        counts = list(video.frame_tokens) if video.frame_tokens and per_frame is None else [count] * video.num_frames
-        parts = []
-        for k in range(video.num_frames):
-            label = frame_label(video.timestamps[k]) if stamps else ""
-            parts.append(label + self.token_text * counts[k])
-        return "\n".join(parts)
+        return self.family.visual_text(self.token_text, self.kind, video, per_frame, stamps)
 
-    def render(self, video: PromptVideo, messages: list[dict], *, generation_prompt: bool = True,
+    def render(self, video: PromptVideo, messages: list[Message], *, generation_prompt: bool = True,
                per_frame: int | None = None) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
         stamps = self.timestamps and bool(video.timestamps)
-        convo = []
+        convo: list[dict[str, Any]] = []
         if self.system:
             convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         for i, m in enumerate(messages):
@@ -114,7 +83,7 @@ class PromptBuilder:
             else:
                 content = [{"type": "text", "text": m["text"]}]
             convo.append({"role": m["role"], "content": content})
-        text = self.vlm.tokenizer.apply_chat_template(convo, chat_template=self.template, tokenize=False,
+        text: str = self.vlm.tokenizer.apply_chat_template(convo, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
         if text.count(self.token_text) != 1:
             raise VisionZipError(f"the chat template rendered {text.count(self.token_text)} {self.token_text!r} "
@@ -124,9 +93,9 @@ class PromptBuilder:
             raise VisionZipError(f"the chat template did not render the vision part as {span!r}")
         return text.replace(span, self._visual_text(video, per_frame))
 
-    def ids(self, video: PromptVideo, messages: list[dict]) -> list[int]:
+    def ids(self, video: PromptVideo, messages: list[Message]) -> list[int]:
         """The token ids of the conversation (what the model prefills), checked against the video."""
-        ids = self.vlm.tokenizer(self.render(video, messages), add_special_tokens=True)["input_ids"]
+        ids: list[int] = self.vlm.tokenizer(self.render(video, messages), add_special_tokens=True)["input_ids"]
         count = sum(1 for i in ids if i == self.token_id)
         if count != video.visual_tokens:
             raise VisionZipError(
@@ -135,7 +104,7 @@ class PromptBuilder:
             )
         return ids
 
-    def count(self, video: PromptVideo, messages: list[dict]) -> int:
+    def count(self, video: PromptVideo, messages: list[Message]) -> int:
         """len(self.ids(video, messages)) without tokenising every placeholder.
 
         The placeholder is one special token the tokenizer never merges with its neighbours, so the

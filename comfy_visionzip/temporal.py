@@ -30,11 +30,14 @@ so the KV cache keeps serving follow-ups.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import VisionZipError
+from .tokens import CompressedVideo
+from .video.plan import uniform_pick
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Temporal:
             raise VisionZipError(f"temporal budget must be a number of tokens >= 1, got {self.budget!r}")
 
     @classmethod
-    def parse(cls, value) -> Temporal | None:
+    def parse(cls, value: Temporal | float | int | str | bool | None, *, name: str = "temporal") -> Temporal | None:
         """None / False / 0: off; True: the defaults; a float in (0, 1]: the threshold; an int >= 2: a budget
         of visual tokens (default threshold); a Temporal: itself; "0.85" / "4000" strings likewise."""
         if value is None or value is False or value == 0 or value == "":
@@ -72,21 +75,15 @@ class Temporal:
             try:
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
-                raise VisionZipError(f"temporal {value!r}: give a threshold (0.95) or a token budget (4000)") from None
+                raise VisionZipError(f"{name} {value!r}: give a threshold (0.95) or a token budget (4000)") from None
         if isinstance(value, float) and 0 < value <= 1:
             return cls(threshold=value)
         if isinstance(value, (int, float)) and value >= 2 and float(value).is_integer():
             return cls(budget=int(value))
-        raise VisionZipError(f"temporal {value!r}: a threshold in (0, 1] (e.g. 0.9) or a token budget >= 2 (e.g. 4000)")
+        raise VisionZipError(f"{name} {value!r}: a threshold in (0, 1] (e.g. 0.9) or a token budget >= 2 (e.g. 4000)")
 
     def with_budget(self, budget: int | None) -> Temporal:
         return dataclasses.replace(self, budget=budget)
-
-
-def check(method: str) -> None:
-    """The stage runs on compressed tokens only (cheap: checked before anything is encoded)."""
-    if method == "full":
-        raise VisionZipError("the temporal stage runs on compressed tokens (visionzip, pool, uniform), not on 'full'")
 
 
 class Matcher:
@@ -126,9 +123,9 @@ class Matcher:
                             table[cell, j] = base + self.prefix + yy * self.cols + xx
         return table
 
-    def video(self, part, first_frame: int, width: int | None = None) -> torch.Tensor:
+    def video(self, part: CompressedVideo, first_frame: int, width: int | None = None) -> torch.Tensor:
         """(frames, K) int32 repeats of a compressed part whose first frame is ``first_frame`` of the video."""
-        cells = crop_cells(part.positions, part.crops, self.per_crop)
+        cells = crop_cells(part.require_positions("the temporal stage"), part.crops, self.per_crop)
         feats = token_features(part, width)
         per = part.tokens_per_frame
         return torch.stack([self.frame(feats[f], cells[f], (first_frame + f) * per)
@@ -166,27 +163,27 @@ class Matcher:
         return source
 
 
-def token_features(video, width: int | None = None) -> torch.Tensor:
+def token_features(video: CompressedVideo, width: int | None = None) -> torch.Tensor:
     """(frames, K, D) the features tokens are compared with (the family's main width, DeepStack left out)."""
     tokens = video.tokens
     return tokens[..., :width] if width else tokens
 
 
-def apply(video, config: Temporal | None, *, width: int | None = None):
+def apply(video: CompressedVideo, config: Temporal | None, *, width: int | None = None) -> CompressedVideo:
     """Run the stage over a whole compressed video (the same result as while streaming); returns a copy
     with ``repeats`` set (or without it, for ``config`` None)."""
     if config is None:
         return dataclasses.replace(video, repeats=None)
-    check(video.method)
-    if video.positions is None:
-        raise VisionZipError("these tokens carry no token positions (made by an older version): encode again")
+    if video.method == "full":  # stored tokens: their method is a fact, not an option
+        raise VisionZipError("the temporal stage drops repeats among compressed tokens; these tokens are uncompressed "
+                             "('full'): encode with method visionzip, pool or uniform")
     matcher = Matcher(config, video.grid, cls_token=video.cls_token, crops=video.crops)
     out = dataclasses.replace(video, repeats=matcher.video(video, 0, width))
     describe(out, config, matcher, width)
     return out
 
 
-def describe(video, config: Temporal, matcher: Matcher, width: int | None) -> None:
+def describe(video: CompressedVideo, config: Temporal, matcher: Matcher, width: int | None) -> None:
     """Record the stage's settings with the tokens (summaries, tokens files, re-matching after a thinning)."""
     video.meta = {**video.meta, "temporal": {"threshold": round(float(config.threshold), 4), "radius": config.radius,
                                              "scene": config.scene, "budget": config.budget},
@@ -203,12 +200,21 @@ def crop_cells(positions: torch.Tensor, crops: int, per_crop: int) -> torch.Tens
     return positions + crop_of * per_crop
 
 
-def fit(video, config: Temporal, budget: int, *, width: int | None = None):
+def thin(video: CompressedVideo, frames: Sequence[int]) -> CompressedVideo:
+    """``video`` with only the given frames, their repeats matched again with the settings the stage ran
+    with (a token that repeated a frame left out may now repeat another kept one, or be kept)."""
+    thinned = video.select(frames)
+    setting = video.meta.get("temporal")
+    if video.repeats is None or not setting:
+        return thinned
+    config = Temporal(threshold=setting["threshold"], radius=setting["radius"], scene=setting["scene"])
+    return apply(thinned, config, width=video.meta.get("temporal_width"))
+
+
+def fit(video: CompressedVideo, config: Temporal, budget: int, *, width: int | None = None) -> CompressedVideo:
     """Tighten the threshold (down to ``config.floor``) until the kept tokens fit ``budget``; returns the
     video with the loosest threshold that fits. When even the floor keeps too many (constant motion), the
     floor's video is thinned evenly to the most frames that fit (their repeats matched again)."""
-    from .video import uniform_pick
-
     best = apply(video, config, width=width)
     if best.total_tokens <= budget:
         return best
@@ -218,11 +224,11 @@ def fit(video, config: Temporal, budget: int, *, width: int | None = None):
         lo, hi = 1, floor.num_frames  # the most frames whose kept tokens fit
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if floor.select(uniform_pick(floor.num_frames, mid)).total_tokens <= budget:
+            if thin(floor, uniform_pick(floor.num_frames, mid)).total_tokens <= budget:
                 lo = mid
             else:
                 hi = mid - 1
-        thinned = floor.select(uniform_pick(floor.num_frames, lo))
+        thinned = thin(floor, uniform_pick(floor.num_frames, lo))
         thinned.meta["temporal_thinned"] = f"{lo} of {floor.num_frames} frames kept to fit {budget} tokens"
         return thinned
     best = floor
@@ -236,4 +242,4 @@ def fit(video, config: Temporal, budget: int, *, width: int | None = None):
     return best
 
 
-__all__ = ["Matcher", "Temporal", "apply", "check", "crop_cells", "describe", "fit"]
+__all__ = ["Matcher", "Temporal", "apply", "crop_cells", "describe", "fit", "thin"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VisionZipError
+from .video.plan import uniform_pick
 
 METHODS = ("visionzip", "full", "pool", "uniform")
 
@@ -186,8 +187,6 @@ def full(hidden: torch.Tensor, **_ignored) -> ZipResult:
 
 def uniform(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True) -> ZipResult:
     """Evenly spaced patches (first and last included); the CLS token is kept and counts as one."""
-    from .video.plan import uniform_pick
-
     B, S, D = hidden.shape
     _check_counts(S, num_tokens, 0, cls_token)
     first = 1 if cls_token else 0

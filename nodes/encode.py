@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..comfy_visionzip.encoder import compress_encoded, encode_frames, kept_count, model_view
 from ..comfy_visionzip.errors import VisionZipError
+from ..comfy_visionzip.settings import Compression
+from ..comfy_visionzip.pipeline import compress_encoded, compress_video, encode_frames, label_tokens
+from ..comfy_visionzip.preprocess import model_view
+from ..comfy_visionzip.tokens import kept_count
 from ..comfy_visionzip.video import uniform_pick
 from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, temporal_notes, token_overlays, with_legend
-from ..comfy_visionzip.vlm import compress_video, label_tokens
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
 from .model import MODEL_TYPE
-from .video import VIDEO_TYPE
+from .video import VIDEO_TYPE, unplanned
 
 FEATURES_TYPE = "VISIONZIP_FEATURES"  # uncompressed select-layer outputs of a few frames
 TOKENS_TYPE = "VISIONZIP_TOKENS"  # CompressedVideo: what the answerer consumes
@@ -72,6 +74,7 @@ class VisionZipEncodeFrames:
         with model as vlm:
             encoder = vlm.video_encoder()
             if video is not None:
+                video, _plan = unplanned(video)
                 total = len(video.plan()[0])
                 chunks = video.iter(chunk_size=batch_size)
             else:
@@ -133,15 +136,16 @@ class VisionZipVideoToTokens:
         if video is None:
             raise ValueError("no video: Frame Budget's video output is empty when its own video input is not "
                              "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here directly")
-        dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
-        total = len(video.plan()[0])
-        setting = temporal or (True if getattr(video, "token_budget", None) else None)  # Frame Budget planned with it
-        if setting and method == "full":
-            raise ValueError("temporal drops repeats among compressed tokens: use method visionzip, pool or uniform")
+        handle, plan = unplanned(video)
+        planned = plan is not None and plan.temporal is not None  # Frame Budget planned with the temporal stage
+        compression = Compression.parse(method=method, dominant=dominant, contextual=contextual,
+                                        tokens_per_frame=tokens_per_frame, temporal=temporal or (True if planned else None))
+        if plan is not None and plan.temporal is not None:  # its room for visual tokens holds the stage
+            compression = compression.with_temporal_budget(plan.temporal.budget)
+        total = len(handle.plan()[0])
         with model as vlm:
-            tokens = compress_video(vlm, video, dominant=dominant, contextual=contextual, method=method,
-                                    batch_size=batch_size or None, progress=_comfy.progress_callback(total),
-                                    temporal=setting)
+            tokens = compress_video(vlm, handle, compression=compression, batch_size=batch_size or None,
+                                    progress=_comfy.progress_callback(total))
         return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 
-from ..comfy_visionzip.vlm import TOWER_CLASSES, VisionTower, load_tower, load_vlm
+from ..comfy_visionzip.models import VisionTower
+from ..comfy_visionzip.vlm import TOWER_CLASSES, load_tower, load_vlm
 from ..comfy_visionzip.weights import find_real_tower
 from . import _comfy
 

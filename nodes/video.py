@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 
 from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sample_video
-from ..comfy_visionzip.budget import POLICIES, cap_budget, context_length
+from ..comfy_visionzip.budget import POLICIES, BudgetPlan, cap_budget, context_length
 from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
 
 CATEGORY = "VisionZip/video"
-VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle: the file + sampling plan, streamed later by the encoder
+VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle (the file + sampling plan, streamed later), or Frame Budget's BudgetPlan
+
+
+def unplanned(video):
+    """(the handle to stream, the BudgetPlan it came with or None) of what a VISIONZIP_VIDEO input carries."""
+    if isinstance(video, BudgetPlan):  # Frame Budget's output: the thinned handle and the settings it planned
+        return video.video, video
+    return video, None
 
 MODES = ["num_frames", "fps", "every", "interval"]
 
@@ -141,7 +148,8 @@ class VisionZipFrameBudget:
     RETURN_TYPES = ("INT", "STRING", VIDEO_TYPE)
     RETURN_NAMES = ("frames", "summary", "video")
     OUTPUT_TOOLTIPS = ("Number of frames that fit.", "A one-line explanation of the numbers.",
-                       "The connected video with its plan thinned to the frames that fit (connect to Video to Tokens).")
+                       "The connected video with its plan thinned to the frames that fit, and the settings it was planned "
+                       "with (connect to Video to Tokens).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -172,6 +180,7 @@ class VisionZipFrameBudget:
 
     def plan(self, token_budget, tokens_per_frame, reserved=0, max_frames=0, model=None, video=None,
              question="What happens in this video?", max_new_tokens=256, policy="fit", temporal=0.0):
+        video, _earlier = unplanned(video)
         if model is None or video is None:
             if token_budget == 0:
                 missing = "a video" if model is not None else "a model and a video"
@@ -199,7 +208,7 @@ class VisionZipFrameBudget:
                            tokens_per_frame=tokens_per_frame, max_new_tokens=max_new_tokens, follow_up_tokens=reserved,
                            temporal=temporal or None)
         summary = plan.summary()
-        return {"ui": {"text": [summary]}, "result": (plan.frames, summary, plan.video)}
+        return {"ui": {"text": [summary]}, "result": (plan.frames, summary, plan)}
 
 
 NODE_CLASS_MAPPINGS = {

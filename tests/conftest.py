@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_visionzip.synthetic import make_clip
+from comfy_visionzip.testing.synthetic import make_clip
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CLIP = REPO.parent / "shared" / "media" / "flipping_a_pancake.mkv"
@@ -44,7 +44,7 @@ def real_clip() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(family)`` -> folder of a tiny random checkpoint saved with save_pretrained (cached)."""
-    from comfy_visionzip.tiny import build_tiny
+    from comfy_visionzip.testing.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("models")
     made: dict[str, str] = {}

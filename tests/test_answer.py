@@ -10,10 +10,10 @@ import transformers
 
 from comfy_visionzip import VisionZipError
 from comfy_visionzip.answer import Chat, GenerationConfig, project
-from comfy_visionzip.encoder import compress_frames
+from comfy_visionzip.pipeline import compress_frames, compress_video, label_tokens
 from comfy_visionzip.store import load_tokens, save_tokens
-from comfy_visionzip.tiny import ALL_FAMILIES, FAMILIES
-from comfy_visionzip.vlm import compress_video, label_tokens, load_vlm
+from comfy_visionzip.testing.tiny import ALL_FAMILIES, FAMILIES
+from comfy_visionzip.vlm import load_vlm
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_a_follow_up_prefills_only_its_own_new_text_for_every_family(family, tin
 
 
 def test_tokens_of_another_tower_of_the_same_family_and_width_are_refused(tiny_model_dir, clip, tmp_path):
-    from comfy_visionzip.tiny import build_tiny
+    from comfy_visionzip.testing.tiny import build_tiny
 
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")  # 48 px, patch 6: an 8x8 grid
     coarse = load_vlm(build_tiny("llava", tmp_path / "coarse", image_size=48, patch=12), device="cpu")  # 4x4

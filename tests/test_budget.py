@@ -13,11 +13,13 @@ import torch
 from comfy_visionzip import VisionZipError
 from comfy_visionzip.answer import Chat, GenerationConfig
 from comfy_visionzip.budget import context_length, fit_frames, plan_budget
+from comfy_visionzip.models.base import PromptVideo
+from comfy_visionzip.pipeline import compress_video
 from comfy_visionzip.projection import project, visual_layout
-from comfy_visionzip.prompt import PromptBuilder, PromptVideo
-from comfy_visionzip.tiny import FAMILIES
+from comfy_visionzip.prompt import PromptBuilder
+from comfy_visionzip.testing.tiny import FAMILIES
 from comfy_visionzip.video import VideoHandle
-from comfy_visionzip.vlm import compress_video, load_vlm
+from comfy_visionzip.vlm import load_vlm
 
 
 @pytest.fixture(scope="module")

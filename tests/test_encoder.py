@@ -11,8 +11,10 @@ import torch
 import transformers
 
 from comfy_visionzip import VisionZipError
-from comfy_visionzip.encoder import Preprocess, VisionEncoder, compress_frames, preprocess_frames
-from comfy_visionzip.tiny import FAMILIES
+from comfy_visionzip.encoder import VisionEncoder
+from comfy_visionzip.pipeline import compress_frames
+from comfy_visionzip.preprocess import Preprocess, preprocess_frames
+from comfy_visionzip.testing.tiny import FAMILIES
 from comfy_visionzip.vlm import load_vlm
 from comfy_visionzip.zip import visionzip
 

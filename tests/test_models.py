@@ -8,7 +8,7 @@ from pathlib import Path
 import transformers
 
 from comfy_visionzip.models import FAMILIES, FamilyModule
-from comfy_visionzip.tiny import ALL_FAMILIES as TINY
+from comfy_visionzip.testing.tiny import ALL_FAMILIES as TINY
 
 SHARED = ["answer.py", "projection.py", "prompt.py", "budget.py", "vlm.py", "encoder.py", "store.py"]
 

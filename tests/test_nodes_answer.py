@@ -61,7 +61,7 @@ def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, se
                                                model=model, video=handle, question=question, max_new_tokens=5,
                                                policy="fit")
     frames, summary, fitted = out["result"]
-    assert 1 <= frames < 40 and len(fitted.plan()[0]) == frames and "of the 40 asked frames are kept" in summary
+    assert 1 <= frames < 40 and len(fitted.video.plan()[0]) == frames and "of the 40 asked frames are kept" in summary
     tokens = nodes["VisionZipVideoToTokens"]().run(model=model, video=fitted, method="visionzip", dominant=9,
                                                    contextual=1, tokens_per_frame=10, batch_size=0)["result"][0]
     answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question=question, timestamps=True, **GEN)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_visionzip.synthetic import read_frame_number
+from comfy_visionzip.testing.synthetic import read_frame_number
 
 
 def test_mappings_ids_categories_and_tooltips(pack):
@@ -111,7 +111,7 @@ def test_core_video_without_a_stream_uses_its_frames(pack):
     # A VIDEO made from images (CreateVideo) raises in get_stream_source in ComfyUI; its frames are used.
     import torch
 
-    from comfy_visionzip.synthetic import draw_frame
+    from comfy_visionzip.testing.synthetic import draw_frame
 
     frames = torch.stack([torch.from_numpy(draw_frame(k, 64, 48)) for k in range(20)]).float() / 255
 

@@ -13,10 +13,10 @@ import transformers
 from comfy_visionzip import VisionZipError, sample_video
 from comfy_visionzip.answer import Chat, GenerationConfig
 from comfy_visionzip.budget import plan_budget
-from comfy_visionzip.encoder import compress_frames
+from comfy_visionzip.pipeline import compress_frames, compress_video, label_tokens
 from comfy_visionzip.store import load_tokens, save_tokens
-from comfy_visionzip.tiny import QWEN_FAMILIES
-from comfy_visionzip.vlm import compress_video, label_tokens, load_vlm
+from comfy_visionzip.testing.tiny import QWEN_FAMILIES
+from comfy_visionzip.vlm import load_vlm
 
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 FAMILY = [pytest.param(f, marks=pytest.mark.skipif(not hasattr(transformers, CLASSES[f]),
@@ -61,13 +61,13 @@ def test_compression_off_matches_the_models_own_forward_for_a_video(family, coun
         frames = sample_video(clip, fps=2.0, max_frames=4)
         video = compress_frames(encoder, [frames], dominant=1, contextual=0, method="full")
         label_tokens(vlm, video)
-        assert Chat(vlm, video).family_state["spacing"] == 1.0
+        assert Chat(vlm, video).family_state["cells"].spacing == 1.0
     chat = Chat(vlm, video)
     ids = chat._ids(QUESTION)
     ours, _, _ = chat.prefill(ids)
     rows, grid = encoder.preprocess(frames.frames)
     grid = torch.tensor([[units, int(grid[0, 1]), int(grid[0, 2])]])
-    theirs = _own_logits(vlm, ids, chat.token_id, "video", rows, grid, spacing=chat.family_state["spacing"])
+    theirs = _own_logits(vlm, ids, chat.token_id, "video", rows, grid, spacing=chat.family_state["cells"].spacing)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     text = vlm.tokenizer.decode(ids)
     if family == "qwen3_vl":  # "<t seconds>" before every temporal patch
@@ -214,7 +214,7 @@ def test_greedy_generation_with_compression_off_equals_the_models_generate(famil
     if "mm_token_type_ids" in params:
         kwargs["mm_token_type_ids"] = (ids == chat.token_id).int() * 2
     if "second_per_grid_ts" in params:
-        kwargs["second_per_grid_ts"] = torch.tensor([chat.family_state["spacing"]])
+        kwargs["second_per_grid_ts"] = torch.tensor([chat.family_state["cells"].spacing])
     with torch.no_grad():
         out = vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(ours),
                                  do_sample=False, **kwargs)

@@ -13,11 +13,11 @@ from PIL import Image
 
 from comfy_visionzip import VideoError, iter_video, sample_video
 from comfy_visionzip.__main__ import main
-from comfy_visionzip.encoder import compress_frames
+from comfy_visionzip.pipeline import compress_frames, compress_video, video_source
 from comfy_visionzip.stream import prefetch
-from comfy_visionzip.synthetic import read_frame_number
+from comfy_visionzip.testing.synthetic import read_frame_number
 from comfy_visionzip.video import VideoHandle
-from comfy_visionzip.vlm import compress_video, load_vlm, video_source
+from comfy_visionzip.vlm import load_vlm
 
 
 @pytest.fixture(scope="module")

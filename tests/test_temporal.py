@@ -11,12 +11,12 @@ import transformers
 
 from comfy_visionzip import VisionZipError, temporal
 from comfy_visionzip.answer import Chat, GenerationConfig
-from comfy_visionzip.encoder import compress_frames
+from comfy_visionzip.pipeline import compress_frames, compress_video, label_tokens
 from comfy_visionzip.store import load_tokens, save_tokens
-from comfy_visionzip.synthetic import make_scene_clip
-from comfy_visionzip.temporal import Temporal
-from comfy_visionzip.tiny import ALL_FAMILIES
-from comfy_visionzip.vlm import compress_video, label_tokens, load_vlm
+from comfy_visionzip.temporal import Temporal, thin
+from comfy_visionzip.testing.synthetic import make_scene_clip
+from comfy_visionzip.testing.tiny import ALL_FAMILIES
+from comfy_visionzip.vlm import load_vlm
 
 FAMILIES = [f for f in ALL_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
 
@@ -80,7 +80,7 @@ def test_thinning_brings_back_the_repeats_of_frames_it_leaves_out(tiny_model_dir
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
     video = compress_video(vlm, clips["static"], num_frames=12, dominant=6, contextual=2, temporal=True)
     assert video.frame_tokens()[0] == 8 and video.total_tokens == 8 + 11
-    later = video.select([3, 5, 11])  # the first frame (which all the others repeat) is left out
+    later = thin(video, [3, 5, 11])  # the first frame (which all the others repeat) is left out
     assert later.frame_tokens() == [8, 1, 1]  # frame 3 is kept whole again, and the others now repeat it
     assert torch.equal(later.tokens, video.tokens[[3, 5, 11]])
 
@@ -170,11 +170,11 @@ def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir
     frames, summary, planned = nodes["VisionZipFrameBudget"]().plan(
         token_budget=300, tokens_per_frame=8, reserved=0, model=model, video=handle, question="What happens ?",
         max_new_tokens=16, temporal=0.9)["result"]
-    assert "temporal" in summary and planned.token_budget and frames > 20
+    assert "temporal" in summary and planned.compression.temporal.budget and frames > 20
     out = nodes["VisionZipVideoToTokens"]().run(model=model, video=planned, method="visionzip", dominant=6,
                                                 contextual=2, tokens_per_frame=0, batch_size=8)  # temporal from the plan
     tokens = out["result"][0]
-    assert tokens.repeats is not None and tokens.total_tokens <= planned.token_budget
+    assert tokens.repeats is not None and tokens.total_tokens <= planned.compression.temporal.budget
     answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
                                                max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0)
     assert f"{tokens.total_tokens} visual tokens" in answer["ui"]["text"][0]

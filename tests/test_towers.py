@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from comfy_visionzip import VisionZipError
-from comfy_visionzip.encoder import Preprocess, VisionEncoder
+from comfy_visionzip.encoder import VisionEncoder
+from comfy_visionzip.preprocess import Preprocess
 from comfy_visionzip.towers import ADAPTERS, tower_parts
 from comfy_visionzip.zip import visionzip
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_visionzip import VideoError, VideoHandle, VideoNotFoundError, VisionZipError, iter_video, sample_video
-from comfy_visionzip.synthetic import draw_frame, read_frame_number, set_mp4_rotation
+from comfy_visionzip.testing.synthetic import draw_frame, read_frame_number, set_mp4_rotation
 from comfy_visionzip.video import BACKENDS, get_index
 from comfy_visionzip.video.backends import backend_available
 

@@ -3,7 +3,8 @@
 Adding a family is adding a file here and one line below; nothing else branches on ``model_type``.
 """
 
-from .base import BareTower, FamilyModule
+from .bare import BareTower, VisionTower
+from .base import ChatView, Encoder, FamilyModule, PromptVideo, VisionLanguageModel, VisualLayout
 from .llava import Llava
 from .llava_next import LlavaNext
 from .llava_next_video import LlavaNextVideo
@@ -17,4 +18,5 @@ FAMILIES: dict[str, FamilyModule] = {
     for family in (Llava(), LlavaNext(), LlavaNextVideo(), VideoLlava(), Onevision(), Qwen2_5_VL(), Qwen3_VL())
 }
 
-__all__ = ["FAMILIES", "BareTower", "FamilyModule"]
+__all__ = ["FAMILIES", "BareTower", "ChatView", "Encoder", "FamilyModule", "PromptVideo", "VisionLanguageModel",
+           "VisionTower", "VisualLayout"]

@@ -8,9 +8,12 @@ VisionZip selection and merge that make the kept tokens make their DeepStack fea
 kept tokens get them. Scores come from the last vision block.
 """
 
+from typing import Any
+
 import torch
 
 from ._qwen import QwenFamily
+from .base import ChatView
 
 
 class Qwen3_VL(QwenFamily):
@@ -19,7 +22,8 @@ class Qwen3_VL(QwenFamily):
     display = "Qwen3-VL"
     timestamp_text = True
 
-    def run(self, chat, emb, ids, start, cache_kwargs):
+    def run(self, chat: ChatView, emb: torch.Tensor, ids: list[int], start: int,
+            cache_kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         """The language model with the kept tokens' DeepStack features, then the LM head on the last position."""
         position_ids = self.positions(chat, ids)[:, start:].unsqueeze(1).to(emb.device)
         state = chat.family_state

@@ -68,7 +68,6 @@ class VideoHandle:
     max_size: int | None = None
     cover: tuple[int, int] | None = None
     picks: tuple[int, ...] | None = None
-    token_budget: int | None = None  # visual tokens the temporal stage may keep (set by the budget planner)
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("num_frames", "fps", "every", "start", "end", "max_frames", "backend",
@@ -116,7 +115,6 @@ class FramesHandle:
     max_frames: int | None = None
     source: str = "<frames in memory>"
     picks: tuple[int, ...] | None = None
-    token_budget: int | None = None  # visual tokens the temporal stage may keep (set by the budget planner)
 
     def __post_init__(self):
         frames = self.frames

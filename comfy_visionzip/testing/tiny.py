@@ -1,16 +1,28 @@
-"""Tiny random-weight LLaVA-family checkpoints, saved the way real ones are, for the demo and tests.
+"""Tiny random-weight checkpoints of every supported family, saved the way real ones are, for the demo
+and tests.
 
-Nothing is downloaded: the configs are built here (vision hidden 32, two layers; text hidden 32, two
+Nothing is downloaded: the configs are built here (vision hidden 32, a few layers; text hidden 32, two
 layers), the tokenizer is a word-level vocabulary made from scratch, and the folder gets the same
 files a Hugging Face checkpoint has (config.json, model.safetensors, tokenizer files, the image and
 video processor configs, a chat template). Loading it goes through the real loader
-(:func:`comfy_visionzip.vlm.load_vlm`).
+(:func:`comfy_visionzip.vlm.load_vlm`). Which transformers class a family is comes from its family
+module (:data:`comfy_visionzip.models.FAMILIES`); what is here is only each tiny config.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from ..models import FAMILIES as FAMILY_MODULES
+
+Json = dict[str, Any]
 
 FAMILIES = ("llava", "llava_next", "llava_next_video", "video_llava", "llava_onevision")
 
@@ -32,11 +44,8 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer(vocab_size: int = 512, *, special: list[str] = SPECIAL, words: list[str] = WORDS,
                    template: str = CHAT_TEMPLATE, unk: str = "<unk>", bos: str | None = "<s>", eos: str = "</s>",
-                   pad: str = "<pad>"):
+                   pad: str = "<pad>") -> tf.PreTrainedTokenizerFast:
     """A word-level tokenizer of ``special`` + ``words`` (+ filler words up to ``vocab_size``) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {t: i for i, t in enumerate(special + words)}
     for i in range(len(vocab), vocab_size):
         vocab[f"w{i}"] = i
@@ -44,27 +53,23 @@ def make_tokenizer(vocab_size: int = 512, *, special: list[str] = SPECIAL, words
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens(special)
-    return PreTrainedTokenizerFast(
+    return tf.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad,
         padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=template,
     )
 
 
-def _clip(image_size: int, patch: int):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+def _clip(image_size: int, patch: int) -> tf.CLIPVisionConfig:
+    return tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                             image_size=image_size, patch_size=patch, projection_dim=32)
 
 
-def _siglip(image_size: int, patch: int):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+def _siglip(image_size: int, patch: int) -> tf.SiglipVisionConfig:
+    return tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=image_size, patch_size=patch, vision_use_head=False)
 
 
-def _clip_processor(size: int, pinpoints=None, kind: str = "CLIPImageProcessor") -> dict:
+def _clip_processor(size: int, pinpoints: list[list[int]] | None = None, kind: str = "CLIPImageProcessor") -> Json:
     config = {
         "image_processor_type": kind, "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
         "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
@@ -76,71 +81,80 @@ def _clip_processor(size: int, pinpoints=None, kind: str = "CLIPImageProcessor")
     return config
 
 
-def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int = 48, patch: int = 6, seed: int = 0) -> str:
-    """Create and save a tiny random checkpoint of ``family`` in ``folder``; returns the folder."""
-    import torch
-    import transformers as tf
+def _video_processor(image_processor: Json, kind: str) -> Json:
+    video = {k: v for k, v in image_processor.items() if k not in ("image_processor_type", "image_grid_pinpoints", "do_pad")}
+    return {**video, "video_processor_type": kind}
 
-    if family in QWEN_FAMILIES:
+
+# Each tiny LLaVA-family config: (n: image side, patch, pinpoints, ids) -> (config kwargs, image processor,
+# video processor or None). The family module names the transformers class; its config_class builds the config.
+TinySpec = Callable[[int, int, list[list[int]], dict[str, int]], tuple[Json, Json, Json | None]]
+
+
+def _llava(n: int, patch: int, pinpoints: list[list[int]], ids: dict[str, int]) -> tuple[Json, Json, Json | None]:
+    return {"vision_config": _clip(n, patch), "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default"}, _clip_processor(n), None
+
+
+def _llava_next(n: int, patch: int, pinpoints: list[list[int]], ids: dict[str, int]) -> tuple[Json, Json, Json | None]:
+    config = {"vision_config": _clip(n, patch), "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+              "image_grid_pinpoints": pinpoints}
+    return config, _clip_processor(n, pinpoints, "LlavaNextImageProcessor"), None
+
+
+def _llava_next_video(n: int, patch: int, pinpoints: list[list[int]],
+                      ids: dict[str, int]) -> tuple[Json, Json, Json | None]:
+    config = {"vision_config": _clip(n, patch), "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+              "image_grid_pinpoints": pinpoints, "video_token_index": ids["video"], "spatial_pool_mode": "average",
+              "spatial_pool_stride": 2}
+    return (config, _clip_processor(n, pinpoints, "LlavaNextImageProcessor"),
+            _video_processor(_clip_processor(n), "LlavaNextVideoVideoProcessor"))
+
+
+def _video_llava(n: int, patch: int, pinpoints: list[list[int]], ids: dict[str, int]) -> tuple[Json, Json, Json | None]:
+    config = {"vision_config": _clip(n, patch), "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+              "video_token_index": ids["video"]}
+    image = _clip_processor(n, kind="VideoLlavaImageProcessor")
+    return config, image, _video_processor(image, "VideoLlavaVideoProcessor")
+
+
+def _onevision(n: int, patch: int, pinpoints: list[list[int]], ids: dict[str, int]) -> tuple[Json, Json, Json | None]:
+    grid = [[n * a, n * b] for a in (1, 2) for b in (1, 2)]
+    config = {"vision_config": _siglip(n, patch), "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+              "video_token_index": ids["video"], "image_grid_pinpoints": grid, "vision_aspect_ratio": "anyres_max_9"}
+    square = {"height": n, "width": n}
+    common = {"do_resize": True, "size": square, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+              "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+    image = {"image_processor_type": "LlavaOnevisionImageProcessor", **common, "do_pad": True, "image_grid_pinpoints": grid}
+    return config, image, {"video_processor_type": "LlavaOnevisionVideoProcessor", **common}
+
+
+TINY: dict[str, TinySpec] = {"llava": _llava, "llava_next": _llava_next, "llava_next_video": _llava_next_video,
+                             "video_llava": _video_llava, "llava_onevision": _onevision}
+
+
+def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int = 48, patch: int = 6, seed: int = 0) -> str:
+    """Create and save a tiny random checkpoint of ``family`` (a model_type) in ``folder``; returns the folder."""
+    if family in TINY_QWEN:
         return build_tiny_qwen(family, folder, seed=seed)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES + QWEN_FAMILIES)}")
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(ALL_FAMILIES)}")
     torch.manual_seed(seed)
-    folder = os.fspath(folder)
     tok = make_tokenizer()
     text = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    image_id, video_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
-    common = dict(text_config=text, image_token_index=image_id, projector_hidden_act="gelu")
+    ids = {"image": tok.convert_tokens_to_ids("<image>"), "video": tok.convert_tokens_to_ids("<video>")}
     n = image_size
     pinpoints = [[n, 2 * n], [2 * n, n], [2 * n, 2 * n]]
-    image_proc, video_proc = None, None
-    if family == "llava":
-        config = tf.LlavaConfig(vision_config=_clip(n, patch), vision_feature_layer=-2,
-                                vision_feature_select_strategy="default", **common)
-        model = tf.LlavaForConditionalGeneration(config)
-        image_proc = _clip_processor(n)
-    elif family == "llava_next":
-        config = tf.LlavaNextConfig(vision_config=_clip(n, patch), vision_feature_layer=-2,
-                                    vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints, **common)
-        model = tf.LlavaNextForConditionalGeneration(config)
-        image_proc = _clip_processor(n, pinpoints, "LlavaNextImageProcessor")
-    elif family == "llava_next_video":
-        config = tf.LlavaNextVideoConfig(vision_config=_clip(n, patch), vision_feature_layer=-2,
-                                         vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
-                                         video_token_index=video_id, spatial_pool_mode="average",
-                                         spatial_pool_stride=2, **common)
-        model = tf.LlavaNextVideoForConditionalGeneration(config)
-        image_proc = _clip_processor(n, pinpoints, "LlavaNextImageProcessor")
-        video_proc = {**_clip_processor(n), "video_processor_type": "LlavaNextVideoVideoProcessor"}
-        video_proc.pop("image_processor_type")
-    elif family == "video_llava":
-        config = tf.VideoLlavaConfig(vision_config=_clip(n, patch), vision_feature_layer=-2,
-                                     vision_feature_select_strategy="default", video_token_index=video_id, **common)
-        model = tf.VideoLlavaForConditionalGeneration(config)
-        image_proc = _clip_processor(n, kind="VideoLlavaImageProcessor")
-        video_proc = {**image_proc, "video_processor_type": "VideoLlavaVideoProcessor"}
-        video_proc.pop("image_processor_type")
-    else:  # llava_onevision
-        config = tf.LlavaOnevisionConfig(vision_config=_siglip(n, patch), vision_feature_layer=-1,
-                                         vision_feature_select_strategy="full", video_token_index=video_id,
-                                         image_grid_pinpoints=[[n * a, n * b] for a in (1, 2) for b in (1, 2)],
-                                         vision_aspect_ratio="anyres_max_9", **common)
-        model = tf.LlavaOnevisionForConditionalGeneration(config)
-        square = {"height": n, "width": n}
-        image_proc = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True, "size": square,
-                      "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-                      "do_pad": True, "image_grid_pinpoints": config.image_grid_pinpoints}
-        video_proc = {"video_processor_type": "LlavaOnevisionVideoProcessor", "do_resize": True, "size": square,
-                      "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                      "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
-    return save_checkpoint(folder, model, tok, image_proc, video_proc)
+    own, image_proc, video_proc = TINY[family](n, patch, pinpoints, ids)
+    cls = getattr(tf, FAMILY_MODULES[family].class_name)
+    config = cls.config_class(text_config=text, image_token_index=ids["image"], projector_hidden_act="gelu", **own)
+    return save_checkpoint(folder, cls(config), tok, image_proc, video_proc)
 
 
-def save_checkpoint(folder: str | os.PathLike[str], model, tokenizer, image_processor: dict,
-                    video_processor: dict | None = None, chat_template: str = CHAT_TEMPLATE) -> str:
+def save_checkpoint(folder: str | os.PathLike[str], model: Any, tokenizer: Any, image_processor: Json,
+                    video_processor: Json | None = None, chat_template: str = CHAT_TEMPLATE) -> str:
     """Write a model folder the way a Hugging Face checkpoint is laid out (weights, tokenizer, processor
     configs, chat template), so it is loaded with the real loading code; returns the folder."""
     folder = os.fspath(folder)
@@ -159,8 +173,6 @@ def save_checkpoint(folder: str | os.PathLike[str], model, tokenizer, image_proc
 
 # ---------------------------------------------------------------------------------------- Qwen families
 
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-ALL_FAMILIES = FAMILIES + QWEN_FAMILIES
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                 "<|video_pad|>"]
 QWEN_WORDS = ["system", "user", "assistant", "You", "are", "helpful", "seconds", "<", ">", *"0123456789", *WORDS[3:]]
@@ -195,20 +207,51 @@ QWEN3_VL_TEMPLATE = (
 )
 
 
-def make_qwen_tokenizer(template: str, vocab_size: int = 512):
+def make_qwen_tokenizer(template: str, vocab_size: int = 512) -> tf.PreTrainedTokenizerFast:
     """The Qwen families' special tokens (ChatML, vision start/end, image/video pads), no BOS."""
     return make_tokenizer(vocab_size, special=QWEN_SPECIAL, words=QWEN_WORDS, template=template, unk="<|endoftext|>",
                           bos=None, eos="<|im_end|>", pad="<|endoftext|>")
 
 
+def _qwen2_5_vl(patch: int, text: Json, ids: dict[str, int]) -> Any:
+    factor = patch * 2
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2, tokens_per_second=2, window_size=factor * 2, out_hidden_size=32,
+                  fullatt_block_indexes=[1, 3])
+    rope = {"rope_type": "default", "mrope_section": MROPE, "rope_theta": 1000000.0}
+    if _major() < 5:  # 4.x keeps the text settings on the top config
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, rope_scaling={"type": "mrope", "mrope_section": MROPE},
+                                     **ids)
+    else:
+        config = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
+    config.bos_token_id = None  # the word-level vocabulary has no BOS (the real one is past its end)
+    return config
+
+
+def _qwen3_vl(patch: int, text: Json, ids: dict[str, int]) -> Any:
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    rope = {"rope_type": "default", "mrope_section": MROPE, "mrope_interleaved": True, "rope_theta": 5000000.0}
+    return tf.Qwen3VLConfig(text_config={**text, "head_dim": 8, "rope_parameters": rope}, vision_config=vision, **ids)
+
+
+MROPE = [2, 1, 1]  # head_dim 8: (time, height, width) sections of its 4 rotary frequencies
+# model_type -> (config builder, chat template, video processor class)
+TINY_QWEN: dict[str, tuple[Callable[[int, Json, dict[str, int]], Any], str, str]] = {
+    "qwen2_5_vl": (_qwen2_5_vl, QWEN2_5_VL_TEMPLATE, "Qwen2VLVideoProcessor"),
+    "qwen3_vl": (_qwen3_vl, QWEN3_VL_TEMPLATE, "Qwen3VLVideoProcessor"),
+}
+QWEN_FAMILIES = tuple(TINY_QWEN)
+ALL_FAMILIES = FAMILIES + QWEN_FAMILIES
+
+
 def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int = 6, seed: int = 0) -> str:
     """A tiny random Qwen2.5-VL or Qwen3-VL checkpoint (vision width 32, 4 blocks; text width 32, 2 layers)
     with the families' special tokens, chat template and processor configs."""
-    import torch
-    import transformers as tf
-
+    if family not in TINY_QWEN:
+        raise ValueError(f"unknown Qwen family {family!r}; valid: {', '.join(QWEN_FAMILIES)}")
+    make_config, template, video_kind = TINY_QWEN[family]
     torch.manual_seed(seed)
-    template = QWEN2_5_VL_TEMPLATE if family == "qwen2_5_vl" else QWEN3_VL_TEMPLATE
     tok = make_qwen_tokenizer(template)
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -217,41 +260,16 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id, bos_token_id=None)
-    mrope = [2, 1, 1]  # head_dim 8: (time, height, width) sections of its 4 rotary frequencies
-    if family == "qwen2_5_vl":
-        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
-                      temporal_patch_size=2, tokens_per_second=2, window_size=factor * 2, out_hidden_size=32,
-                      fullatt_block_indexes=[1, 3])
-        rope = {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0}
-        if _major() < 5:  # 4.x keeps the text settings on the top config
-            config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, rope_scaling={"type": "mrope", "mrope_section": mrope},
-                                         **ids)
-        else:
-            config = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
-        config.bos_token_id = None  # the word-level vocabulary has no BOS (the real one is past its end)
-        model = tf.Qwen2_5_VLForConditionalGeneration(config)
-        processor = "Qwen2VLImageProcessor"
-    elif family == "qwen3_vl":
-        vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
-                      temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
-        rope = {"rope_type": "default", "mrope_section": mrope, "mrope_interleaved": True, "rope_theta": 5000000.0}
-        config = tf.Qwen3VLConfig(text_config={**text, "head_dim": 8, "rope_parameters": rope}, vision_config=vision, **ids)
-        model = tf.Qwen3VLForConditionalGeneration(config)
-        processor = "Qwen2VLImageProcessor"
-    else:
-        raise ValueError(f"unknown Qwen family {family!r}; valid: {', '.join(QWEN_FAMILIES)}")
+    model = getattr(tf, FAMILY_MODULES[family].class_name)(make_config(patch, text, ids))
     pixels = {"min_pixels": factor * factor * 16, "max_pixels": factor * factor * 256}  # 16..256 merged tokens per frame
     common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
               "do_convert_rgb": True, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
               "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}, **pixels}
-    image_proc = {"image_processor_type": processor, **common}
-    video_proc = {"video_processor_type": "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor",
-                  **common, "fps": 2.0}
+    image_proc = {"image_processor_type": "Qwen2VLImageProcessor", **common}
+    video_proc = {"video_processor_type": video_kind, **common, "fps": 2.0}
     return save_checkpoint(folder, model, tok, image_proc, video_proc, chat_template=template)
 
 
 def _major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
+    return int(tf.__version__.split(".")[0])

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from fractions import Fraction
 
+import av
 import numpy as np
 
 BITS = 16  # frame numbers up to 65535 (36 minutes at 30 fps)
@@ -84,8 +85,6 @@ def make_clip(
             "mpeg4", ...; "mp4", "matroska", "webm", "mpegts", "avi", ...); options go to the encoder.
         audio: add a silent AAC track (to check that the video stream is the one picked).
     """
-    import av
-
     path = os.fspath(path)
     width, height = size
     rate = Fraction(fps).limit_denominator(100000)
@@ -175,8 +174,6 @@ def scene_frames(count: int, width: int, height: int, *, motion: str = "static",
 def make_scene_clip(path: str | os.PathLike[str], *, motion: str = "static", frames: int = 120, fps: float = 30,
                     size: tuple[int, int] = (320, 180), seed: int = 0, options: dict[str, str] | None = None) -> str:
     """An H.264 clip of :func:`scene_frames` (for the temporal stage's tests and benchmarks)."""
-    import av
-
     path = os.fspath(path)
     width, height = size
     with av.open(path, "w") as container:

@@ -1,0 +1,184 @@
+"""The compressed tokens of a video (:class:`CompressedVideo`), what they are made with, and whether a
+model can use them.
+
+Only this accumulates while a long video streams through sample -> encode -> zip. Every token set
+records the model identity it was made with (family, tower, select layer, grid, width, preprocessing;
+see :meth:`~comfy_visionzip.models.base.VisionLanguageModel.token_identity`), so tokens from another
+model are refused with what differs (:func:`check_compatible`). Thinning frames (:meth:`CompressedVideo.select`)
+lives here; matching repeats again after a thinning is the temporal stage's (:func:`comfy_visionzip.temporal.thin`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import VisionZipError
+from .preprocess import Preprocess
+
+# what a token set's identity records, and how a difference is named
+IDENTITY_NAMES = {"family": "family", "vision_hidden": "vision width", "grid": "patch grid", "select_layer": "select layer",
+                  "tower_layers": "tower layers", "select_strategy": "feature strategy", "tower": "vision tower config"}
+
+
+@dataclass
+class CompressedVideo:
+    """The compressed visual tokens of a video (or an image batch), ready for the model's projector.
+
+    Only this accumulates while a long video streams through sample -> encode -> zip.
+    """
+
+    tokens: torch.Tensor  # (frames, crops * tokens_per_crop, D) on the CPU, the tower's dtype
+    timestamps: list[float]  # seconds, one per frame (empty when unknown, e.g. a plain IMAGE batch)
+    indices: list[int]  # source frame numbers
+    method: str
+    dominant: int
+    contextual: int
+    crops: int = 1
+    grid: tuple[int, int] = (0, 0)
+    cls_token: bool = True
+    scores: torch.Tensor | None = None  # (frames * crops, S') float16, for heatmaps
+    assignment: torch.Tensor | None = None  # (frames * crops, S) int16: output token carrying each input token
+    preprocess: Preprocess | None = None  # how frames were turned into pixels (to draw heatmaps on frames)
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # model name, settings (for saving and checking)
+    # (frames, K) int32: the position in its image's token sequence each token stands at (CLS 0 where there is
+    # one; a contextual token at its target's); for the Qwen families these give the 3D rotary positions
+    positions: torch.Tensor | None = None
+    # (frames, K) int32, with the temporal stage: the flat index (frame * K + slot) of the token each token
+    # repeats, its own when it is kept (see comfy_visionzip.temporal); None: every token is kept
+    repeats: torch.Tensor | None = None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        """(frames, K) bool: the tokens that reach the model (None: all of them)."""
+        if self.repeats is None:
+            return None
+        own = torch.arange(self.repeats.numel(), dtype=torch.long).view(self.repeats.shape)
+        return self.repeats.long() == own
+
+    @property
+    def total_tokens(self) -> int:
+        """Visual tokens that reach the model (the temporal stage's repeats left out)."""
+        keep = self.keep
+        return self.num_frames * self.tokens_per_frame if keep is None else int(keep.sum())
+
+    def frame_tokens(self) -> list[int]:
+        """Tokens each frame gives the model."""
+        keep = self.keep
+        return [self.tokens_per_frame] * self.num_frames if keep is None else keep.sum(1).tolist()
+
+    def spans(self) -> torch.Tensor | None:
+        """(frames, K) int: for each kept token the last frame (position in this video) it stands for."""
+        if self.repeats is None:
+            return None
+        frames = torch.arange(self.num_frames).repeat_interleave(self.tokens_per_frame)
+        last = torch.zeros(self.repeats.numel(), dtype=torch.long)
+        last.scatter_reduce_(0, self.repeats.long().flatten(), frames, reduce="amax")
+        return last.view(self.repeats.shape)
+
+    def select(self, frames: Sequence[int]) -> CompressedVideo:
+        """A copy holding only the given frames (positions into this video, ascending), maps included."""
+        keep = sorted({int(f) for f in frames})
+        if not keep or keep[0] < 0 or keep[-1] >= self.num_frames:
+            raise VisionZipError(f"frames {keep[:4]}... are not all in 0..{self.num_frames - 1}")
+        crops = max(self.crops, 1)
+        rows = torch.tensor([f * crops + c for f in keep for c in range(crops)], dtype=torch.long)
+        repeats = None
+        if self.repeats is not None:  # a repeat of a frame left out stands for itself
+            per = self.tokens_per_frame
+            new_frame = torch.full((self.num_frames,), -1, dtype=torch.long)
+            new_frame[keep] = torch.arange(len(keep))
+            old = self.repeats[keep].long()
+            old_frame, slot = old // per, old % per
+            mapped = new_frame[old_frame] * per + slot
+            own = torch.arange(len(keep) * per, dtype=torch.long).view(len(keep), per)
+            repeats = torch.where(new_frame[old_frame] >= 0, mapped, own).to(torch.int32)
+        thinned = dataclasses.replace(
+            self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
+            indices=[self.indices[f] for f in keep] if self.indices else [],
+            scores=self.scores[rows] if self.scores is not None else None,
+            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
+            positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
+        return thinned
+
+    def require_positions(self, why: str) -> torch.Tensor:
+        """The token positions, or one line saying these tokens are too old for ``why``."""
+        if self.positions is None:
+            raise VisionZipError(f"these tokens carry no token positions (a tokens file of format 1, before they were "
+                                 f"recorded), which {why} needs: encode the video again and save new tokens")
+        return self.positions
+
+    def summary(self) -> str:
+        where = f" of {self.source}" if self.source else ""
+        per_image = self.tokens_per_frame // max(self.crops, 1)
+        how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
+               "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
+        unit = int(self.meta.get("frames_per_unit", 1))
+        if unit == 1:
+            frames = f"{self.num_frames} frames"
+        elif self.num_frames == 1 and not self.timestamps:
+            frames = "1 image"
+        else:
+            frames = f"{self.num_frames} temporal patch{'es' if self.num_frames != 1 else ''} ({unit} frames each)"
+        if self.repeats is not None:
+            every = self.num_frames * self.tokens_per_frame
+            setting = self.meta.get("temporal") or {}
+            segments = self.meta.get("temporal_segments", "?")
+            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how  # short: one box
+            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
+                    f"frames dropped = {self.total_tokens} visual tokens ({how}; temporal {setting.get('threshold', '?')}: "
+                    f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
+        return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
+                f"({how}, {self.crops} image(s) per frame)")
+
+
+
+def kept_count(video: CompressedVideo) -> int:
+    """How many of each image's output tokens are kept tokens (drawn as such in previews)."""
+    if video.method == "visionzip":
+        per_image = video.tokens_per_frame // max(video.crops, 1)
+        # a frame with no more tokens than asked for (Qwen's small frames) keeps every token
+        return per_image if per_image < video.dominant + video.contextual else video.dominant
+    if video.method in ("uniform", "full"):
+        return video.tokens_per_frame // max(video.crops, 1)
+    return 0  # pool: every token is a merge of a cell
+
+
+def check_compatible(video: CompressedVideo, identity: dict[str, Any], preprocess: Preprocess, model: str) -> None:
+    """Tokens made with another model (or tower, or settings) than ``identity`` describes cannot be
+    projected by it: a clear error naming what differs. Fields the tokens do not record are not compared."""
+    made = {**video.meta, "vision_hidden": int(video.tokens.shape[-1])}  # the tokens' own width is the truth
+    differences = []
+    for key, label in IDENTITY_NAMES.items():
+        theirs = made.get(key)
+        if theirs in (None, ""):
+            continue
+        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != identity[key]:
+            differences.append(f"{label} {_shown(theirs)} vs {_shown(identity[key])}")
+    if video.preprocess is not None and video.preprocess != preprocess:
+        differences.append(f"preprocessing {video.preprocess.describe()} vs {preprocess.describe()}")
+    if differences:
+        raise VisionZipError(
+            f"these tokens were made with {made.get('model', 'another model')} ({made.get('family') or 'unknown family'}, "
+            f"vision width {made['vision_hidden']}); {model} is {identity['family']} with vision width "
+            f"{identity['vision_hidden']}; they differ in: {'; '.join(differences)}: encode the video again with this model"
+        )
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{value[0]}x{value[1]}"
+    return str(value)
