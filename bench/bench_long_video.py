@@ -69,7 +69,8 @@ def build(folder: str, *, tower: str) -> str:
     vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=64 if reduced else 4096,
                                  num_hidden_layers=2 if reduced else 24, num_attention_heads=16, image_size=336,
                                  patch_size=14, projection_dim=768)
-    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    config = tf.LlavaConfig(vision_config=vision, text_config=text,
+                            image_token_index=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default")
     return save_checkpoint(folder, tf.LlavaForConditionalGeneration(config), tok, _clip_processor(336))
 
@@ -79,7 +80,8 @@ def make_video(folder: str, minutes: float, *, size=(640, 360), fps: int = 5) ->
 
     path = os.path.join(folder, f"generated_{minutes:g}min_{size[1]}p.mkv")
     if not os.path.isfile(path):
-        make_clip(path, frames=int(minutes * 60 * fps), fps=fps, size=size, options={"preset": "ultrafast", "g": str(fps * 10)})
+        make_clip(path, frames=int(minutes * 60 * fps), fps=fps, size=size,
+                  options={"preset": "ultrafast", "g": str(fps * 10)})
     return path
 
 
@@ -155,8 +157,9 @@ def part_resolution(args, tmp: str, model: str) -> dict:
         if not os.path.isfile(clip):
             make_clip(clip, frames=24, fps=24, size=(width, height), options={"preset": "ultrafast", "g": "6"})
         for scale in ("on", "off"):
-            result = subprocess.run([sys.executable, __file__, "--child", "resolution", "--clip", clip, "--model", model,
-                                     "--device", args.device, "--dtype", args.dtype, "--scale", scale],
+            result = subprocess.run([sys.executable, __file__, "--child", "resolution", "--clip", clip,
+                                     "--model", model, "--device", args.device, "--dtype", args.dtype,
+                                     "--scale", scale],
                                     capture_output=True, text=True)
             if result.returncode != 0:
                 raise SystemExit(f"resolution run {height}p failed:\n{result.stderr[-2000:]}")
@@ -181,7 +184,8 @@ def part_memory(args, tmp: str, model: str) -> dict:
         row = {"minutes": minutes, **json.loads(result.stdout.strip().splitlines()[-1])}
         row["growth"] = row["rss_peak"] - row["rss_before"]
         rows.append(row)
-        print(f"memory: {minutes:>4g} min, {row['frames']:>5} frames at 1 fps: peak RSS {row['rss_peak'] / 2**20:8.1f} MiB "
+        print(f"memory: {minutes:>4g} min, {row['frames']:>5} frames at 1 fps: "
+              f"peak RSS {row['rss_peak'] / 2**20:8.1f} MiB "
               f"(+{row['growth'] / 2**20:7.1f} during the run), tokens {row['token_bytes'] / 2**20:7.1f} MiB, "
               f"{row['fps']:.1f} frames/s", flush=True)
     first, last = rows[0], rows[-1]
@@ -217,7 +221,8 @@ def _stages(vlm, clip: str, *, num_frames: int, method: str, dominant: int, cont
                                       keep_maps=False))
         sync()
         zip_ += time.perf_counter() - t
-    video = CompressedVideo(tokens=torch.cat([p.tokens for p in parts]), timestamps=sum((p.timestamps for p in parts), []),
+    video = CompressedVideo(tokens=torch.cat([p.tokens for p in parts]),
+                            timestamps=sum((p.timestamps for p in parts), []),
                             indices=sum((p.indices for p in parts), []), method=method, dominant=dominant,
                             contextual=contextual, meta=dict(parts[0].meta))
     label_tokens(vlm, video)
@@ -282,7 +287,8 @@ def part_overlap(args, tmp: str, model: str, sync) -> dict:
     clip = make_video(tmp, 2, size=(1280, 720), fps=30)
     handle = video_source(vlm, clip, fps=1.0)
     total = len(handle.plan()[0])
-    compress_frames(encoder, handle.pick(handle.plan()[0][:8]).iter(chunk_size=8), dominant=54, contextual=10)  # warm-up
+    # warm-up
+    compress_frames(encoder, handle.pick(handle.plan()[0][:8]).iter(chunk_size=8), dominant=54, contextual=10)
 
     def best(run) -> float:  # best of args.repeats: the machine's other load only ever adds time
         times = []
@@ -315,7 +321,8 @@ def write(args, results: dict) -> None:
     previous = out / f"{tag}.json"
     if previous.exists():  # a run of some parts updates those parts and keeps the others
         kept = json.loads(previous.read_text())
-        older = kept.get("commands") or {k: kept.get("command", "python bench/bench_long_video.py") for k in kept if k in PARTS}
+        older = kept.get("commands") or {k: kept.get("command", "python bench/bench_long_video.py")
+                                         for k in kept if k in PARTS}
         commands = {**older, **{k: results["command"] for k in results if k in PARTS and "command" in results}}
         results = {**kept, **results, "commands": commands}
     else:
@@ -327,38 +334,52 @@ def write(args, results: dict) -> None:
              f"{LM_LAYERS} layers, hidden {LM_HIDDEN}).", ""]
     if "memory" in results:
         m = results["memory"]
-        lines += [f"## Memory against length (file -> compressed tokens, 1 fps, 54+10 per frame; tower: {m['tower']})", "",
+        lines += [f"## Memory against length (file -> compressed tokens, 1 fps, 54+10 per frame; tower: {m['tower']})",
+                  "",
                   "| video | frames | peak RSS MiB | RSS growth during the run MiB | tokens + maps MiB | frames/s |",
                   "|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            lines.append(f"| {r['minutes']:g} min | {r['frames']} | {r['rss_peak'] / 2**20:.1f} | {r['growth'] / 2**20:.1f} | "
+            lines.append(f"| {r['minutes']:g} min | {r['frames']} | {r['rss_peak'] / 2**20:.1f} | "
+                         f"{r['growth'] / 2**20:.1f} | "
                          f"{(r['token_bytes'] + r['map_bytes']) / 2**20:.1f} | {r['fps']:.1f} |")
-        lines += ["", f"Longest minus shortest peak, less the extra tokens' own bytes: {m['excess_over_tokens'] / 2**20:.1f} MiB "
-                      f"({'flat: within 64 MiB' if m['flat'] else 'NOT flat: over 64 MiB'}).", ""]
+        lines += ["",
+                  "Longest minus shortest peak, less the extra tokens' own bytes: "
+                  f"{m['excess_over_tokens'] / 2**20:.1f} MiB "
+                  f"({'flat: within 64 MiB' if m['flat'] else 'NOT flat: over 64 MiB'}).",
+                  ""]
     if "tenx" in results:
         x = results["tenx"]
         lines += [f"## 10x frames at equal tokens ({x['clip']})", "",
                   "| plan | visual tokens | prompt tokens | decode s | encode s | zip s | prefill s | first token s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in x["rows"].values():
-            lines.append(f"| {r['label']} | {r['visual_tokens']} | {r['prompt_tokens']} | {r['decode']:.2f} | {r['encode']:.2f} | "
-                         f"{r['zip']:.3f} | {r['prefill']:.2f} | {r['first_token']:.2f} |")
+            lines.append(f"| {r['label']} | {r['visual_tokens']} | {r['prompt_tokens']} | {r['decode']:.2f} | "
+                         f"{r['encode']:.2f} | {r['zip']:.3f} | {r['prefill']:.2f} | {r['first_token']:.2f} |")
         ratio = x["ratios"]
-        lines += ["", f"Prefill (ii)/(i) = {ratio['prefill_ii_over_i']:.3f} with {ratio['frames_ii_over_i']:.0f}x the frames "
-                      f"(prompt {ratio['prompt_ii_over_i']:.3f}x); (iii)/(i) = {ratio['prefill_iii_over_i']:.3f}.", ""]
+        lines += ["",
+                  f"Prefill (ii)/(i) = {ratio['prefill_ii_over_i']:.3f} "
+                  f"with {ratio['frames_ii_over_i']:.0f}x the frames "
+                  f"(prompt {ratio['prompt_ii_over_i']:.3f}x); (iii)/(i) = {ratio['prefill_iii_over_i']:.3f}.",
+                  ""]
     if "resolution" in results:
         r = results["resolution"]
         lines += [f"## Memory per batch against source resolution (8 frames, batch 8, tower: {r['tower']})", "",
-                  "| source | scaled at decode | decoded frame (H, W) | RSS growth during the run MiB |", "|---|---|---|---|"]
+                  "| source | scaled at decode | decoded frame (H, W) | RSS growth during the run MiB |",
+                  "|---|---|---|---|"]
         for row in r["rows"]:
             lines.append(f"| {row['source']} | {'yes' if row['scale_at_decode'] else 'no (full size)'} | "
                          f"{tuple(row['frame_size'])} | {row['growth'] / 2**20:.1f} |")
         lines += ["", f"Scaled at decode, the largest growth is {r['spread'] * 100:.1f}% above the smallest.", ""]
     if "overlap" in results:
         o = results["overlap"]
-        lines += [f"## Decode overlapped with encode ({o['frames']} frames of a 1280x720 clip, 1 fps, tower: {o['tower']})", "",
-                  "| decode alone s | encode alone s | sum s | one thread s | background decode s |", "|---|---|---|---|---|",
-                  f"| {o['decode_alone']:.2f} | {o['encode_alone']:.2f} | {o['sum']:.2f} | {o['serial']:.2f} | {o['overlapped']:.2f} |", ""]
+        lines += [f"## Decode overlapped with encode ({o['frames']} frames of a 1280x720 clip, "
+                  f"1 fps, tower: {o['tower']})",
+                  "",
+                  "| decode alone s | encode alone s | sum s | one thread s | background decode s |",
+                  "|---|---|---|---|---|",
+                  f"| {o['decode_alone']:.2f} | {o['encode_alone']:.2f} | {o['sum']:.2f} | {o['serial']:.2f} | "
+                  f"{o['overlapped']:.2f} |",
+                  ""]
     (out / f"{tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     plot(results, out / f"{tag}.png")
@@ -449,7 +470,9 @@ def main() -> int:
             torch.cuda.synchronize()
 
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else ""
-    results = {"command": "python bench/bench_long_video.py " + " ".join(sys.argv[1:]), "machine": f"{platform.machine()}, {os.cpu_count()} cores{', ' + gpu if gpu else ''}; {args.device}, {args.dtype}; "
+    results = {"command": "python bench/bench_long_video.py " + " ".join(sys.argv[1:]),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores{', ' + gpu if gpu else ''}; "
+                          f"{args.device}, {args.dtype}; "
                           f"torch {torch.__version__}, transformers {transformers.__version__}"}
     parts = args.parts.split(",")
     small = build(os.path.join(args.cache, f"llava-1.5-shaped-{tower}"), tower=tower)

@@ -41,7 +41,8 @@ def build(folder: str):
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16,
                                  image_size=336, patch_size=14)
-    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    config = tf.LlavaConfig(vision_config=vision, text_config=text,
+                            image_token_index=tok.convert_tokens_to_ids("<image>"),
                             vision_feature_layer=-2, vision_feature_select_strategy="default")
     save_checkpoint(folder, tf.LlavaForConditionalGeneration(config), tok, _clip_processor(336))
 
@@ -75,7 +76,8 @@ def main() -> int:
 
     rows = []
     for frames, per_frame in ((5, 576), (5, 288), (5, 128), (5, 64), (5, 32)):
-        video = CompressedVideo(tokens=torch.randn(frames, per_frame, 1024) * 0.1, timestamps=[float(i) for i in range(frames)],
+        video = CompressedVideo(tokens=torch.randn(frames, per_frame, 1024) * 0.1,
+                                timestamps=[float(i) for i in range(frames)],
                                 indices=list(range(frames)), method="visionzip", dominant=per_frame, contextual=0)
         label_tokens(vlm, video)
         best = float("inf")
@@ -88,7 +90,8 @@ def main() -> int:
             sync()
             best = min(best, time.perf_counter() - t)
         rows.append({"visual_tokens": frames * per_frame, "prompt_tokens": len(ids), "seconds": best})
-        print(f"{frames * per_frame:>5} visual tokens ({len(ids)} in the prompt): prefill {best * 1000:8.1f} ms", flush=True)
+        print(f"{frames * per_frame:>5} visual tokens ({len(ids)} in the prompt): prefill {best * 1000:8.1f} ms",
+              flush=True)
 
     base = rows[0]
     for r in rows:
@@ -116,16 +119,18 @@ def main() -> int:
         fresh.ask("Who is in the kitchen ?", one)
         sync()
         uncached = time.perf_counter() - t
-        follow[visual] = {"with_cache": cached, "without_cache": uncached, "prefilled_with_cache": chat.turns[-1].prefill_tokens,
+        follow[visual] = {"with_cache": cached, "without_cache": uncached,
+                          "prefilled_with_cache": chat.turns[-1].prefill_tokens,
                           "prefilled_without_cache": fresh.turns[-1].prefill_tokens}
         print(f"follow-up with {visual} visual tokens: {cached * 1000:.1f} ms with the kept cache "
               f"({chat.turns[-1].prefill_tokens} tokens prefilled) vs {uncached * 1000:.1f} ms without "
               f"({fresh.turns[-1].prefill_tokens} tokens)", flush=True)
 
     lines = ["# Prefill benchmark", "",
-             f"Command: `python bench/bench_prefill.py --device {args.device} --dtype {args.dtype}`; {platform.machine()}, "
-             f"{os.cpu_count()} cores, {args.device}, {args.dtype}. LLaVA-shaped, Llama LM {LAYERS} layers, hidden {HIDDEN}, "
-             f"FFN {FFN}; random weights; best of {args.repeats} after a warm-up.", "",
+             f"Command: `python bench/bench_prefill.py --device {args.device} --dtype {args.dtype}`; "
+             f"{platform.machine()}, {os.cpu_count()} cores, {args.device}, {args.dtype}. "
+             f"LLaVA-shaped, Llama LM {LAYERS} layers, hidden {HIDDEN}, FFN {FFN}; "
+             f"random weights; best of {args.repeats} after a warm-up.", "",
              "| visual tokens | prompt tokens | prefill ms | time ratio to 2880 | FLOPs ratio T(4nd^2+2n^2d+2ndm) |",
              "|---|---|---|---|---|",
              *[f"| {r['visual_tokens']} | {r['prompt_tokens']} | {r['seconds'] * 1000:.1f} | {r['time_ratio']:.3f} | "

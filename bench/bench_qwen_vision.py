@@ -68,7 +68,8 @@ def frames(count: int, size: int) -> torch.Tensor:
     from comfy_visionzip import sample_video
     from comfy_visionzip.testing.synthetic import make_clip
 
-    source = str(CLIP) if CLIP.exists() else make_clip(Path(tempfile.mkdtemp()) / "clip.mp4", frames=120, size=(640, 360))
+    source = (str(CLIP) if CLIP.exists()
+              else make_clip(Path(tempfile.mkdtemp()) / "clip.mp4", frames=120, size=(640, 360)))
     clip = sample_video(source, num_frames=count)
     return clip.frames, source
 
@@ -103,7 +104,8 @@ def measure(name, kind, config, video, dominant, contextual, args, dtype, device
     rows, grid = encoder.preprocess(video)
     rows, grid = rows.to(device), grid.to(device)
     timed = best({"own": lambda: visual(rows, grid_thw=grid), "ours": lambda: encoder.encode_pixels(rows, grid),
-                  "zip": lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual)}, args.repeats, device)
+                  "zip": lambda: encoder.zip(encoder.encode_pixels(rows, grid), dominant, contextual)},
+                 args.repeats, device)
     own, ours, zipped = timed["own"], timed["ours"], timed["zip"]
     encoded = encoder.encode_pixels(rows, grid)
     row = {"tower": name, "temporal_patches": int(grid.shape[0]), "grid": [int(grid[0, 1]), int(grid[0, 2])],
@@ -138,12 +140,16 @@ def main(argv=None) -> int:
     out = HERE / "results" / f"qwen_vision_{device.type}_{args.dtype}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     lines = [f"# Qwen vision side: ours vs the model's own forward ({device}, {args.dtype})", "",
-             f"{args.frames} frames of {Path(source).name} at about {args.size}x{args.size} px, best of {args.repeats} (run in turn), "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Random weights at the released sizes.", "",
-             "| tower | temporal patches | merged tokens / patch | own forward s | ours s | ours / own | ours + zip s | (+zip) / own |",
+             f"{args.frames} frames of {Path(source).name} at about {args.size}x{args.size} px, "
+             f"best of {args.repeats} (run in turn), "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Random weights at the released sizes.",
+             "",
+             "| tower | temporal patches | merged tokens / patch | own forward s | ours s | ours / own "
+             "| ours + zip s | (+zip) / own |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows_out:
-        lines.append(f"| {r['tower']} | {r['temporal_patches']} | {r['merged_tokens_per_patch']} -> {r['kept_per_patch']} | "
+        lines.append(f"| {r['tower']} | {r['temporal_patches']} | "
+                     f"{r['merged_tokens_per_patch']} -> {r['kept_per_patch']} | "
                      f"{r['own_s']} | {r['ours_s']} | {r['ours_over_own']} | {r['ours_zip_s']} | {r['zip_over_own']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())

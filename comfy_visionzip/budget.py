@@ -53,7 +53,8 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int = 0, max_frames: int | None = None) -> int:
+def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int = 0,
+                      max_frames: int | None = None) -> int:
     """How many frames of ``tokens_per_frame`` visual tokens fit in ``token_budget`` tokens (arithmetic only).
 
     ``reserved`` tokens are kept free for the prompt and the answer. E.g. a budget of 2048 with
@@ -199,7 +200,8 @@ class BudgetPlan:
         what = "tokens" if unit == 1 else "tokens each"
         if self.temporal is not None:
             lines = f" + {self.newlines} newline{'s' if self.newlines != 1 else ''}" if self.newlines else ""
-            head = (f"{frames} x at most {self.per_frame} {what}{split}, up to {self.visual_tokens - self.newlines} visual "
+            head = (f"{frames} x at most {self.per_frame} {what}{split}, "
+                    f"up to {self.visual_tokens - self.newlines} visual "
                     f"tokens{lines} after the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
         else:
             head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
@@ -307,7 +309,7 @@ def plan_budget(
         layout = visual_layout(vlm, method=method, dominant=d, contextual=c, frame_size=frame_size)
         video_of = thinned_prompt(len(asked), layout, asked_times, duration)
 
-        def count(n: int, video_of=video_of) -> int:
+        def count(n: int, video_of: Callable[[int], PromptVideo] = video_of) -> int:
             return builder.count(video_of(n), first)
 
         asked_count = count(len(asked))
@@ -322,7 +324,8 @@ def plan_budget(
     if asked_count > limit:
         fitted = fit_frames(count, limit, len(asked))
         numbers_ = (f"the asked {len(asked)} frames x {layout.per_frame} tokens make a prompt of {asked_count} tokens; "
-                    f"with {max_new_tokens} for the answer{f' and {follow_reserve} for follow-ups' if follow_reserve else ''} "
+                    f"with {max_new_tokens} for the answer"
+                    f"{f' and {follow_reserve} for follow-ups' if follow_reserve else ''} "
                     f"that is {asked_count + budget - limit} > {budget}")
         if fitted == 0:
             raise VisionZipError(f"not even one frame fits: {numbers_}; raise the budget, use fewer tokens per frame "
@@ -342,7 +345,7 @@ def plan_budget(
     chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
     visual_tokens = layout.total(frames)
-    if temporal_on is not None:  # at most: the stage keeps what is new, within the room
+    if visual_budget is not None:  # the temporal stage: at most what is new, within the room
         settings = settings.with_temporal_budget(visual_budget)
         most = min(visual_tokens, visual_budget + layout.besides_tokens(frames))
         prompt_tokens, visual_tokens = prompt_tokens - visual_tokens + most, most
@@ -369,7 +372,8 @@ def _temporal_plan(builder: PromptBuilder, first: list[Message], layout: VisualL
             break
         frames = max(1, frames * 3 // 4)
     if budget < 1:
-        raise VisionZipError("not even one frame fits with the temporal stage: raise the budget or shorten the question")
+        raise VisionZipError("not even one frame fits with the temporal stage: "
+                             "raise the budget or shorten the question")
     most = layout.units(frames) * layout.crops * layout.per_image
     room = (f"room for {budget} of their at most {most} tokens: the threshold is tightened after encoding if the "
             "new ones do not fit" if budget < most else f"room for all their {most} tokens (nothing to tighten)")

@@ -9,7 +9,7 @@ streaming pipeline, the planner, the nodes) uses only these members, so it never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -41,6 +41,7 @@ class EncodedImages:
         return len(self) // self.crops
 
 
+@runtime_checkable
 class Encoder(Protocol):
     """A vision tower with its preprocessing, run to its score layer, giving tokens, scores and keys."""
 

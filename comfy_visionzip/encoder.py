@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ from .towers import tower_parts
 from .zip import METHODS, ZipResult, compress
 
 # config keys that say how a tower was saved or run, not what it computes (left out of its identity)
-_RUNTIME_KEYS = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "_attn_implementation",
-                 "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict")
+_RUNTIME_KEYS = ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures",
+                 "_attn_implementation", "_attn_implementation_autoset", "output_attentions", "output_hidden_states",
+                 "return_dict")
 
 
 class _StopTower(Exception):
@@ -43,7 +45,8 @@ class _StopTower(Exception):
 def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
     """transformers' ``hidden_states[k]`` is the output of layer k-1 (index 0 = embeddings)."""
     if isinstance(vision_feature_layer, (list, tuple)):
-        raise VisionZipError(f"vision_feature_layer {vision_feature_layer!r} (several layers) is not supported by VisionZip")
+        raise VisionZipError(f"vision_feature_layer {vision_feature_layer!r} (several layers) "
+                             "is not supported by VisionZip")
     index = num_layers + vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1
     if not 0 <= index < num_layers:
         raise VisionZipError(f"vision_feature_layer {vision_feature_layer} is outside a tower of {num_layers} layers")
@@ -95,7 +98,8 @@ class VisionEncoder(Encoder):
         side = (preprocess.tile or self.parts.image_size) // self.parts.patch_size  # DINOv2 runs below its 518 px
         self.grid = (side, side)
         self.frames_per_unit = 1
-        self.width = int(tower.config.hidden_size)
+        config: Any = tower.config
+        self.width = int(config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -122,7 +126,7 @@ class VisionEncoder(Encoder):
         elif spec.resize_hw is not None:
             height, width = spec.resize_hw
         else:
-            height = width = int(spec.shortest_edge)
+            height = width = int(spec.shortest_edge or 0)
         return math.ceil(height * margin), math.ceil(width * margin)
 
     def units(self, times: list[float], indices: list[int]) -> tuple[list[float], list[int]]:
@@ -149,12 +153,12 @@ class VisionEncoder(Encoder):
         """(query, key, output) of the select layer for (N, 3, S, S) pixels; the layers after it never run."""
         captured: dict[str, torch.Tensor] = {}
 
-        def keep(name):
-            def hook(_module, _args, output):
+        def keep(name: str) -> Callable[[torch.nn.Module, Any, torch.Tensor], None]:
+            def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
                 captured[name] = output
             return hook
 
-        def stop(_module, _args, output):
+        def stop(_module: torch.nn.Module, _args: Any, output: Any) -> None:
             captured["hidden"] = output[0] if isinstance(output, tuple) else output  # 4.x layers return tuples
             raise _StopTower
 

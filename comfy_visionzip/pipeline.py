@@ -206,7 +206,8 @@ def stream(
                                         method=settings.method, keep_maps=keep_maps)
                 if temporal is not None:
                     if matcher is None:
-                        matcher = temporal_stage.Matcher(temporal, part.grid, cls_token=part.cls_token, crops=part.crops)
+                        matcher = temporal_stage.Matcher(temporal, part.grid, cls_token=part.cls_token,
+                                                         crops=part.crops)
                     part.repeats = matcher.video(part, out.frames, encoder.width)
                 out.add(part)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
@@ -300,8 +301,8 @@ class _Accumulator:
 
     def _spill(self) -> None:
         """Fall back to a list of parts (a total that was wrong, or a change of shape)."""
-        if self.buffers and not self.parts:
-            first = self.first
+        first = self.first
+        if self.buffers and not self.parts and first is not None:
             self.parts.append(dataclasses.replace(
                 first, tokens=self.buffers["tokens"][: self.frames],
                 scores=self.buffers["scores"][: self.rows] if "scores" in self.buffers else None,
@@ -311,10 +312,8 @@ class _Accumulator:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if self.parts:
-            def cat(name):
-                values = [getattr(p, name) for p in self.parts]
-                return None if any(v is None for v in values) else torch.cat(values)
-            return cat("tokens"), cat("scores"), cat("assignment")
+            tokens = torch.cat([p.tokens for p in self.parts])
+            return tokens, _cat([p.scores for p in self.parts]), _cat([p.assignment for p in self.parts])
         tokens = self.buffers["tokens"]
         tokens = tokens if self.frames == tokens.shape[0] else tokens[: self.frames].clone()
         maps = []

@@ -84,8 +84,8 @@ class Preprocess:
         crop_hw = None
         if get("do_center_crop", crop is not None) and crop:
             crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
-        mean = tuple(float(v) for v in (get("image_mean") or OPENAI_CLIP_MEAN))
-        std = tuple(float(v) for v in (get("image_std") or OPENAI_CLIP_STD))
+        mean = rgb_triple(get("image_mean") or OPENAI_CLIP_MEAN)
+        std = rgb_triple(get("image_std") or OPENAI_CLIP_STD)
         rescale = float(get("rescale_factor", 1 / 255)) if get("do_rescale", True) else 1.0
         pinpoints = get("image_grid_pinpoints") if anyres else None
         pins = tuple((int(h), int(w)) for h, w in pinpoints) if pinpoints else None
@@ -98,6 +98,13 @@ class Preprocess:
             return f"{d.min_pixels}..{d.max_pixels} pixels in multiples of {d.factor}"
         size = self.crop_hw or self.resize_hw or (self.shortest_edge, self.shortest_edge)
         return f"{size[0]}x{size[1]}{' anyres' if self.pinpoints else ''}"
+
+
+def rgb_triple(values: Sequence[float]) -> tuple[float, float, float]:
+    """An RGB triple (image mean / std) from a processor config."""
+    if len(values) != 3:
+        raise VisionZipError(f"expected 3 values (R, G, B), got {list(values)!r}")
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def resize_bicubic(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -197,7 +204,7 @@ def preprocess_frames(
     rows, cols = target_h // tile, target_w // tile
     tiles = grid.reshape(-1, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)  # (T, rows, cols, 3, S, S)
     tiles = tiles.reshape(-1, rows * cols, 3, tile, tile)
-    base_hw = spec.resize_hw or (spec.shortest_edge, spec.shortest_edge)
+    base_hw = spec.resize_hw or (int(spec.shortest_edge or tile), int(spec.shortest_edge or tile))
     base = resize_bicubic(x, *base_hw)[:, None]  # (T, 1, 3, S, S): the whole image, squashed to a square
     both = torch.cat([base, tiles], dim=1)  # (T, 1 + tiles, 3, S, S)
     out = finish(both.flatten(0, 1))

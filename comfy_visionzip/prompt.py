@@ -78,8 +78,8 @@ class PromptBuilder:
             convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         for i, m in enumerate(messages):
             if m["role"] == "user" and i == 0:
-                text = (self.family.time_text(video) if stamps and self.kind == "video" else "") + m["text"]
-                content = [{"type": self.kind}, {"type": "text", "text": text}]
+                asked = (self.family.time_text(video) if stamps and self.kind == "video" else "") + m["text"]
+                content = [{"type": self.kind}, {"type": "text", "text": asked}]
             else:
                 content = [{"type": "text", "text": m["text"]}]
             convo.append({"role": m["role"], "content": content})

@@ -55,7 +55,8 @@ class Compression:
             if not isinstance(tokens_per_frame, int):
                 raise VisionZipError(f"tokens_per_frame must be a number of tokens or 'auto', got {tokens_per_frame!r}")
             dominant, contextual = split_tokens(tokens_per_frame)
-        return cls(method=method, dominant=dominant, contextual=contextual, temporal=Temporal.parse(temporal), auto=auto)
+        return cls(method=method, dominant=dominant, contextual=contextual, temporal=Temporal.parse(temporal),
+                   auto=auto)
 
     @property
     def tokens_per_image(self) -> int:

@@ -75,8 +75,8 @@ def load_tokens(path: str | os.PathLike[str], *, model: VisionLanguageModel | No
         tokens=tensors["tokens"], timestamps=meta["timestamps"], indices=meta["indices"], method=meta["method"],
         dominant=meta["dominant"], contextual=meta["contextual"], crops=meta["crops"], grid=tuple(meta["grid"]),
         cls_token=meta["cls_token"], scores=tensors.get("scores"), assignment=tensors.get("assignment"),
-        preprocess=_preprocess(meta.get("preprocess")), source=meta.get("source", ""), meta=meta.get("meta", {}), positions=tensors.get("positions"),
-        repeats=tensors.get("repeats"),
+        preprocess=_preprocess(meta.get("preprocess")), source=meta.get("source", ""), meta=meta.get("meta", {}),
+        positions=tensors.get("positions"), repeats=tensors.get("repeats"),
     )
     if model is not None:
         model.check_tokens(video)
@@ -86,7 +86,8 @@ def load_tokens(path: str | os.PathLike[str], *, model: VisionLanguageModel | No
 def _version(path: str, meta: dict[str, Any]) -> int:
     name, _, number = str(meta.get("format", "")).rpartition("/")
     if name != FORMAT_NAME or not number.isdigit():
-        raise VisionZipError(f"{path}: unknown tokens format {meta.get('format')!r} (this version reads {FORMAT} and older)")
+        raise VisionZipError(f"{path}: unknown tokens format {meta.get('format')!r} "
+                             f"(this version reads {FORMAT} and older)")
     return int(number)
 
 
@@ -100,7 +101,8 @@ def _migrate(path: str, meta: dict[str, Any]) -> dict[str, Any]:
         prep = dict(meta.get("preprocess") or {}) or None
         if prep is not None:
             pixels = prep.pop("pixels", None)
-            prep["dynamic"] = dict(zip(("factor", "min_pixels", "max_pixels", "patch", "temporal"), pixels)) if pixels else None
+            prep["dynamic"] = (dict(zip(("factor", "min_pixels", "max_pixels", "patch", "temporal"), pixels))
+                               if pixels else None)
         meta = {**meta, "preprocess": prep, "format": FORMAT}
     return meta
 

@@ -17,7 +17,12 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_DONE = object()
+
+class _Done:
+    """The end of the items (a class of its own so that the queue's item type says what it holds)."""
+
+
+_DONE = _Done()
 
 
 class _Failed:
@@ -33,10 +38,10 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     if depth <= 0:
         yield from items
         return
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+    slots: queue.Queue[T | _Done | _Failed] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(item) -> bool:
+    def put(item: T | _Done | _Failed) -> bool:
         while not stop.is_set():
             try:
                 slots.put(item, timeout=0.1)
@@ -65,7 +70,7 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     try:
         while True:
             item = slots.get()
-            if item is _DONE:
+            if isinstance(item, _Done):
                 return
             if isinstance(item, _Failed):
                 raise item.error

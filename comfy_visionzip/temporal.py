@@ -218,7 +218,7 @@ def fit(video: CompressedVideo, config: Temporal, budget: int, *, width: int | N
     best = apply(video, config, width=width)
     if best.total_tokens <= budget:
         return best
-    low, high = config.floor, config.threshold
+    low, high = float(config.floor), float(config.threshold)
     floor = apply(video, dataclasses.replace(config, threshold=low), width=width)
     if floor.total_tokens > budget:
         lo, hi = 1, floor.num_frames  # the most frames whose kept tokens fit
@@ -233,12 +233,12 @@ def fit(video: CompressedVideo, config: Temporal, budget: int, *, width: int | N
         return thinned
     best = floor
     for _ in range(12):  # ~0.0001 in threshold
-        mid = (low + high) / 2
-        trial = apply(video, dataclasses.replace(config, threshold=mid), width=width)
+        middle = (low + high) / 2
+        trial = apply(video, dataclasses.replace(config, threshold=middle), width=width)
         if trial.total_tokens <= budget:
-            low, best = mid, trial
+            low, best = middle, trial
         else:
-            high = mid
+            high = middle
     return best
 
 

@@ -21,8 +21,9 @@ from .errors import VisionZipError
 from .preprocess import Preprocess
 
 # what a token set's identity records, and how a difference is named
-IDENTITY_NAMES = {"family": "family", "vision_hidden": "vision width", "grid": "patch grid", "select_layer": "select layer",
-                  "tower_layers": "tower layers", "select_strategy": "feature strategy", "tower": "vision tower config"}
+IDENTITY_NAMES = {"family": "family", "vision_hidden": "vision width", "grid": "patch grid",
+                  "select_layer": "select layer", "tower_layers": "tower layers", "select_strategy": "feature strategy",
+                  "tower": "vision tower config"}
 
 
 @dataclass
@@ -114,6 +115,13 @@ class CompressedVideo:
             positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
         return thinned
 
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, assignment): the per-image maps heatmaps are drawn from (refused when they were not kept)."""
+        if self.scores is None or self.assignment is None:
+            raise VisionZipError("these tokens carry no attention maps (made with keep_maps off, or loaded from a file "
+                                 "saved without them): encode the frames again to draw them")
+        return self.scores, self.assignment
+
     def require_positions(self, why: str) -> torch.Tensor:
         """The token positions, or one line saying these tokens are too old for ``why``."""
         if self.positions is None:
@@ -125,7 +133,8 @@ class CompressedVideo:
         where = f" of {self.source}" if self.source else ""
         per_image = self.tokens_per_frame // max(self.crops, 1)
         how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
-               "full": "full: every token, uncompressed"}.get(self.method, f"{self.method}: {per_image} tokens per image")
+               "full": "full: every token, uncompressed"}.get(self.method,
+                                                               f"{self.method}: {per_image} tokens per image")
         unit = int(self.meta.get("frames_per_unit", 1))
         if unit == 1:
             frames = f"{self.num_frames} frames"
@@ -137,9 +146,11 @@ class CompressedVideo:
             every = self.num_frames * self.tokens_per_frame
             setting = self.meta.get("temporal") or {}
             segments = self.meta.get("temporal_segments", "?")
-            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how  # short: one box
+            # short: one box
+            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how
             return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
-                    f"frames dropped = {self.total_tokens} visual tokens ({how}; temporal {setting.get('threshold', '?')}: "
+                    f"frames dropped = {self.total_tokens} visual tokens ({how}; "
+                    f"temporal {setting.get('threshold', '?')}: "
                     f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
         return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
                 f"({how}, {self.crops} image(s) per frame)")
@@ -172,9 +183,11 @@ def check_compatible(video: CompressedVideo, identity: dict[str, Any], preproces
         differences.append(f"preprocessing {video.preprocess.describe()} vs {preprocess.describe()}")
     if differences:
         raise VisionZipError(
-            f"these tokens were made with {made.get('model', 'another model')} ({made.get('family') or 'unknown family'}, "
+            f"these tokens were made with {made.get('model', 'another model')} "
+            f"({made.get('family') or 'unknown family'}, "
             f"vision width {made['vision_hidden']}); {model} is {identity['family']} with vision width "
-            f"{identity['vision_hidden']}; they differ in: {'; '.join(differences)}: encode the video again with this model"
+            f"{identity['vision_hidden']}; they differ in: {'; '.join(differences)}: "
+            "encode the video again with this model"
         )
 
 

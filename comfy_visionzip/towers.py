@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,21 +44,21 @@ class TowerParts:
         return (1 if self.cls_token else 0) + self.registers
 
 
-def _config(tower):
+def _config(tower: torch.nn.Module) -> Any:
     config = getattr(tower, "config", None)
     if config is None:
         raise VisionZipError(f"{type(tower).__name__} has no config: not a transformers vision tower")
     return config
 
 
-def _heads(config) -> tuple[int, int]:
+def _heads(config: Any) -> tuple[int, int]:
     heads = int(config.num_attention_heads)
     return heads, int(config.hidden_size) // heads
 
 
-def _clip_like(tower, name: str) -> TowerParts:
+def _clip_like(tower: torch.nn.Module, name: str) -> TowerParts:
     """CLIP and SigLIP (and their LLaVA uses): ``[vision_model.]encoder.layers[i].self_attn.{q,k}_proj``."""
-    inner = getattr(tower, "vision_model", tower)  # the *VisionModel wraps the *VisionTransformer
+    inner: Any = getattr(tower, "vision_model", tower)  # the *VisionModel wraps the *VisionTransformer
     layers = tuple(inner.encoder.layers)
     config = _config(tower)
     heads, head_dim = _heads(config)
@@ -67,14 +68,14 @@ def _clip_like(tower, name: str) -> TowerParts:
                       int(config.image_size), cls_token=cls)
 
 
-def _dinov2(tower, name: str) -> TowerParts:
+def _dinov2(tower: Any, name: str) -> TowerParts:
     """DINOv2 (and with registers): ``encoder.layer[i].attention``: transformers 5.x ``.q_proj/.k_proj``,
     4.x ``.attention.query/.key``. CLS first, then ``num_register_tokens`` registers."""
     layers = tuple(tower.encoder.layer)
     config = _config(tower)
     heads, head_dim = _heads(config)
 
-    def projection(layer, new: str, old: str) -> torch.nn.Module:
+    def projection(layer: Any, new: str, old: str) -> torch.nn.Module:
         attention = layer.attention
         if hasattr(attention, new):
             return getattr(attention, new)

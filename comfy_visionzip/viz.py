@@ -8,6 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from .tokens import CompressedVideo
 
 
 def contact_sheet(
@@ -18,8 +21,6 @@ def contact_sheet(
     tile_width: int = 240,
 ) -> np.ndarray:
     """Tile frames (uint8 [T, H, W, 3]) into one RGB uint8 image, each with its label underneath."""
-    from PIL import Image, ImageDraw
-
     arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
         raise ValueError(f"frames must be a non-empty [T, H, W, 3] batch, got shape {tuple(arr.shape)}")
@@ -34,15 +35,16 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for k in range(count):
         x, y = (k % columns) * tile_width, (k // columns) * (tile_h + label_h)
-        sheet.paste(Image.fromarray(arr[k]).resize((tile_width, tile_h), Image.BILINEAR), (x, y))
+        # Image.BILINEAR: Pillow sets these module aliases with setattr, so its type information lacks them
+        # (Image.Resampling needs Pillow >= 9.1; the project supports Pillow 9.0)
+        tile = Image.fromarray(arr[k]).resize((tile_width, tile_h), Image.BILINEAR)  # type: ignore[attr-defined]
+        sheet.paste(tile, (x, y))
         if labels:
             draw.text((x + 4, y + tile_h + 2), str(labels[k]), fill=(230, 230, 230))
     return np.asarray(sheet)
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike[str]) -> str:
-    from PIL import Image
-
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
@@ -132,8 +134,6 @@ def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[in
             result[hatch] = (90, 150, 255)
         image = result.round().clip(0, 255).astype(np.uint8)
         if notes:
-            from PIL import Image, ImageDraw
-
             canvas = Image.fromarray(image)
             draw = ImageDraw.Draw(canvas)
             draw.rectangle((0, 0, min(len(notes[t]) * 6 + 6, canvas.width), 13), fill=(16, 16, 16))
@@ -167,8 +167,6 @@ LEGENDS = {
 
 def with_legend(images: np.ndarray, kind: str) -> np.ndarray:
     """Each image with a band underneath saying what the colours mean (and a colour scale for attention)."""
-    from PIL import Image, ImageDraw
-
     if kind not in LEGENDS:
         raise ValueError(f"unknown legend {kind!r}; valid: {', '.join(LEGENDS)}")
     out = []
@@ -211,18 +209,21 @@ def mark_patch(images: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndar
     return out
 
 
-def temporal_notes(video, picks: list[int]) -> tuple[torch.Tensor | None, list[str] | None]:
+def temporal_notes(video: CompressedVideo, picks: list[int]) -> tuple[torch.Tensor | None, list[str] | None]:
     """For the whole-frame image of each picked frame: which of its tokens repeat earlier frames' (T, K) and
     a line saying how many are new and which frames the others come from; (None, None) without the stage."""
-    if video.repeats is None:
+    repeats = video.repeats
+    if repeats is None:
+        return None, None
+    keep, spans = video.keep, video.spans()
+    if keep is None or spans is None:  # both are None exactly when repeats is
         return None, None
     per = video.tokens_per_frame // max(video.crops, 1)
-    keep = video.keep
-    source_frame = video.repeats.long() // video.tokens_per_frame
-    spans = video.spans()
+    source_frame = repeats.long() // video.tokens_per_frame
     times = list(video.timestamps) or [float(i) for i in range(video.num_frames)]
     unit = "s" if video.timestamps else ""
-    repeated, notes = [], []
+    repeated: list[torch.Tensor] = []
+    notes: list[str] = []
     for f in picks:
         repeated.append(~keep[f, :per])
         new = int(keep[f].sum())

@@ -47,7 +47,8 @@ def detect_family(folder: str) -> tuple[FamilyModule, dict[str, Any]]:
     config = _read_json(folder, "config.json")
     if config is None:
         found = sorted(os.listdir(folder))[:8]
-        raise VisionZipError(f"{folder}: no config.json, so not a Hugging Face model folder (it holds: {found or 'nothing'})")
+        raise VisionZipError(f"{folder}: no config.json, so not a Hugging Face model folder "
+                             f"(it holds: {found or 'nothing'})")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
@@ -64,14 +65,16 @@ def resolve_model_path(path_or_id: str) -> str:
     if os.path.exists(path):
         raise VisionZipError(f"{path}: is a file; give the model's folder (the one with config.json)")
     if path.count("/") != 1 or path.startswith((".", "/")):
-        raise VisionZipError(f"{path}: no such model folder (and not a Hugging Face id like 'llava-hf/llava-1.5-7b-hf')")
+        raise VisionZipError(f"{path}: no such model folder "
+                             "(and not a Hugging Face id like 'llava-hf/llava-1.5-7b-hf')")
     try:
         from huggingface_hub import snapshot_download  # optional at run time: only for Hugging Face ids
 
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
     except Exception as e:  # noqa: BLE001 - offline, missing, gated: all mean "not available here"
         raise VisionZipError(f"{path}: not a local folder, and downloading it from Hugging Face failed "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); download it into a folder and give its path") from e
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                             "download it into a folder and give its path") from e
 
 
 def _quantization_config(quantization: str | None, device: torch.device) -> Any:
@@ -87,7 +90,8 @@ def _quantization_config(quantization: str | None, device: torch.device) -> Any:
         raise VisionZipError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes") from e
     if quantization == "8bit":
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="nf4")
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16,
+                                           bnb_4bit_quant_type="nf4")
 
 
 def _processor_configs(folder: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -95,7 +99,8 @@ def _processor_configs(folder: str) -> tuple[dict[str, Any], dict[str, Any] | No
     image = nested.get("image_processor") or _read_json(folder, "preprocessor_config.json")
     video = nested.get("video_processor") or _read_json(folder, "video_preprocessor_config.json")
     if image is None:
-        raise VisionZipError(f"{folder}: no image processor settings (preprocessor_config.json or processor_config.json)")
+        raise VisionZipError(f"{folder}: no image processor settings "
+                             "(preprocessor_config.json or processor_config.json)")
     return image, video
 
 
@@ -154,7 +159,8 @@ def load_vlm(
     family, config = detect_family(folder)
     cls = getattr(transformers, family.class_name, None)
     if cls is None:
-        raise VisionZipError(f"{family.display} needs a newer transformers: this one ({transformers.__version__}) has no "
+        raise VisionZipError(f"{family.display} needs a newer transformers: "
+                             f"this one ({transformers.__version__}) has no "
                              f"{family.class_name}; upgrade transformers (pip install -U transformers)")
     files = os.listdir(folder)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
@@ -179,7 +185,8 @@ def load_vlm(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here means the folder's tokenizer files are unusable
         raise VisionZipError(f"{folder}: its tokenizer cannot be loaded ({type(e).__name__}: {_first_line(e)}); "
-                             "download the checkpoint's tokenizer files again (tokenizer.json / tokenizer_config.json)") from e
+                             "download the checkpoint's tokenizer files again "
+                             "(tokenizer.json / tokenizer_config.json)") from e
     try:
         model = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
@@ -233,6 +240,7 @@ def load_tower(path: str | os.PathLike[str], *, device: str | torch.device | Non
         tower = cls.from_pretrained(folder, **kwargs).to(device_).eval()
     except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
         raise VisionZipError(f"{folder}: loading the tower failed ({type(e).__name__}: {_first_line(e)})") from e
-    return VisionEncoder(tower, Preprocess.from_config(processor, anyres=False), vision_feature_layer=vision_feature_layer)
+    return VisionEncoder(tower, Preprocess.from_config(processor, anyres=False),
+                         vision_feature_layer=vision_feature_layer)
 
 

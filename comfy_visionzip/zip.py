@@ -177,7 +177,7 @@ def _grid_of(num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int]:
     return side, side
 
 
-def full(hidden: torch.Tensor, **_ignored) -> ZipResult:
+def full(hidden: torch.Tensor, **_ignored: object) -> ZipResult:
     """No compression: every token, in order."""
     B, S, _D = hidden.shape
     positions = torch.arange(S, device=hidden.device).expand(B, -1)
@@ -199,7 +199,8 @@ def uniform(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True) ->
     return ZipResult(tokens, positions.clone(), empty, assignment, method="uniform")
 
 
-def pool(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True, grid: tuple[int, int] | None = None) -> ZipResult:
+def pool(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True,
+         grid: tuple[int, int] | None = None) -> ZipResult:
     """Average-pool the patch grid to the largest near-square grid with at most ``num_tokens`` tokens.
 
     The CLS token is kept (first) and counts as one. The result may hold slightly fewer tokens than

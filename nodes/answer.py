@@ -19,7 +19,8 @@ GENERATION = {
                               "tooltip": "0 = greedy (the same answer every time); higher = more varied."}),
     "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                         "tooltip": "Sample only from the most likely tokens that together reach this probability."}),
-    "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Random seed for sampling (temperature > 0)."}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                     "tooltip": "Random seed for sampling (temperature > 0)."}),
 }
 
 
@@ -51,7 +52,8 @@ def _result(state: ChatState):
     note = f"; {state.chat.note}" if state.chat.note and len(state.chat.turns) == 1 else ""
     # the numbers first: a long answer would push them out of the node's text box
     info = (f"[{state.chat.video.total_tokens} visual tokens; prefilled {turn.prefill_tokens} new tokens, "
-            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; context {state.chat.context}{note}]"
+            f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; "
+            f"context {state.chat.context}{note}]"
             f"\n\n{turn.answer}")
     return {"ui": {"text": [info]}, "result": (turn.answer, state)}
 
@@ -80,9 +82,13 @@ class VisionZipAnswer:
                 "stop": ("STRING", {"default": "", "tooltip": "Stop strings, separated by |."}),
                 "system": ("STRING", {"default": "", "multiline": True, "tooltip": "An optional system message."}),
                 "policy": (list(POLICIES), {"default": "fit",
-                                            "tooltip": "If the video, question and answer do not fit the model's context: fit drops frames evenly (and says so); strict stops with the numbers."}),
+                                            "tooltip": ("If the video, question and answer do not fit the model's "
+                                                        "context: fit drops frames evenly (and says so); strict stops "
+                                                        "with the numbers.")}),
                 "follow_up_reserve": ("INT", {"default": 256, "min": 0, "max": 1 << 20,
-                                              "tooltip": "Tokens of the context kept free for follow-up questions (Chat nodes): the first answer never fills the context past this."}),
+                                              "tooltip": ("Tokens of the context kept free for follow-up questions "
+                                                          "(Chat nodes): the first answer never fills the context past "
+                                                          "this.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -111,7 +117,8 @@ class VisionZipChat:
         return {
             "required": {
                 "chat": (CHAT_TYPE, {"tooltip": "From Answer or another Chat node."}),
-                "question": ("STRING", {"default": "And then?", "multiline": True, "tooltip": "The follow-up question."}),
+                "question": ("STRING", {"default": "And then?", "multiline": True,
+                                        "tooltip": "The follow-up question."}),
                 **GENERATION,
             },
             "optional": {"stop": ("STRING", {"default": "", "tooltip": "Stop strings, separated by |."})},
@@ -123,7 +130,8 @@ class VisionZipChat:
 
 
 class VisionZipSaveTokens:
-    DESCRIPTION = "Saves compressed tokens (with timestamps, settings and model) to a .safetensors file: encode once, ask later."
+    DESCRIPTION = ("Saves compressed tokens (with timestamps, settings and model) to a .safetensors file: encode once, "
+                   "ask later.")
     CATEGORY = "VisionZip/answer"
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -136,7 +144,8 @@ class VisionZipSaveTokens:
         return {"required": {
             "tokens": (TOKENS_TYPE, {"tooltip": "Compressed tokens to keep."}),
             "filename_prefix": ("STRING", {"default": "visionzip/tokens",
-                                           "tooltip": "Relative to ComfyUI's output folder (a number is added), or an absolute path."}),
+                                           "tooltip": ("Relative to ComfyUI's output folder (a number is added), or an "
+                                                       "absolute path.")}),
         }}
 
     def save(self, tokens, filename_prefix):
@@ -155,11 +164,16 @@ class VisionZipLoadTokens:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"path": ("STRING", {"default": "", "tooltip": "A .safetensors file from Save Tokens (absolute, or relative to the output folder). Empty: the file picked below."})},
+            "required": {
+                "path": ("STRING", {"default": "",
+                                    "tooltip": ("A .safetensors file from Save Tokens (absolute, or relative to the "
+                                                "output folder). Empty: the file picked below.")}),
+            },
             "optional": {
                 "model": (MODEL_TYPE, {"tooltip": "Check that the tokens were made with this model."}),
                 "file": (["", *_comfy.list_tokens_files()], {
-                    "tooltip": "Tokens files found in ComfyUI's output folder (newest first); used when 'path' is empty."}),
+                    "tooltip": ("Tokens files found in ComfyUI's output folder (newest first); used when 'path' is "
+                                "empty.")}),
             },
         }
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..comfy_visionzip.errors import VisionZipError
-from ..comfy_visionzip.settings import Compression
 from ..comfy_visionzip.pipeline import compress_encoded, compress_video, encode_frames, label_tokens
 from ..comfy_visionzip.preprocess import model_view
+from ..comfy_visionzip.settings import Compression
 from ..comfy_visionzip.tokens import kept_count
 from ..comfy_visionzip.video import uniform_pick
 from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, temporal_notes, token_overlays, with_legend
@@ -21,13 +21,18 @@ TOKENS_TYPE = "VISIONZIP_TOKENS"  # CompressedVideo: what the answerer consumes
 
 COUNTS = {
     "method": (list(METHODS), {"default": "visionzip",
-                               "tooltip": "visionzip: dominant + contextual tokens (the paper). full: no compression. pool: average pooling. uniform: evenly spaced patches. Baselines use dominant + contextual as their token count."}),
+                               "tooltip": ("visionzip: dominant + contextual tokens (the paper). full: no compression. "
+                                           "pool: average pooling. uniform: evenly spaced patches. Baselines use "
+                                           "dominant + contextual as their token count.")}),
     "dominant": ("INT", {"default": 54, "min": 1, "max": 4096,
-                         "tooltip": "Dominant tokens per image (the CLS token counts as one): the patches the encoder attends to most."}),
+                         "tooltip": ("Dominant tokens per image (the CLS token counts as one): the patches the encoder "
+                                     "attends to most.")}),
     "contextual": ("INT", {"default": 10, "min": 0, "max": 4096,
-                           "tooltip": "Contextual tokens per image: the other patches merged by key similarity. 0 = dominant only."}),
+                           "tooltip": ("Contextual tokens per image: the other patches merged by key similarity. 0 = "
+                                       "dominant only.")}),
     "tokens_per_frame": ("INT", {"default": 0, "min": 0, "max": 4096,
-                                 "tooltip": "If > 0, overrides dominant/contextual with the paper's ratio (64 -> 54+10, 17 -> 14+3). Per image: LLaVA-NeXT frames have several crops."}),
+                                 "tooltip": ("If > 0, overrides dominant/contextual with the paper's ratio (64 -> "
+                                             "54+10, 17 -> 14+3). Per image: LLaVA-NeXT frames have several crops.")}),
 }
 
 
@@ -41,7 +46,8 @@ def _parse_times(text: str) -> list[float]:
     try:
         return [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
     except ValueError as e:
-        raise VisionZipError(f"timestamps must be numbers separated by commas (like Load Video's output), got {text[:80]!r}") from e
+        raise VisionZipError("timestamps must be numbers separated by commas (like Load Video's output), "
+                             f"got {text[:80]!r}") from e
 
 
 class VisionZipEncodeFrames:
@@ -63,8 +69,10 @@ class VisionZipEncodeFrames:
             },
             "optional": {
                 "images": ("IMAGE", {"tooltip": "Frames as an IMAGE batch (all the same size)."}),
-                "video": (VIDEO_TYPE, {"tooltip": "A video handle from Load Video (VisionZip): every planned frame is encoded."}),
-                "timestamps": ("STRING", {"forceInput": True, "tooltip": "Seconds of each IMAGE frame (Load Video's timestamps output)."}),
+                "video": (VIDEO_TYPE, {"tooltip": ("A video handle from Load Video (VisionZip): every planned frame is "
+                                                   "encoded.")}),
+                "timestamps": ("STRING", {"forceInput": True,
+                                          "tooltip": "Seconds of each IMAGE frame (Load Video's timestamps output)."}),
             },
         }
 
@@ -124,22 +132,33 @@ class VisionZipVideoToTokens:
                 "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
                 "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): the file and its frame plan."}),
                 **COUNTS,
-                "batch_size": ("INT", {"default": 8, "min": 0, "max": 256, "tooltip": "Frames encoded at a time (the next ones decode meanwhile). 0 = sized to the GPU's free memory; halved automatically on out-of-memory."}),
+                "batch_size": ("INT", {"default": 8, "min": 0, "max": 256,
+                                       "tooltip": ("Frames encoded at a time (the next ones decode meanwhile). 0 = "
+                                                   "sized to the GPU's free memory; halved automatically on "
+                                                   "out-of-memory.")}),
             },
             "optional": {
                 "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Across frames: drop tokens that repeat a token kept in an earlier frame (cosine similarity at least this, at the same or a neighbouring place); static stretches then cost far fewer tokens. 0.95 is the default (bench/bench_temporal.py: static video costs about 3% of the tokens, real handheld motion 85%); 0 = off, unless Frame Budget planned the video with it (then its budget and 0.95 are used)."}),
+                                       "tooltip": ("Across frames: drop tokens that repeat a token kept in an earlier "
+                                                   "frame (cosine similarity at least this, at the same or a "
+                                                   "neighbouring place); static stretches then cost far fewer tokens. "
+                                                   "0.95 is the default (bench/bench_temporal.py: static video costs "
+                                                   "about 3% of the tokens, real handheld motion 85%); 0 = off, unless "
+                                                   "Frame Budget planned the video with it (then its budget and 0.95 "
+                                                   "are used).")}),
             },
         }
 
     def run(self, model, video, method, dominant, contextual, tokens_per_frame, batch_size, temporal=0.0):
         if video is None:
             raise ValueError("no video: Frame Budget's video output is empty when its own video input is not "
-                             "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here directly")
+                             "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here "
+                             "directly")
         handle, plan = unplanned(video)
         planned = plan is not None and plan.temporal is not None  # Frame Budget planned with the temporal stage
         compression = Compression.parse(method=method, dominant=dominant, contextual=contextual,
-                                        tokens_per_frame=tokens_per_frame, temporal=temporal or (True if planned else None))
+                                        tokens_per_frame=tokens_per_frame,
+                                        temporal=temporal or (True if planned else None))
         if plan is not None and plan.temporal is not None:  # its room for visual tokens holds the stage
             compression = compression.with_temporal_budget(plan.temporal.budget)
         total = len(handle.plan()[0])
@@ -167,8 +186,11 @@ class VisionZipAttentionHeatmap:
                 "tokens": (TOKENS_TYPE, {"tooltip": "From VisionZip Compress or Video to Tokens."}),
             },
             "optional": {
-                "images": ("IMAGE", {"tooltip": "The frames to draw on (e.g. Load Video's preview). If the tokens hold more frames, the overlays use evenly spaced ones, which is how Load Video picks its preview."}),
-                "features": (FEATURES_TYPE, {"tooltip": "From Encode Frames: its stored views are used when no images are given."}),
+                "images": ("IMAGE", {"tooltip": ("The frames to draw on (e.g. Load Video's preview). If the tokens "
+                                                 "hold more frames, the overlays use evenly spaced ones, which is how "
+                                                 "Load Video picks its preview.")}),
+                "features": (FEATURES_TYPE, {"tooltip": ("From Encode Frames: its stored views are used when no images "
+                                                         "are given.")}),
             },
         }
 
@@ -199,9 +221,9 @@ def _image(pictures) -> torch.Tensor:
 
 
 class VisionZipPatchAttention:
-    DESCRIPTION = ("The redundancy explorer: the select layer's attention FROM one patch (x, y) to every patch, over each "
-                   "frame. In the paper (Fig. 15) a subject's patch attends mostly to a few dominant tokens elsewhere, "
-                   "not to its neighbours: those few tokens already carry the image.")
+    DESCRIPTION = ("The redundancy explorer: the select layer's attention FROM one patch (x, y) to every patch, over "
+                   "each frame. In the paper (Fig. 15) a subject's patch attends mostly to a few dominant tokens "
+                   "elsewhere, not to its neighbours: those few tokens already carry the image.")
     CATEGORY = "VisionZip/preview"
     FUNCTION = "draw"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -214,7 +236,8 @@ class VisionZipPatchAttention:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load VLM."}),
-                "images": ("IMAGE", {"tooltip": "Frames (e.g. Load Video's preview) or any image batch (all the same size)."}),
+                "images": ("IMAGE", {"tooltip": ("Frames (e.g. Load Video's preview) or any image batch (all the same "
+                                                 "size).")}),
                 "x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                 "tooltip": "Across what the model sees of the frame: 0 = left edge, 1 = right edge."}),
                 "y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,

@@ -50,20 +50,26 @@ class VisionZipLoadVLM:
         return {
             "required": {
                 "model": ([*_comfy.list_model_folders(), ""], {
-                    "tooltip": "A checkpoint folder in ComfyUI/models/visionzip (or models/LLM). Ignored when 'path' is set; the empty entry: none."}),
+                    "tooltip": ("A checkpoint folder in ComfyUI/models/visionzip (or models/LLM). Ignored when 'path' "
+                                "is set; the empty entry: none.")}),
                 "dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto",
                                                              "tooltip": "auto: fp16 on GPU, fp32 on CPU."}),
-                "device": (["auto", "cuda", "cpu", "mps"], {"default": "auto",
-                                                            "tooltip": "auto: ComfyUI's GPU (or the CPU without one)."}),
-                "quantization": (["none", "8bit", "4bit"], {"default": "none",
-                                                            "tooltip": "Load the language model in 8 or 4 bits (needs bitsandbytes and a CUDA GPU)."}),
-                "attention": (["sdpa", "eager", "flash_attention_2"], {"default": "sdpa",
-                                                                       "tooltip": "Attention kernel. sdpa is fast everywhere; flash_attention_2 needs flash-attn."}),
+                "device": (["auto", "cuda", "cpu", "mps"], {
+                    "default": "auto",
+                    "tooltip": "auto: ComfyUI's GPU (or the CPU without one)."}),
+                "quantization": (["none", "8bit", "4bit"], {
+                    "default": "none",
+                    "tooltip": "Load the language model in 8 or 4 bits (needs bitsandbytes and a CUDA GPU)."}),
+                "attention": (["sdpa", "eager", "flash_attention_2"], {
+                    "default": "sdpa",
+                    "tooltip": "Attention kernel. sdpa is fast everywhere; flash_attention_2 needs flash-attn."}),
                 "keep_loaded": ("BOOLEAN", {"default": True,
-                                            "tooltip": "Keep the model on the GPU between runs (off: moved to the CPU after each run, freeing VRAM)."}),
+                                            "tooltip": ("Keep the model on the GPU between runs (off: moved to the CPU "
+                                                        "after each run, freeing VRAM).")}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": "A checkpoint folder anywhere, or a Hugging Face id (downloaded only where the network allows)."}),
+                "path": ("STRING", {"default": "", "tooltip": ("A checkpoint folder anywhere, or a Hugging Face id "
+                                                               "(downloaded only where the network allows).")}),
             },
         }
 
@@ -90,7 +96,8 @@ class VisionZipLoadVLM:
                 # load on the CPU; nodes move it to the GPU for each run (ComfyUI memory management)
                 first = target if quantization != "none" else "cpu"
                 vlm = load_vlm(source, device=first, dtype=dtype if dtype != "auto" else _auto_dtype(target),
-                               attn_implementation=attention, quantization=None if quantization == "none" else quantization)
+                               attn_implementation=attention,
+                               quantization=None if quantization == "none" else quantization)
                 vlm.quantized = quantization != "none"
                 _CACHE.clear()  # one model at a time: a new choice frees the previous one
                 _CACHE[key] = vlm
@@ -134,11 +141,15 @@ class VisionZipLoadTower:
         listed = ([REAL_TOWER] if find_real_tower() else []) + _tower_folders()
         return {
             "required": {
-                "tower": ([*listed, ""], {"tooltip": f"'{REAL_TOWER}' (after fetch-weights), or a tower folder in ComfyUI/models/visionzip. Ignored when 'path' is set."}),
-                "device": (["auto", "cuda", "cpu", "mps"], {"default": "auto", "tooltip": "auto: ComfyUI's GPU (or the CPU without one)."}),
+                "tower": ([*listed, ""], {"tooltip": (f"'{REAL_TOWER}' (after fetch-weights), or a tower folder in "
+                                                      "ComfyUI/models/visionzip. Ignored when 'path' is set.")}),
+                "device": (["auto", "cuda", "cpu", "mps"], {
+                    "default": "auto",
+                    "tooltip": "auto: ComfyUI's GPU (or the CPU without one)."}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": "A tower folder anywhere (config.json + safetensors + preprocessor_config.json)."}),
+                "path": ("STRING", {"default": "", "tooltip": ("A tower folder anywhere (config.json + safetensors + "
+                                                               "preprocessor_config.json).")}),
             },
         }
 
@@ -147,14 +158,17 @@ class VisionZipLoadTower:
         if not tower or tower == REAL_TOWER and find_real_tower() or os.path.isdir(_comfy.resolve_model(tower)):
             return True
         if tower == REAL_TOWER:
-            return "the real weights are not fetched: run  python -m comfy_visionzip fetch-weights  (then restart or press R)"
-        return f"tower folder {tower!r} is not in ComfyUI/models/visionzip: put it there, or pick the empty entry and type a path"
+            return ("the real weights are not fetched: run  python -m comfy_visionzip fetch-weights  (then restart or "
+                    "press R)")
+        return (f"tower folder {tower!r} is not in ComfyUI/models/visionzip: put it there, or pick the empty entry "
+                "and type a path")
 
     def load(self, tower, device, path=""):
         real = find_real_tower()
         chosen = (path or "").strip() or (real if tower == REAL_TOWER else _comfy.resolve_model(tower))
         if not chosen:
-            raise ValueError(f"no tower given: pick '{REAL_TOWER}' (after fetch-weights) or a tower folder, or type a path")
+            raise ValueError(f"no tower given: pick '{REAL_TOWER}' (after fetch-weights) or a tower folder, "
+                             "or type a path")
         load_device, _offload = _comfy.devices()
         target = load_device if device == "auto" else device
         key = ("tower", chosen, target)
@@ -176,4 +190,7 @@ def _auto_dtype(device: str) -> str:
 
 
 NODE_CLASS_MAPPINGS = {"VisionZipLoadVLM": VisionZipLoadVLM, "VisionZipLoadTower": VisionZipLoadTower}
-NODE_DISPLAY_NAME_MAPPINGS = {"VisionZipLoadVLM": "Load VLM (VisionZip)", "VisionZipLoadTower": "Load Vision Tower (VisionZip)"}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VisionZipLoadVLM": "Load VLM (VisionZip)",
+    "VisionZipLoadTower": "Load Vision Tower (VisionZip)",
+}

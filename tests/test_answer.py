@@ -78,7 +78,8 @@ def test_prompt_equals_the_processors_for_llava(tiny_model_dir, clip):
     chat = Chat(vlm, video, timestamps=False)
     ours = chat._ids([{"role": "user", "text": "What is in this image ?"}])
     name = "CLIPImageProcessorPil" if hasattr(transformers, "CLIPImageProcessorPil") else "CLIPImageProcessor"
-    image_processor = getattr(transformers, name)(**{k: v for k, v in vlm.image_config.items() if not k.endswith("_type")})
+    image_processor = getattr(transformers, name)(**{k: v for k, v in vlm.image_config.items()
+                                                     if not k.endswith("_type")})
     processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=vlm.tokenizer, patch_size=6,
                                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                             chat_template=chat.template)
@@ -154,7 +155,8 @@ def test_timestamps_reach_the_prompt(tiny_model_dir, clip):
     vlm = load_vlm(tiny_model_dir("llava_onevision"), device="cpu")
     video = compress_video(vlm, clip, num_frames=3, dominant=6, contextual=2)
     text = Chat(vlm, video).render([{"role": "user", "text": "When ?"}])
-    assert "The video lasts for 2.00 seconds, and 3 frames are sampled from it. These frames are located at 0.00s, 1.00s, 1.97s." in text
+    assert ("The video lasts for 2.00 seconds, and 3 frames are sampled from it. "
+            "These frames are located at 0.00s, 1.00s, 1.97s.") in text
 
 
 def test_save_and_load_tokens(tiny_model_dir, clip, tmp_path):

@@ -106,7 +106,8 @@ def test_strict_refuses_with_the_numbers_and_fit_thins(models, clip):
     assert f"ask for at most {fitted.frames} frames" in message
     assert "fit:" in fitted.summary() and f"{fitted.frames} of the 120 asked frames are kept" in fitted.summary()
     # strict passes a plan that fits, unchanged
-    ok = plan_budget(vlm, clip, "What happens ?", policy="strict", **{**kwargs, "every": None}, num_frames=fitted.frames)
+    ok = plan_budget(vlm, clip, "What happens ?", policy="strict", **{**kwargs, "every": None},
+                     num_frames=fitted.frames)
     assert ok.frames == fitted.frames and not ok.fitted
     # evenly spread: the first and last frames of the asked plan stay
     assert fitted.indices[0] == 0 and fitted.indices[-1] == 119
@@ -172,7 +173,8 @@ def test_follow_ups_are_reserved_and_an_overflowing_one_is_refused(models, clip)
                  context=plan.prompt_tokens + 6)
     tight.ask("What happens ?", GenerationConfig(max_new_tokens=6))
     before = (list(tight.cached_ids), len(tight.turns))
-    with pytest.raises(VisionZipError, match=r"this follow-up does not fit the context: the conversation is \d+ tokens"):
+    with pytest.raises(VisionZipError,
+                       match=r"this follow-up does not fit the context: the conversation is \d+ tokens"):
         tight.ask("and then ?", GenerationConfig(max_new_tokens=6))
     assert (tight.cached_ids, len(tight.turns)) == before
 

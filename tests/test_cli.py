@@ -124,9 +124,11 @@ def test_a_corrupt_model_folder_is_one_clear_line(tiny_model_dir, tmp_path, clip
 
     path = clip_factory("cm.mp4", frames=10)
     for name, damage, message in [
-        ("cut", lambda d: open(d / "model.safetensors", "r+b").truncate(1000), "model.safetensors: not a readable safetensors file"),
+        ("cut", lambda d: open(d / "model.safetensors", "r+b").truncate(1000),
+         "model.safetensors: not a readable safetensors file"),
         ("noise", lambda d: (d / "model.safetensors").write_bytes(os.urandom(3000)), "it is truncated or corrupt"),
-        ("notok", lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")], "no tokenizer files"),
+        ("notok", lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
+         "no tokenizer files"),
     ]:
         folder = tmp_path / name
         shutil.copytree(tiny_model_dir("llava"), folder)
@@ -138,7 +140,7 @@ def test_a_corrupt_model_folder_is_one_clear_line(tiny_model_dir, tmp_path, clip
 
 def test_ask_shows_a_progress_bar_with_the_time_left(tiny_model_dir, clip_factory, capsys):
     path = clip_factory("bar.mp4", frames=60, options={"g": "10"})
-    assert main(["ask", path, "What happens ?", "--model", tiny_model_dir("llava"), "--frames", "12", "--batch-size", "3",
-                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert main(["ask", path, "What happens ?", "--model", tiny_model_dir("llava"), "--frames", "12",
+                 "--batch-size", "3", "--max-new-tokens", "2", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "sample + encode + zip" in err and "/12 [" in err and "<" in err  # tqdm: done/total [elapsed<left]

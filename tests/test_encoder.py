@@ -85,7 +85,8 @@ def test_tower_stops_after_the_select_layer():
     encoder = VisionEncoder(tower, Preprocess(shortest_edge=56, crop_hw=(56, 56)), vision_feature_layer=-2)
     inner = getattr(tower, "vision_model", tower)
     calls = []
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(inner.encoder.layers)]
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, layer in enumerate(inner.encoder.layers)]
     encoder.encode_pixels(torch.randn(2, 3, 56, 56))
     for h in handles:
         h.remove()
@@ -132,16 +133,19 @@ def test_video_encoder_hidden_equals_the_models_own_features(family, tiny_model_
                 torch.testing.assert_close(vlm.inner.multi_modal_projector(full), own)
             else:
                 own = vlm.inner.get_video_features(pixel_values_videos=pixels[None]).pooler_output
-                torch.testing.assert_close(vlm.inner.multi_modal_projector(full).reshape(1, -1, own.shape[-1]), own.reshape(1, -1, own.shape[-1]))
+                torch.testing.assert_close(vlm.inner.multi_modal_projector(full).reshape(1, -1, own.shape[-1]),
+                                           own.reshape(1, -1, own.shape[-1]))
 
 
 def _processor(kind: str, config: dict):
     if kind == "clip":
         name = "CLIPImageProcessorPil" if hasattr(transformers, "CLIPImageProcessorPil") else "CLIPImageProcessor"
     elif kind == "next":
-        name = "LlavaNextImageProcessorPil" if hasattr(transformers, "LlavaNextImageProcessorPil") else "LlavaNextImageProcessor"
+        name = ("LlavaNextImageProcessorPil" if hasattr(transformers, "LlavaNextImageProcessorPil")
+                else "LlavaNextImageProcessor")
     else:
-        name = "LlavaOnevisionImageProcessorPil" if hasattr(transformers, "LlavaOnevisionImageProcessorPil") else "LlavaOnevisionImageProcessor"
+        name = ("LlavaOnevisionImageProcessorPil" if hasattr(transformers, "LlavaOnevisionImageProcessorPil")
+                else "LlavaOnevisionImageProcessor")
     params = {k: v for k, v in config.items() if not k.endswith("_type")}
     return getattr(transformers, name)(**params)
 
@@ -156,7 +160,8 @@ def _natural_image(height, width, seed=0):
 
 
 CLIP336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "do_center_crop": True,
-           "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+           "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711]}
 NEXT = {**CLIP336, "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
 OV = {"size": {"height": 384, "width": 384}, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
       "image_grid_pinpoints": [[384 * a, 384 * b] for a in range(1, 4) for b in range(1, 4)]}

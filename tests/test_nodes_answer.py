@@ -11,7 +11,8 @@ GEN = dict(max_new_tokens=5, temperature=0.0, top_p=1.0, seed=0)
 def setup(pack, tiny_model_dir, clip_factory):
     nodes = pack.NODE_CLASS_MAPPINGS
     model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
-                                              attention="sdpa", keep_loaded=False, path=tiny_model_dir("llava_next_video"))[0]
+                                              attention="sdpa", keep_loaded=False,
+                                              path=tiny_model_dir("llava_next_video"))[0]
     path = clip_factory("qa.mp4", frames=40, options={"g": "10"})
     handle = nodes["VisionZipLoadVideo"]().load(video="", mode="num_frames", num_frames=6, fps=1.0, every=1, start=0.0,
                                                 end=0.0, max_frames=0, max_size=0, preview_frames=2, backend="auto",
@@ -23,7 +24,8 @@ def setup(pack, tiny_model_dir, clip_factory):
 
 def test_answer_then_chat_reuses_the_cache_and_branches_safely(setup):
     nodes, model, tokens = setup
-    out = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True, **GEN)
+    out = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
+                                            **GEN)
     answer, state = out["result"]
     assert answer and "60 visual tokens" in out["ui"]["text"][0]
     first = nodes["VisionZipChat"]().chat(chat=state, question="and then ?", **GEN)
@@ -74,7 +76,8 @@ def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, se
         nodes["VisionZipFrameBudget"]().plan(token_budget=0, tokens_per_frame=10)
     with pytest.raises(ValueError, match="a token budget of 0 means the model's context: connect a video$"):
         nodes["VisionZipFrameBudget"]().plan(token_budget=0, tokens_per_frame=10, model=model)
-    capped = nodes["VisionZipFrameBudget"]().plan(token_budget=8000, tokens_per_frame=64, model=model, max_new_tokens=96)
+    capped = nodes["VisionZipFrameBudget"]().plan(token_budget=8000, tokens_per_frame=64, model=model,
+                                                  max_new_tokens=96)
     assert capped["result"][0] == (4096 - 96) // 64 and "capped at the context of 4096" in capped["result"][1]
     with pytest.raises(ValueError, match="no video: Frame Budget's video output is empty"):
         nodes["VisionZipVideoToTokens"]().run(model=model, video=None, method="visionzip", dominant=9, contextual=1,

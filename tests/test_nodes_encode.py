@@ -80,7 +80,8 @@ def test_load_vlm_rejects_wrong_folders(tmp_path, tiny_model_dir):
     with pytest.raises(VisionZipError, match="no config.json, so not a Hugging Face model folder"):
         load_vlm(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(VisionZipError, match=r"model_type 'bert' \(BertModel\) is not supported; supported: LLaVA-1.5 \(llava\)"):
+    with pytest.raises(VisionZipError,
+                       match=r"model_type 'bert' \(BertModel\) is not supported; supported: LLaVA-1.5 \(llava\)"):
         load_vlm(str(tmp_path))
     with pytest.raises(VisionZipError, match="no such model folder"):
         load_vlm(str(tmp_path / "nope"))
@@ -123,9 +124,9 @@ def test_patch_attention_is_the_select_layers_row_of_that_patch(pack, tiny_model
     torch.testing.assert_close(attention, probs[:, patch + 1, 1:], rtol=1e-4, atol=1e-6)
     assert attention.shape == (2, rows * cols) and torch.all(attention.sum(1) < 1)  # CLS took the rest
 
-    model = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
-                                                                 attention="sdpa", keep_loaded=True,
-                                                                 path=tiny_model_dir("llava"))[0]
+    model = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu",
+                                                                 quantization="none", attention="sdpa",
+                                                                 keep_loaded=True, path=tiny_model_dir("llava"))[0]
     out = pack.NODE_CLASS_MAPPINGS["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.8, y=0.3)
     picture, summary = out["result"]
     assert picture.shape[0] == 2 and picture.shape[2] == 336 and "its 10 most attended patches get" in summary

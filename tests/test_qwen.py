@@ -119,7 +119,8 @@ def _merged_order(vlm, encoder, rows, grid):
     hooks = [block.register_forward_pre_hook(lambda m, a, k: captured.update(x=a[0] if a else k["hidden_states"],
                                                                               rope=k["position_embeddings"],
                                                                               cu=k["cu_seqlens"]), with_kwargs=True),
-             block.register_forward_hook(lambda m, a, out: captured.update(y=out[0] if isinstance(out, tuple) else out))]
+             block.register_forward_hook(
+                 lambda m, a, out: captured.update(y=out[0] if isinstance(out, tuple) else out))]
     try:
         with torch.no_grad():
             out = encoder.tower(rows, grid_thw=grid)
@@ -152,7 +153,8 @@ def test_scores_are_the_last_blocks_attention_received_per_merged_token(family, 
     received = torch.zeros(seq)
     bounds = captured["cu"].tolist()
     for start, stop in zip(bounds[:-1], bounds[1:]):  # eager softmax per image, whole
-        logits = torch.einsum("qhd,khd->hqk", q[start:stop].float(), k[start:stop].float()) * getattr(attn, "scaling", encoder.head_dim ** -0.5)
+        logits = (torch.einsum("qhd,khd->hqk", q[start:stop].float(), k[start:stop].float())
+                  * getattr(attn, "scaling", encoder.head_dim ** -0.5))
         received[start:stop] = logits.softmax(-1).sum(1).mean(0)
     reference = received.view(-1, 4).mean(1)[order].view(encoded.scores.shape)
     torch.testing.assert_close(encoded.scores, reference, rtol=1e-4, atol=1e-5)
@@ -275,7 +277,8 @@ def test_budget_counts_temporal_patches_and_tokens_files_round_trip(family, tiny
     path = save_tokens(video, tmp_path / "qwen")
     again = load_tokens(path, model=vlm)
     assert torch.equal(again.positions, video.positions) and again.grid == video.grid
-    assert Chat(vlm, again).ask("What happens in this video ?", GenerationConfig(max_new_tokens=4)) == chat.turns[0].answer
+    assert (Chat(vlm, again).ask("What happens in this video ?", GenerationConfig(max_new_tokens=4))
+            == chat.turns[0].answer)
     other = load_vlm(tiny_model_dir("llava_onevision"), device="cpu")
     with pytest.raises(VisionZipError, match="they differ in: family"):
         load_tokens(path, model=other)
@@ -336,8 +339,8 @@ def test_patch_attention_is_the_last_blocks_attention_from_one_merged_token(fami
 @pytest.mark.parametrize("family", FAMILY)
 def test_preview_nodes_draw_qwen_attention_on_frames_of_any_shape(family, pack, tiny_model_dir, clip):
     nodes = pack.NODE_CLASS_MAPPINGS
-    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
-                                              keep_loaded=True, path=tiny_model_dir(family))[0]
+    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
+                                              attention="sdpa", keep_loaded=True, path=tiny_model_dir(family))[0]
     images = sample_video(clip, num_frames=4).frames.float() / 255  # a ComfyUI IMAGE, 64 x 96
     heat, summary = nodes["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.5, y=0.5)["result"]
     assert heat.shape[0] == 2 and heat.shape[2] > heat.shape[1] and "of a 8x5 grid" in summary  # wide, as the frames
@@ -371,4 +374,5 @@ def test_a_chat_too_long_for_the_context_is_thinned_in_temporal_patches(family, 
     assert len(chat.cached_ids) <= 90 and chat.video.positions.shape == (chat.video.num_frames, 8)
     assert sum(1 for i in chat.cached_ids if i == chat.token_id) == chat.video.num_frames * 8
     with pytest.raises(VisionZipError, match="strict|does not fit"):
-        Chat(vlm, video, context=90, policy="strict").ask("What happens in this video ?", GenerationConfig(max_new_tokens=8))
+        Chat(vlm, video, context=90, policy="strict").ask("What happens in this video ?",
+                                                          GenerationConfig(max_new_tokens=8))

@@ -89,7 +89,8 @@ def test_a_budget_tightens_the_threshold_until_the_tokens_fit(tiny_model_dir, cl
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
     loose = compress_video(vlm, clips["slow"], num_frames=24, dominant=6, contextual=2, temporal=0.999)
     budget = loose.total_tokens // 2
-    fitted = compress_video(vlm, clips["slow"], num_frames=24, dominant=6, contextual=2, temporal=Temporal(0.999, budget=budget))
+    fitted = compress_video(vlm, clips["slow"], num_frames=24, dominant=6, contextual=2,
+                            temporal=Temporal(0.999, budget=budget))
     assert fitted.total_tokens <= budget < loose.total_tokens
     assert fitted.meta["temporal"]["threshold"] < 0.999
     with pytest.raises(VisionZipError, match="compressed tokens"):
@@ -97,7 +98,8 @@ def test_a_budget_tightens_the_threshold_until_the_tokens_fit(tiny_model_dir, cl
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_prompts_exactly_the_kept_tokens_and_follow_ups_reuse_the_cache(family, tiny_model_dir, clips, tmp_path):
+def test_every_family_prompts_exactly_the_kept_tokens_and_follow_ups_reuse_the_cache(
+        family, tiny_model_dir, clips, tmp_path):
     vlm = load_vlm(tiny_model_dir(family), device="cpu")
     video = compress_video(vlm, clips["static"], num_frames=12, dominant=6, contextual=2, temporal=True)
     assert video.total_tokens < video.num_frames * video.tokens_per_frame
@@ -114,7 +116,8 @@ def test_every_family_prompts_exactly_the_kept_tokens_and_follow_ups_reuse_the_c
     path = save_tokens(video, tmp_path / family)
     again = load_tokens(path, model=vlm)
     assert torch.equal(again.repeats, video.repeats) and again.total_tokens == video.total_tokens
-    assert Chat(vlm, again).ask("What happens in this video ?", GenerationConfig(max_new_tokens=4)) == chat.turns[0].answer
+    assert (Chat(vlm, again).ask("What happens in this video ?", GenerationConfig(max_new_tokens=4))
+            == chat.turns[0].answer)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.startswith("qwen")])
@@ -140,7 +143,8 @@ def test_qwen_kept_tokens_keep_their_own_positions_with_the_temporal_stage(famil
     kept = [(u, k) for u in range(4) for k in range(8) if bool(zipped.keep[u, k])]
     assert len(visual) == len(kept)
     for at, (unit, slot) in zip(visual, kept):
-        torch.testing.assert_close(pos[:, at], pos_full[:, visual_full[unit * cells + int(zipped.positions[unit, slot])]])
+        torch.testing.assert_close(pos[:, at],
+                                   pos_full[:, visual_full[unit * cells + int(zipped.positions[unit, slot])]])
     assert chat.ask("What is in this video ?", GenerationConfig(max_new_tokens=4))
 
 
@@ -162,8 +166,8 @@ def test_dataclass_copies_keep_the_repeats(tiny_model_dir, clips):
 
 def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir, clips):
     nodes = pack.NODE_CLASS_MAPPINGS
-    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
-                                              keep_loaded=True, path=tiny_model_dir("llava"))[0]
+    model = nodes["VisionZipLoadVLM"]().load(model="", dtype="fp32", device="cpu", quantization="none",
+                                              attention="sdpa", keep_loaded=True, path=tiny_model_dir("llava"))[0]
     preview, _times, handle, _count = nodes["VisionZipLoadVideo"]().load(
         video="", mode="every", num_frames=8, fps=1.0, every=2, start=0.0, end=0.0, max_frames=0, max_size=0,
         preview_frames=4, backend="auto", path=clips["static"])
@@ -171,8 +175,9 @@ def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir
         token_budget=300, tokens_per_frame=8, reserved=0, model=model, video=handle, question="What happens ?",
         max_new_tokens=16, temporal=0.9)["result"]
     assert "temporal" in summary and planned.compression.temporal.budget and frames > 20
+    # temporal from the plan
     out = nodes["VisionZipVideoToTokens"]().run(model=model, video=planned, method="visionzip", dominant=6,
-                                                contextual=2, tokens_per_frame=0, batch_size=8)  # temporal from the plan
+                                                contextual=2, tokens_per_frame=0, batch_size=8)
     tokens = out["result"][0]
     assert tokens.repeats is not None and tokens.total_tokens <= planned.compression.temporal.budget
     answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
@@ -225,7 +230,8 @@ def test_the_stage_runs_on_a_saved_tokens_file_too(tiny_model_dir, clips, tmp_pa
     from comfy_visionzip.__main__ import main
 
     vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
-    path = save_tokens(compress_video(vlm, clips["static"], num_frames=12, dominant=6, contextual=2), tmp_path / "plain")
+    path = save_tokens(compress_video(vlm, clips["static"], num_frames=12, dominant=6, contextual=2),
+                       tmp_path / "plain")
     assert main(["ask", "--model", tiny_model_dir("llava"), "-", "What ?", "--tokens", path, "--temporal",
                  "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out

@@ -70,7 +70,8 @@ def test_dinov2_patch_attention_skips_the_registers(registers):
     frames = torch.randint(0, 255, (1, 56, 56, 3), dtype=torch.uint8)
     row, patch = encoder.attention_from(frames, (0.9, 0.1))
     with torch.no_grad():
-        attention = tower(pixel_values=encoder.preprocess(frames), output_attentions=True).attentions[encoder.layer_index]
+        attention = tower(pixel_values=encoder.preprocess(frames),
+                          output_attentions=True).attentions[encoder.layer_index]
     prefix = 1 + registers
     torch.testing.assert_close(row, attention[:, :, prefix + patch, prefix:].mean(1), rtol=1e-4, atol=1e-6)
 
@@ -86,5 +87,6 @@ def test_clip_and_siglip_adapters_and_an_unknown_tower():
     assert set(ADAPTERS) >= {"CLIPVisionModel", "SiglipVisionModel", "Dinov2Model", "Dinov2WithRegistersModel"}
     vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                        intermediate_size=64, image_size=28, patch_size=14))
-    with pytest.raises(VisionZipError, match=r"ViTModel is not a supported vision tower \(it holds: embeddings, .*\); supported: CLIPVisionModel"):
+    with pytest.raises(VisionZipError, match=r"ViTModel is not a supported vision tower \(it holds: embeddings, .*\); "
+                                             r"supported: CLIPVisionModel"):
         tower_parts(vit)

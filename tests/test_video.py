@@ -210,7 +210,8 @@ def test_real_mkv_without_frame_count(real_clip):
         other = sample_video(real_clip, num_frames=8, backend=backend)
         assert other.indices == clip.indices
         # other decoders convert YUV->RGB slightly differently; the frame must still be the same one
-        diffs = [np.abs(a.numpy().astype(int) - reference[i].astype(int)).mean() for i, a in zip(other.indices, other.frames)]
+        diffs = [np.abs(a.numpy().astype(int) - reference[i].astype(int)).mean()
+                 for i, a in zip(other.indices, other.frames)]
         neighbours = [np.abs(reference[i].astype(int) - reference[i + 1 if i + 1 < 310 else i - 1].astype(int)).mean()
                       for i in other.indices]
         assert all(d < 3 and d < n for d, n in zip(diffs, neighbours)), (backend, diffs, neighbours)

@@ -106,7 +106,8 @@ def test_api_workflow_runs_headless(api, family, tiny_model_dir, clip_factory, t
             overrides[f"{node_id}.max_new_tokens"] = 4
     lines = []
     out = _runner().run(prompt, out=tmp_path / "out", overrides=overrides, log=lines.append)
-    answers = [r[0] for i, r in out["results"].items() if prompt[i]["class_type"] in ("VisionZipAnswer", "VisionZipChat")]
+    answers = [r[0] for i, r in out["results"].items()
+               if prompt[i]["class_type"] in ("VisionZipAnswer", "VisionZipChat")]
     asks = sum(n["class_type"] in ("VisionZipAnswer", "VisionZipChat") for n in prompt.values())
     assert len(answers) == asks and all(isinstance(a, str) and a for a in answers)
     if any(n["class_type"] == "VisionZipPatchAttention" for n in prompt.values()):
@@ -117,7 +118,8 @@ def test_api_workflow_runs_headless(api, family, tiny_model_dir, clip_factory, t
         assert list(tmp_path.glob("tokens_00001.safetensors"))
         saved = [i for i, n in prompt.items() if n["class_type"] == "VisionZipSaveTokens"]
         # a relative prefix lands in --out, not in the current folder's output/
-        again = _runner().run(prompt, out=tmp_path / "out2", overrides={**overrides, f"{saved[0]}.filename_prefix": "t/x"},
+        again = _runner().run(prompt, out=tmp_path / "out2",
+                              overrides={**overrides, f"{saved[0]}.filename_prefix": "t/x"},
                               log=lambda _line: None)
         assert again["results"] and list((tmp_path / "out2" / "t").glob("x_00001.safetensors"))
     assert any("visual tokens" in line for line in lines) or not asks
@@ -145,14 +147,18 @@ def _api(name: str) -> dict:
     (lambda p: p["3"].update(class_type="VisionZipNope"), "node 3 (VisionZipNope): unknown node type"),
     (lambda p: p["3"]["inputs"].pop("method"), "node 3 (VisionZipVideoToTokens): required input 'method' is missing"),
     (lambda p: p["3"]["inputs"].update(video=["99", 2]), "input 'video' links to node 99, which does not exist"),
-    (lambda p: p["3"]["inputs"].update(video=["1", 7]), "links to output 7 of node 1 (VisionZipLoadVideo), which has 4 outputs"),
-    (lambda p: p["3"]["inputs"].update(video=["1", 0]), "input 'video' needs VISIONZIP_VIDEO, but node 1 (VisionZipLoadVideo) output 0 is IMAGE"),
-    (lambda p: p["1"]["inputs"].update(mode="frames"), "node 1 (VisionZipLoadVideo): input 'mode': 'frames' is not one of"),
+    (lambda p: p["3"]["inputs"].update(video=["1", 7]),
+     "links to output 7 of node 1 (VisionZipLoadVideo), which has 4 outputs"),
+    (lambda p: p["3"]["inputs"].update(video=["1", 0]),
+     "input 'video' needs VISIONZIP_VIDEO, but node 1 (VisionZipLoadVideo) output 0 is IMAGE"),
+    (lambda p: p["1"]["inputs"].update(mode="frames"),
+     "node 1 (VisionZipLoadVideo): input 'mode': 'frames' is not one of"),
     (lambda p: p["1"]["inputs"].update(num_frames=0), "input 'num_frames': 0 is below the minimum 1"),
     (lambda p: p["1"]["inputs"].update(fps=0), "input 'fps': 0 is below the minimum"),
     (lambda p: p["1"]["inputs"].update(every="ten"), "input 'every': 'ten' is not an integer"),
     (lambda p: p["4"]["inputs"].update(temperature=99.0), "input 'temperature': 99.0 is above the maximum 5.0"),
-    (lambda p: p["1"]["inputs"].update(video="gone.mkv"), "node 1 (VisionZipLoadVideo): video 'gone.mkv' is not in ComfyUI's input folder"),
+    (lambda p: p["1"]["inputs"].update(video="gone.mkv"),
+     "node 1 (VisionZipLoadVideo): video 'gone.mkv' is not in ComfyUI's input folder"),
     (lambda p: p["4"]["inputs"].update(colour="red"), "node 4 (VisionZipAnswer): has no input 'colour'"),
 ])
 def test_a_bad_workflow_is_refused_before_anything_runs(change, message, capsys, tmp_path, monkeypatch):
@@ -195,7 +201,8 @@ def test_wrong_files_are_one_line(capsys, tmp_path):
 
 def test_a_node_that_refuses_its_input_while_running_names_itself(capsys, tmp_path, tiny_model_dir):
     runner = _runner()
-    code = runner.main([str(REPO / "workflows" / "api" / "long_video_qa_api.json"), "--set", f"1.path={tmp_path / 'no.mp4'}",
+    code = runner.main([str(REPO / "workflows" / "api" / "long_video_qa_api.json"),
+                        "--set", f"1.path={tmp_path / 'no.mp4'}",
                         "--set", f"2.path={tiny_model_dir('llava')}", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "error: node 1 (VisionZipLoadVideo):" in err and "no.mp4: file not found" in err

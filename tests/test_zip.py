@@ -70,7 +70,8 @@ def test_matches_reference_with_cls(seed, dominant, contextual):
 def test_matches_reference_without_cls(seed):
     g = torch.Generator().manual_seed(seed)
     B, S, D = 2, 729, 40
-    hidden, received, keys = torch.randn(B, S, D, generator=g), torch.rand(B, S, generator=g), torch.randn(B, S, 8, generator=g)
+    hidden, received, keys = (torch.randn(B, S, D, generator=g), torch.rand(B, S, generator=g),
+                              torch.randn(B, S, 8, generator=g))
     ours = visionzip(hidden, received, keys, 60, 12, cls_token=False)
     ref_tokens, ref_dominant = reference_no_cls(hidden, received, keys, 60, 12)
     assert torch.equal(ours.dominant_positions, ref_dominant)
@@ -129,7 +130,8 @@ def test_half_precision_tracks_fp32(dtype):
 
 def test_batch_items_are_independent():
     g = torch.Generator().manual_seed(1)
-    hidden, scores, keys = torch.randn(4, 50, 8, generator=g), torch.rand(4, 49, generator=g), torch.randn(4, 50, 4, generator=g)
+    hidden, scores, keys = (torch.randn(4, 50, 8, generator=g), torch.rand(4, 49, generator=g),
+                            torch.randn(4, 50, 4, generator=g))
     batched = visionzip(hidden, scores, keys, 6, 4)
     for b in range(4):
         single = visionzip(hidden[b:b + 1], scores[b:b + 1], keys[b:b + 1], 6, 4)
@@ -139,7 +141,8 @@ def test_batch_items_are_independent():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(dominant=500, contextual=100), "asked for 500 dominant + 100 contextual = 600 tokens, but each image has only 577 tokens"),
+        (dict(dominant=500, contextual=100),
+         "asked for 500 dominant + 100 contextual = 600 tokens, but each image has only 577 tokens"),
         (dict(dominant=0, contextual=10), "dominant counts the CLS token"),
         (dict(dominant=-1, contextual=10), "dominant must be an integer >= 0"),
         (dict(dominant=5, contextual=2.5), "contextual must be an integer >= 0"),
@@ -169,7 +172,8 @@ def test_baselines():
         torch.testing.assert_close(p.tokens[0, cell], hidden[0, members].mean(0))
     f = compress(hidden, None, None, 10, 2, method="full")
     assert torch.equal(f.tokens, hidden)
-    with pytest.raises(VisionZipError, match="unknown compression method 'topk'; valid: visionzip, full, pool, uniform"):
+    with pytest.raises(VisionZipError,
+                       match="unknown compression method 'topk'; valid: visionzip, full, pool, uniform"):
         compress(hidden, None, None, 10, 2, method="topk")
 
 

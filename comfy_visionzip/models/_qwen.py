@@ -82,7 +82,8 @@ class QwenFamily(FamilyModule):
         full = encoder.tokens_for(size) if size else encoder.tokens_per_image
         probe = EncodedImages(torch.zeros(1, full, 1), torch.zeros(1, full), torch.zeros(1, full, 1), False,
                               encoder.grid_for(size) if size else (1, full))
-        per = encoder.zip(probe, dominant, contextual, method).tokens.shape[1]  # the encoder's own count (small frames too)
+        # the encoder's own count (small frames too)
+        per = encoder.zip(probe, dominant, contextual, method).tokens.shape[1]
         return VisualLayout(per_frame=int(per), extra=0, crops=1, per_image=int(per), frames_per_unit=encoder.temporal)
 
     # ---- prompt
@@ -103,7 +104,8 @@ class QwenFamily(FamilyModule):
         counts = list(video.frame_tokens) if video.frame_tokens and per_frame is None else [count] * video.num_frames
         if self.timestamp_text and kind == "video":
             times = video.timestamps if video.timestamps else [0.0] * video.num_frames  # the model's format needs them
-            return "".join(f"<{t:.1f} seconds>{VISION_START}{token_text * n}{VISION_END}" for t, n in zip(times, counts))
+            return "".join(f"<{t:.1f} seconds>{VISION_START}{token_text * n}{VISION_END}"
+                           for t, n in zip(times, counts))
         total = video.visual_tokens if per_frame is None else per_frame * video.num_frames
         return VISION_START + token_text * total + VISION_END
 
@@ -136,7 +138,8 @@ class QwenFamily(FamilyModule):
         first = chat.first_prompt_length or len(ids)
         key = tuple(ids[:first])
         if state["rope"] is None or state["rope"][0] != key:
-            head = first_prompt_positions(self.rope_owner(chat.vlm), state["cells"], list(key), chat.kind, chat.token_id)
+            head = first_prompt_positions(self.rope_owner(chat.vlm), state["cells"], list(key), chat.kind,
+                                          chat.token_id)
             state["rope"] = (key, head)
         return continued(state["rope"][1], len(ids))
 

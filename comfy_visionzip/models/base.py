@@ -177,7 +177,8 @@ class FamilyModule:
     def encoder(self, vlm: VisionLanguageModel) -> Encoder:
         """The encoder video frames go through."""
         tower = getattr(vlm.inner, self.video_tower)
-        return VisionEncoder(tower, self.preprocess(vlm), vision_feature_layer=vlm.config.get("vision_feature_layer", -2),
+        return VisionEncoder(tower, self.preprocess(vlm),
+                             vision_feature_layer=vlm.config.get("vision_feature_layer", -2),
                              select_strategy=self.select_strategy(vlm), resampler=self.resampler(vlm))
 
     def token_width(self, vlm: VisionLanguageModel) -> int:
@@ -197,8 +198,8 @@ class FamilyModule:
         """(N, D_text): the video's tokens through the model's projector, arranged in prompt order."""
         tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
         projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
-        return self.arrange(vlm, projected, method=video.method, crops=video.crops, frame_size=video.meta.get("frame_size"),
-                            keep=video.keep)
+        return self.arrange(vlm, projected, method=video.method, crops=video.crops,
+                            frame_size=video.meta.get("frame_size"), keep=video.keep)
 
     def layout(self, vlm: VisionLanguageModel, *, method: str, dominant: int, contextual: int,
                frame_size: Sequence[int] | None) -> VisualLayout:

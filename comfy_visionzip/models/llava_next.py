@@ -4,9 +4,11 @@ Uncompressed ("full") tokens are packed the model's own way (the tile grid unpad
 ``image_newline`` after every row); compressed tokens have no rows, so one newline closes each frame.
 """
 
+from collections.abc import Sequence
+
 import torch
 
-from .base import FamilyModule
+from .base import FamilyModule, VisionLanguageModel
 
 
 class LlavaNext(FamilyModule):
@@ -14,7 +16,8 @@ class LlavaNext(FamilyModule):
     class_name = "LlavaNextForConditionalGeneration"
     display = "LLaVA-NeXT"
 
-    def arrange(self, vlm, projected, *, method, crops, frame_size, keep=None):
+    def arrange(self, vlm: VisionLanguageModel, projected: torch.Tensor, *, method: str, crops: int,
+                frame_size: Sequence[int] | None, keep: torch.Tensor | None = None) -> torch.Tensor:
         inner = vlm.inner
         if keep is not None:  # temporal: each frame's kept tokens, then its newline
             newline = inner.image_newline[None].to(projected)

@@ -1,7 +1,9 @@
 """LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``): frames through the video path; the
 model's 2x2 resampler is what "full" (no compression) means, so it is used for that method."""
 
-from .base import FamilyModule
+import torch
+
+from .base import FamilyModule, VisionLanguageModel
 
 
 class LlavaNextVideo(FamilyModule):
@@ -10,5 +12,5 @@ class LlavaNextVideo(FamilyModule):
     display = "LLaVA-NeXT-Video"
     video_input = "video"
 
-    def resampler(self, vlm):
+    def resampler(self, vlm: VisionLanguageModel) -> torch.nn.Module | None:
         return getattr(vlm.inner, "vision_resampler", None)

@@ -2,9 +2,11 @@
 a SigLIP tower; uncompressed frames are pooled 2x bilinearly after projecting, and the video ends with
 one ``image_newline``."""
 
+from collections.abc import Sequence
+
 import torch
 
-from .base import FamilyModule
+from .base import FamilyModule, VisionLanguageModel
 
 
 class Onevision(FamilyModule):
@@ -13,7 +15,8 @@ class Onevision(FamilyModule):
     display = "LLaVA-OneVision"
     video_input = "video"
 
-    def arrange(self, vlm, projected, *, method, crops, frame_size, keep=None):
+    def arrange(self, vlm: VisionLanguageModel, projected: torch.Tensor, *, method: str, crops: int,
+                frame_size: Sequence[int] | None, keep: torch.Tensor | None = None) -> torch.Tensor:
         inner = vlm.inner
         if method == "full":
             projected = inner.apply_pooling(projected)

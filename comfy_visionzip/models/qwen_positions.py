@@ -29,7 +29,8 @@ class VideoCells:
     merge: int  # the merger's side (2): patches per merged token along each axis
 
 
-def first_prompt_positions(rope_owner: Any, cells: VideoCells, ids: list[int], kind: str, token_id: int) -> torch.Tensor:
+def first_prompt_positions(rope_owner: Any, cells: VideoCells, ids: list[int], kind: str,
+                           token_id: int) -> torch.Tensor:
     """(3, len(ids)) positions of the first prompt: the model's own rope index on the uncompressed layout,
     read at each kept token's own cell (and at every text token)."""
     rows, cols = cells.grid

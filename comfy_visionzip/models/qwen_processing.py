@@ -11,7 +11,16 @@ from typing import Any
 import torch
 
 from ..errors import VisionZipError
-from ..preprocess import DECODE_MARGIN, DynamicResolution, Preprocess, as_uint8_frames, resize_bicubic
+from ..preprocess import (
+    DECODE_MARGIN,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    DynamicResolution,
+    Preprocess,
+    as_uint8_frames,
+    resize_bicubic,
+    rgb_triple,
+)
 
 VIDEO_TOKENS_PER_FRAME = 768  # the Qwen team's default cap for video frames (qwen-vl-utils), in merged tokens
 
@@ -43,8 +52,8 @@ def qwen_preprocess(config: dict[str, Any], *, video: bool) -> Preprocess:
     most = int(config.get("max_pixels") or size.get("longest_edge") or factor * factor * 1280)
     if video:
         most = min(most, VIDEO_TOKENS_PER_FRAME * factor * factor)
-    mean = tuple(float(v) for v in config.get("image_mean") or (0.48145466, 0.4578275, 0.40821073))
-    std = tuple(float(v) for v in config.get("image_std") or (0.26862954, 0.26130258, 0.27577711))
+    mean = rgb_triple(config.get("image_mean") or OPENAI_CLIP_MEAN)
+    std = rgb_triple(config.get("image_std") or OPENAI_CLIP_STD)
     rescale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
     dynamic = DynamicResolution(factor=factor, min_pixels=least, max_pixels=most, patch=patch,
                                 temporal=int(config.get("temporal_patch_size", 2)))
@@ -107,7 +116,8 @@ class QwenProcessor:
         x = frames.to(device).permute(0, 3, 1, 2).float()
         return resize_bicubic(x, height, width)
 
-    def pixels(self, frames: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixels(self, frames: torch.Tensor, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames -> (pixel rows, grid_thw (units, 3)) as the model's processor makes them: resized to
         multiples of patch x merge, normalised, an odd last frame repeated, two frames per temporal patch."""
         x = self.resized(frames, device)

@@ -23,9 +23,9 @@ flash path recomputes a dense softmax over every patch of the batch in bf16, acr
 here every temporal patch is an image of its own, scored in float32 within itself, any batch, video
 included, with no patched model class and the tower's own attention kernel kept (flash included). It
 keeps a fixed share of each image (65% dominant + 5% contextual, edited in its source); here the counts
-are per temporal patch (``dominant`` / ``contextual``), like every other family, so the budget is exact. DeepStack (Qwen3-VL) features are pruned and merged
-with exactly the kept tokens' selection (as the public Qwen3-VL port does; it merges by plain mean,
-we keep the authors' target + mean).
+are per temporal patch (``dominant`` / ``contextual``), like every other family, so the budget is exact.
+DeepStack (Qwen3-VL) features are pruned and merged with exactly the kept tokens' selection (as the
+public Qwen3-VL port does; it merges by plain mean, we keep the authors' target + mean).
 
 A "frame" of a compressed Qwen video is one temporal patch (two sampled frames; an odd last frame is
 repeated, as the processor does); its timestamp is the mean of its two frames' times.
@@ -69,12 +69,13 @@ class QwenEncoder(Encoder):
         self.preprocess_spec = preprocess
         self.cls_token = False
         self.select_strategy = "full"
-        config = visual.config
+        tower: Any = visual  # a transformers Qwen vision model
+        config = tower.config
         self.merge = int(config.spatial_merge_size)
         self.processor = QwenProcessor(preprocess, self.merge)
         self.patch = self.processor.patch
         self.temporal = self.processor.temporal
-        self.blocks = list(visual.blocks)
+        self.blocks = list(tower.blocks)
         self.num_layers = len(self.blocks)
         full = list(getattr(config, "fullatt_block_indexes", None) or range(self.num_layers)) if window else \
             list(range(self.num_layers))
@@ -146,13 +147,14 @@ class QwenEncoder(Encoder):
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         if not self.window:
             return None
-        visual = self.tower
+        visual: Any = self.tower
         if hasattr(visual, "get_window_index"):  # transformers 4.x
             return visual.get_window_index(grid)[0]
         from transformers.vision_utils import get_vision_window_index  # transformers 5.x only (absent in 4.x)
 
         params = inspect.signature(get_vision_window_index).parameters
-        kwargs = {"spatial_merge_size": self.merge, "window_size": visual.window_size, "patch_size": self.patch}
+        kwargs: dict[str, Any] = {"spatial_merge_size": self.merge, "window_size": visual.window_size,
+                                  "patch_size": self.patch}
         if "kwargs" in params:
             kwargs["kwargs"] = {}
         return get_vision_window_index(grid, **kwargs)[0]
@@ -160,13 +162,13 @@ class QwenEncoder(Encoder):
     def _forward(self, rows: torch.Tensor,
                  grid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, Any]:
         """Run the tower; returns (merged tokens, [DeepStack features], q, k, cu_seqlens of the score block)."""
-        captured: dict = {}
+        captured: dict[str, Any] = {}
 
-        def pre(_module, args, kwargs):
+        def pre(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             captured["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
             captured["rope"] = kwargs.get("position_embeddings")
 
-        def qkv(_module, _args, output):
+        def qkv(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
             captured["qkv"] = output
 
         handles = [self.block.attn.register_forward_pre_hook(pre, with_kwargs=True),
@@ -177,7 +179,8 @@ class QwenEncoder(Encoder):
             for handle in handles:
                 handle.remove()
         if isinstance(out, tuple):  # transformers 4.x: merged, or (merged, deepstack list)
-            merged, deep = (out[0], list(out[1])) if len(out) > 1 and isinstance(out[1], (list, tuple)) else (out[0], [])
+            merged, deep = ((out[0], list(out[1])) if len(out) > 1 and isinstance(out[1], (list, tuple))
+                            else (out[0], []))
         elif isinstance(out, torch.Tensor):
             merged, deep = out, []
         else:
@@ -279,7 +282,8 @@ class QwenEncoder(Encoder):
         elif method == "full":
             result = compress(hidden, None, None, 0, 0, method="full")
         else:
-            result = compress(hidden, None, None, dominant, contextual, method=method, cls_token=False, grid=encoded.grid)
+            result = compress(hidden, None, None, dominant, contextual, method=method, cls_token=False,
+                              grid=encoded.grid)
         return raster_order(result)
 
 

@@ -1,7 +1,7 @@
 """Video-LLaVA (``VideoLlavaForConditionalGeneration``): its own video tower, which keeps CLS for
 video frames (the "full" feature strategy)."""
 
-from .base import FamilyModule
+from .base import FamilyModule, VisionLanguageModel
 
 
 class VideoLlava(FamilyModule):
@@ -11,5 +11,5 @@ class VideoLlava(FamilyModule):
     video_tower = "video_tower"
     video_input = "video"
 
-    def select_strategy(self, vlm) -> str:
+    def select_strategy(self, vlm: VisionLanguageModel) -> str:
         return "full"  # Video-LLaVA keeps CLS for video frames

@@ -24,7 +24,8 @@ BITS = 16  # frame numbers up to 65535 (36 minutes at 30 fps)
 def _grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = np.arange(width, dtype=np.float32) / max(width, 1) * 6.28
     y = np.arange(height, dtype=np.float32) / max(height, 1) * 6.28
-    xy = (np.arange(height, dtype=np.float32)[:, None] + np.arange(width, dtype=np.float32)[None, :]) / max(width + height, 1) * 6.28
+    xy = ((np.arange(height, dtype=np.float32)[:, None] + np.arange(width, dtype=np.float32)[None, :])
+          / max(width + height, 1) * 6.28)
     return x, y, xy
 
 

@@ -82,7 +82,8 @@ def _clip_processor(size: int, pinpoints: list[list[int]] | None = None, kind: s
 
 
 def _video_processor(image_processor: Json, kind: str) -> Json:
-    video = {k: v for k, v in image_processor.items() if k not in ("image_processor_type", "image_grid_pinpoints", "do_pad")}
+    video = {k: v for k, v in image_processor.items()
+             if k not in ("image_processor_type", "image_grid_pinpoints", "do_pad")}
     return {**video, "video_processor_type": kind}
 
 
@@ -125,7 +126,8 @@ def _onevision(n: int, patch: int, pinpoints: list[list[int]], ids: dict[str, in
     square = {"height": n, "width": n}
     common = {"do_resize": True, "size": square, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
               "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
-    image = {"image_processor_type": "LlavaOnevisionImageProcessor", **common, "do_pad": True, "image_grid_pinpoints": grid}
+    image = {"image_processor_type": "LlavaOnevisionImageProcessor", **common, "do_pad": True,
+             "image_grid_pinpoints": grid}
     return config, image, {"video_processor_type": "LlavaOnevisionVideoProcessor", **common}
 
 
@@ -133,7 +135,8 @@ TINY: dict[str, TinySpec] = {"llava": _llava, "llava_next": _llava_next, "llava_
                              "video_llava": _video_llava, "llava_onevision": _onevision}
 
 
-def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int = 48, patch: int = 6, seed: int = 0) -> str:
+def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int = 48, patch: int = 6,
+               seed: int = 0) -> str:
     """Create and save a tiny random checkpoint of ``family`` (a model_type) in ``folder``; returns the folder."""
     if family in TINY_QWEN:
         return build_tiny_qwen(family, folder, seed=seed)
@@ -144,7 +147,8 @@ def build_tiny(family: str, folder: str | os.PathLike[str], *, image_size: int =
     text = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    ids = {"image": tok.convert_tokens_to_ids("<image>"), "video": tok.convert_tokens_to_ids("<video>")}
+    vocab = tok.get_vocab()
+    ids = {"image": vocab["<image>"], "video": vocab["<video>"]}
     n = image_size
     pinpoints = [[n, 2 * n], [2 * n, n], [2 * n, 2 * n]]
     own, image_proc, video_proc = TINY[family](n, patch, pinpoints, ids)
@@ -185,10 +189,12 @@ QWEN2_5_VL_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -213,31 +219,32 @@ def make_qwen_tokenizer(template: str, vocab_size: int = 512) -> tf.PreTrainedTo
                           bos=None, eos="<|im_end|>", pad="<|endoftext|>")
 
 
-def _qwen2_5_vl(patch: int, text: Json, ids: dict[str, int]) -> Any:
+def _qwen2_5_vl(patch: int, text: Json, ids: Json) -> Any:
     factor = patch * 2
     vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
                   temporal_patch_size=2, tokens_per_second=2, window_size=factor * 2, out_hidden_size=32,
                   fullatt_block_indexes=[1, 3])
     rope = {"rope_type": "default", "mrope_section": MROPE, "rope_theta": 1000000.0}
     if _major() < 5:  # 4.x keeps the text settings on the top config
-        config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, rope_scaling={"type": "mrope", "mrope_section": MROPE},
-                                     **ids)
+        legacy: Json = {"rope_scaling": {"type": "mrope", "mrope_section": MROPE}}
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, **text, **legacy, **ids)
     else:
         config = tf.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **ids)
     config.bos_token_id = None  # the word-level vocabulary has no BOS (the real one is past its end)
     return config
 
 
-def _qwen3_vl(patch: int, text: Json, ids: dict[str, int]) -> Any:
+def _qwen3_vl(patch: int, text: Json, ids: Json) -> Any:
     vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=patch, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+                  temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
     rope = {"rope_type": "default", "mrope_section": MROPE, "mrope_interleaved": True, "rope_theta": 5000000.0}
     return tf.Qwen3VLConfig(text_config={**text, "head_dim": 8, "rope_parameters": rope}, vision_config=vision, **ids)
 
 
 MROPE = [2, 1, 1]  # head_dim 8: (time, height, width) sections of its 4 rotary frequencies
 # model_type -> (config builder, chat template, video processor class)
-TINY_QWEN: dict[str, tuple[Callable[[int, Json, dict[str, int]], Any], str, str]] = {
+TINY_QWEN: dict[str, tuple[Callable[[int, Json, Json], Any], str, str]] = {
     "qwen2_5_vl": (_qwen2_5_vl, QWEN2_5_VL_TEMPLATE, "Qwen2VLVideoProcessor"),
     "qwen3_vl": (_qwen3_vl, QWEN3_VL_TEMPLATE, "Qwen3VLVideoProcessor"),
 }
@@ -253,15 +260,16 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
     make_config, template, video_kind = TINY_QWEN[family]
     torch.manual_seed(seed)
     tok = make_qwen_tokenizer(template)
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+    ids: Json = {name: tok.convert_tokens_to_ids(t) for name, t in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     factor = patch * 2
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, bos_token_id=None)
+    text: Json = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     model = getattr(tf, FAMILY_MODULES[family].class_name)(make_config(patch, text, ids))
-    pixels = {"min_pixels": factor * factor * 16, "max_pixels": factor * factor * 256}  # 16..256 merged tokens per frame
+    # 16..256 merged tokens per frame
+    pixels = {"min_pixels": factor * factor * 16, "max_pixels": factor * factor * 256}
     common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
               "do_convert_rgb": True, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import VideoError, VisionZipError
-from .backends import _resize, output_size, resolve_backend, target_size
+from .backends import Reader, _resize, output_size, resolve_backend, target_size
 from .plan import check_plan_args, plan_frames
 from .probe import StreamIndex, get_index
 
@@ -116,7 +116,7 @@ class FramesHandle:
     source: str = "<frames in memory>"
     picks: tuple[int, ...] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         frames = self.frames
         if frames.is_floating_point():
             object.__setattr__(self, "frames", (frames.clamp(0, 1) * 255).round().to(torch.uint8))
@@ -149,7 +149,8 @@ class FramesHandle:
             if progress is not None:
                 progress(min(start + chunk_size, total), total)
             yield VideoClip(self.frames[part], times[start: start + chunk_size], part, float(self.frame_rate),
-                            self.frames.shape[0] / float(self.frame_rate), "memory", self.source, int(self.frames.shape[0]))
+                            self.frames.shape[0] / float(self.frame_rate), "memory", self.source,
+                            int(self.frames.shape[0]))
 
 
 def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
@@ -169,7 +170,7 @@ def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
         raise VideoError(index.source, str(e)) from e
 
 
-def _explicit(index: StreamIndex, frames: Sequence[int], **plan_args) -> list[int]:
+def _explicit(index: StreamIndex, frames: Sequence[int], **plan_args: object) -> list[int]:
     given = [k for k, v in plan_args.items() if v is not None]
     if given:
         raise VisionZipError(f"give either frames or a plan ({', '.join(given)}), not both")
@@ -208,11 +209,26 @@ def iter_video(
     ``cover=(height, width)`` scales frames down while decoding so that they still cover that box.
     """
     return _start(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames, backend=backend,
-                  every=every, max_size=max_size, frames=frames, chunk_size=chunk_size, progress=progress, cover=cover)[0]
+                  every=every, max_size=max_size, frames=frames, chunk_size=chunk_size, progress=progress,
+                  cover=cover)[0]
 
 
-def _start(path, *, num_frames, fps, start, end, max_frames, backend, every, max_size, frames, chunk_size, progress,
-           cover):
+def _start(
+    path: Any,
+    *,
+    num_frames: int | None,
+    fps: float | None,
+    start: float,
+    end: float | None,
+    max_frames: int | None,
+    backend: str,
+    every: int | None,
+    max_size: int | None,
+    frames: Sequence[int] | None,
+    chunk_size: int,
+    progress: Progress | None,
+    cover: tuple[int, int] | None,
+) -> tuple[Iterator[VideoClip], StreamIndex, list[int], tuple[int, int]]:
     """(chunk iterator, index, planned indices, output (height, width)); everything checked, nothing decoded."""
     check_plan_args(num_frames=num_frames, target_fps=fps, every=every, start=start, end=end, max_frames=max_frames)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -236,7 +252,16 @@ def _start(path, *, num_frames, fps, start, end, max_frames, backend, every, max
     return chunks, index, indices, output_size(index, max_size, cover)
 
 
-def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress, timings) -> Iterator[VideoClip]:
+def _iter_chunks(
+    index: StreamIndex,
+    indices: Sequence[int],
+    backend_name: str,
+    read: Reader,
+    size: tuple[int, int] | None,
+    chunk_size: int,
+    progress: Progress | None,
+    timings: dict[str, float],
+) -> Iterator[VideoClip]:
     ts = index.timestamps
     total = len(indices)
     done = 0
@@ -245,9 +270,9 @@ def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress,
     buf_idx: list[int] = []
     t_start = time.perf_counter()
 
-    def flush() -> VideoClip:
+    def flush(chunk: torch.Tensor) -> VideoClip:
         clip = VideoClip(
-            frames=buf[:filled] if filled < buf.shape[0] else buf,
+            frames=chunk[:filled] if filled < chunk.shape[0] else chunk,
             timestamps=[float(ts[i]) for i in buf_idx],
             indices=list(buf_idx),
             fps=index.fps,
@@ -277,11 +302,11 @@ def _iter_chunks(index, indices, backend_name, read, size, chunk_size, progress,
         if progress is not None:
             progress(done, total)
         if filled == buf.shape[0]:
-            yield flush()
+            yield flush(buf)
             buf = None
             t_start = time.perf_counter()
     if buf is not None and filled:
-        yield flush()
+        yield flush(buf)
     elif done == 0:
         raise VideoError(index.source, "no frame could be decoded", "the file may be corrupt or truncated")
 
@@ -335,8 +360,9 @@ def sample_video(
     need = len(indices) * height * width * 3
     if max_bytes is not None and need > max_bytes:
         fits = max(max_bytes // (height * width * 3), 1)
-        raise VideoError(index.source, f"the plan holds {len(indices)} frames of {width}x{height} ({need / 2**30:.2f} GiB) "
-                                       f"in memory, over sample_video's cap of {max_bytes / 2**30:.2f} GiB",
+        raise VideoError(index.source, f"the plan holds {len(indices)} frames of {width}x{height} "
+                                       f"({need / 2**30:.2f} GiB) in memory, over sample_video's cap of "
+                                       f"{max_bytes / 2**30:.2f} GiB",
                          f"ask for at most {fits} frames (num_frames / fps / max_frames), scale them with max_size, "
                          "or stream them with iter_video")
     return next(iter(chunks))

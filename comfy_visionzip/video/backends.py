@@ -1,4 +1,4 @@
-"""Decoder backends: PyAV (default), decord, OpenCV. Each imports its library lazily.
+"""Decoder backends: PyAV (default), decord, OpenCV. The optional ones (decord, OpenCV) import their library lazily.
 
 Every backend decodes the frames of a plan (positions in the :class:`StreamIndex`, presentation order)
 and yields ``(position, rgb)`` with ``rgb`` a uint8 ``[H, W, 3]`` array in display orientation. The index
@@ -18,11 +18,18 @@ Hazards handled here (each measured on real files):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import av
 import numpy as np
+import torch
+from av.container import InputContainer
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
 
 from ..errors import VideoError, VisionZipError
 from .probe import StreamIndex, open_container
@@ -32,12 +39,15 @@ log = logging.getLogger(__name__)
 # Containers (FFmpeg demuxer names) on which decord has been seen to work; it can hang on others.
 DECORD_SAFE_FORMATS = ("mov", "mp4", "matroska", "webm", "avi")
 
+# read(index, frames, size) -> (position, rgb) for each planned frame; size: coded (width, height) or None
+Reader = Callable[[StreamIndex, Sequence[int], tuple[int, int] | None], Iterator[tuple[int, np.ndarray]]]
+
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     module: str  # the Python module it needs
-    read: Callable[..., Iterator[tuple[int, np.ndarray]]]
+    read: Reader
     note: str
 
 
@@ -77,8 +87,6 @@ def _orient(rgb: np.ndarray, rotation: int) -> np.ndarray:
 
 def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-downscale an RGB uint8 array to (width, height)."""
-    import torch
-
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
     t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="area")
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -87,10 +95,9 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- PyAV
 
 
-def _decoded_frames(container, stream, index: StreamIndex, counter: list[int]):
+def _decoded_frames(container: InputContainer, stream: VideoStream, index: StreamIndex,
+                    counter: list[int]) -> Iterator[VideoFrame]:
     """Decoded frames after the current position, errors in single packets skipped (logged)."""
-    import av
-
     for packet in container.demux(stream):
         try:
             frames = packet.decode()
@@ -102,20 +109,21 @@ def _decoded_frames(container, stream, index: StreamIndex, counter: list[int]):
         yield from frames
 
 
-def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+def read_pyav(index: StreamIndex, frames: Sequence[int],
+              size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
     targets = sorted(set(frames))
     if not targets:
         return
-    kwargs = {"format": "rgb24"}
-    if size is not None:
-        kwargs.update(width=size[0], height=size[1], interpolation="AREA")
+    # rgb24, scaled (area) to ``size`` when given; None leaves PyAV's defaults (keep the size)
+    width, height = size if size is not None else (None, None)
+    interpolation = "AREA" if size is not None else None
     bad_packets = [0]
     pts_list = index.pts
-    container = None
+    container: InputContainer | None = None
     try:
         ti = 0  # next target to produce
         pos = -1  # presentation position of the latest decoded frame
-        frame_iter = None
+        frame_iter: Iterator[VideoFrame] | None = None
         backoff = 0  # how many keyframes further back than needed the next seek goes (after an overshoot)
         while ti < len(targets):
             target = targets[ti]
@@ -130,7 +138,11 @@ def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] |
                     if container is not None:
                         container.close()
                     container = open_container(index.source)
-                    stream = container.streams[index.stream_index]
+                    found = container.streams[index.stream_index]
+                    if not isinstance(found, VideoStream):  # the index was made from this stream: the file changed
+                        raise VideoError(index.source, f"stream {index.stream_index} is not a video stream",
+                                         "the file changed after it was indexed")
+                    stream = found
                     stream.thread_type = "AUTO"
                 if seek_pos > 0:
                     container.seek(int(pts_list[seek_pos]), stream=stream, backward=True, any_frame=False)
@@ -155,9 +167,11 @@ def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] |
                 if p < target:
                     continue
                 if p > target:  # frames in between were undecodable (corrupt data)
-                    log.warning("%s: frame %d could not be decoded; returning frame %d instead", index.source, target, p)
+                    log.warning("%s: frame %d could not be decoded; returning frame %d instead",
+                                index.source, target, p)
                 backoff = 0
-                yield p, _orient(frame.reformat(**kwargs).to_ndarray(), index.rotation)
+                rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation)
+                yield p, _orient(rgb.to_ndarray(), index.rotation)
                 while ti < len(targets) and targets[ti] <= p:
                     ti += 1
                 break
@@ -178,7 +192,8 @@ def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] |
 # --------------------------------------------------------------------------------------------- decord
 
 
-def read_decord(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+def read_decord(index: StreamIndex, frames: Sequence[int],
+                size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
     source = index.source
     if not isinstance(source, str):
         raise VideoError(source, "the decord backend reads files by path only", "use backend='pyav'")
@@ -186,9 +201,9 @@ def read_decord(index: StreamIndex, frames: Sequence[int], size: tuple[int, int]
     if not fmt_names & set(DECORD_SAFE_FORMATS):
         raise VideoError(source, f"decord is not used on {index.container_format!r} files (it can hang on them)",
                          "use backend='pyav' (the default)")
-    import decord
+    import decord  # optional dependency: the decord backend only
 
-    kwargs = {"ctx": decord.cpu(0), "num_threads": 0}
+    kwargs: dict[str, Any] = {"ctx": decord.cpu(0), "num_threads": 0}
     if size is not None and index.rotation == 0:  # decord resizes rotated video wrongly: resize ourselves
         kwargs.update(width=size[0], height=size[1])
     try:
@@ -222,11 +237,12 @@ def read_decord(index: StreamIndex, frames: Sequence[int], size: tuple[int, int]
 # --------------------------------------------------------------------------------------------- OpenCV
 
 
-def read_opencv(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+def read_opencv(index: StreamIndex, frames: Sequence[int],
+                size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
     source = index.source
     if not isinstance(source, str):
         raise VideoError(source, "the opencv backend reads files by path only", "use backend='pyav'")
-    import cv2
+    import cv2  # optional dependency (opencv-python): the opencv backend only
 
     cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG)
     try:
@@ -240,7 +256,8 @@ def read_opencv(index: StreamIndex, frames: Sequence[int], size: tuple[int, int]
         i = -1
         while ti < len(targets):
             if not cap.grab():  # decodes the next frame in presentation order; no seeking (see module doc)
-                log.warning("%s: OpenCV stopped after %d frames; frames %s.. not returned", source, i + 1, targets[ti])
+                log.warning("%s: OpenCV stopped after %d frames; frames %s.. not returned",
+                            source, i + 1, targets[ti])
                 return
             i += 1
             if i != targets[ti]:
@@ -258,15 +275,15 @@ def read_opencv(index: StreamIndex, frames: Sequence[int], size: tuple[int, int]
 
 
 BACKENDS: dict[str, Backend] = {
-    "pyav": Backend("pyav", "av", read_pyav, "default; seeks to keyframes for sparse plans, decodes through dense ones"),
-    "decord": Backend("decord", "decord", read_decord, "optional; mp4/mov/mkv/webm/avi only; reads in order from the start"),
+    "pyav": Backend("pyav", "av", read_pyav,
+                    "default; seeks to keyframes for sparse plans, decodes through dense ones"),
+    "decord": Backend("decord", "decord", read_decord,
+                      "optional; mp4/mov/mkv/webm/avi only; reads in order from the start"),
     "opencv": Backend("opencv", "cv2", read_opencv, "optional; decodes in order from the start (no seeking)"),
 }
 
 
 def backend_available(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(BACKENDS[name].module) is not None
 
 

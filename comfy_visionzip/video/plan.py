@@ -30,9 +30,7 @@ def _check_positive_int(name: str, value: object) -> int | None:
     return int(value)
 
 
-def _check_seconds(name: str, value: object, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
+def _check_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise VisionZipError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
@@ -53,23 +51,37 @@ def uniform_pick(count: int, n: int) -> list[int]:
     return [int(math.floor(k * step + 0.5)) for k in range(n)]
 
 
-def check_plan_args(*, num_frames=None, target_fps=None, every=None, start=0.0, end=None, max_frames=None):
-    """Validate the sampling options (before any file is opened); returns them normalised."""
-    num_frames = _check_positive_int("num_frames", num_frames)
-    every = _check_positive_int("every", every)
-    max_frames = _check_positive_int("max_frames", max_frames)
-    start = _check_seconds("start", start, allow_none=False)
-    end = _check_seconds("end", end, allow_none=True)
-    if target_fps is not None and (
-        isinstance(target_fps, bool) or not isinstance(target_fps, numbers.Real) or not (0 < target_fps < math.inf)
-    ):
-        raise VisionZipError(f"fps must be a positive number of frames per second or None, got {target_fps!r}")
-    modes = [name for name, v in (("num_frames", num_frames), ("fps", target_fps), ("every", every)) if v is not None]
+def check_plan_args(
+    *,
+    num_frames: object = None,
+    target_fps: object = None,
+    every: object = None,
+    start: object = 0.0,
+    end: object = None,
+    max_frames: object = None,
+) -> tuple[int | None, float | None, int | None, float, float | None, int | None]:
+    """Validate the sampling options (before any file is opened); returns them normalised.
+
+    Returns ``(num_frames, target_fps, every, start, end, max_frames)``.
+    """
+    frames_n = _check_positive_int("num_frames", num_frames)
+    every_n = _check_positive_int("every", every)
+    max_n = _check_positive_int("max_frames", max_frames)
+    start_s = _check_seconds("start", start)
+    end_s = None if end is None else _check_seconds("end", end)
+    rate: float | None = None
+    if target_fps is not None:
+        if isinstance(target_fps, bool) or not isinstance(target_fps, numbers.Real) or not (
+            0 < float(target_fps) < math.inf
+        ):
+            raise VisionZipError(f"fps must be a positive number of frames per second or None, got {target_fps!r}")
+        rate = float(target_fps)
+    modes = [name for name, v in (("num_frames", frames_n), ("fps", rate), ("every", every_n)) if v is not None]
     if len(modes) > 1:
         raise VisionZipError(f"give at most one of num_frames, fps, every (got {', '.join(modes)})")
-    if end is not None and end <= start:
-        raise VisionZipError(f"end ({end:g} s) must be after start ({start:g} s)")
-    return num_frames, (None if target_fps is None else float(target_fps)), every, start, end, max_frames
+    if end_s is not None and end_s <= start_s:
+        raise VisionZipError(f"end ({end_s:g} s) must be after start ({start_s:g} s)")
+    return frames_n, rate, every_n, start_s, end_s, max_n
 
 
 def plan_frames(

@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import av
 import numpy as np
+from av.container import InputContainer
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
 
-from ..errors import VideoError, VideoNotFoundError
+from ..errors import VideoError, VideoNotFoundError, _display_path
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StreamIndex:
@@ -69,14 +74,13 @@ class StreamIndex:
         return int(self.keyframes[pos]) if pos >= 0 else 0
 
 
-def open_container(source: Any):
+def open_container(source: Any) -> InputContainer:
     """``av.open`` with our errors: a missing, empty or non-video file names itself and the problem."""
-    import av  # lazy: importing the package must stay cheap
-
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
-            raise VideoNotFoundError(path, "file not found", "check the path; relative paths are from the current folder")
+            raise VideoNotFoundError(path, "file not found",
+                                     "check the path; relative paths are from the current folder")
         if os.path.isdir(path):
             raise VideoError(path, "is a folder, not a video file")
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -99,7 +103,7 @@ def open_container(source: Any):
                          "is it a video? try opening it in a media player") from e
 
 
-def _truncated_mp4(path) -> str | None:
+def _truncated_mp4(path: str | os.PathLike[str]) -> str | None:
     """Why an MP4/MOV that FFmpeg cannot open is truncated (its index missing), or None if it does not look so.
 
     MP4 files from cameras and downloads that are not "faststart" keep their index (the ``moov`` box)
@@ -109,7 +113,8 @@ def _truncated_mp4(path) -> str | None:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            offset, boxes = 0, []
+            offset = 0
+            boxes: list[bytes] = []
             while offset + 8 <= size and len(boxes) < 64:
                 f.seek(offset)
                 head = f.read(16)
@@ -135,7 +140,7 @@ def _short(err: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
-def pick_video_stream(container, source: Any):
+def pick_video_stream(container: InputContainer, source: Any) -> VideoStream:
     """The main video stream: the first one that is not cover art."""
     for stream in container.streams.video:
         disposition = getattr(stream, "disposition", None)
@@ -147,11 +152,12 @@ def pick_video_stream(container, source: Any):
                 attached = False
         if not attached:
             return stream
-    kinds = sorted({s.type for s in container.streams}) or ["nothing"]
-    raise VideoError(source, f"has no video stream (it holds: {', '.join(kinds)})", "give a video file, not audio or an image")
+    kinds: list[str] = sorted({s.type for s in container.streams}) or ["nothing"]
+    raise VideoError(source, f"has no video stream (it holds: {', '.join(kinds)})",
+                     "give a video file, not audio or an image")
 
 
-def _rotation_of(stream, first_frame) -> int:
+def _rotation_of(stream: VideoStream, first_frame: VideoFrame | None) -> int:
     """Counter-clockwise display rotation in degrees (0/90/180/270) from the display matrix."""
     angle = getattr(first_frame, "rotation", None) if first_frame is not None else None
     if angle is None:
@@ -166,8 +172,6 @@ def _rotation_of(stream, first_frame) -> int:
 
 def build_index(source: Any) -> StreamIndex:
     """Open ``source``, demux its video stream and return the frame index. Decodes one frame only."""
-    import av
-
     with open_container(source) as container:
         stream = pick_video_stream(container, source)
         codec = stream.codec_context.name if stream.codec_context is not None else "unknown"
@@ -191,7 +195,8 @@ def build_index(source: Any) -> StreamIndex:
                 keys.append(bool(packet.is_keyframe))
         except av.error.FFmpegError as e:
             if not stamps:
-                raise VideoError(source, f"cannot read the video stream ({_short(e)})", "the file may be corrupt") from e
+                raise VideoError(source, f"cannot read the video stream ({_short(e)})",
+                                 "the file may be corrupt") from e
             log.warning("%s: stopped reading after %d frames: %s (the file may be truncated)",
                         _display(source), len(stamps), _short(e))
         if not stamps:
@@ -200,8 +205,8 @@ def build_index(source: Any) -> StreamIndex:
         time_base = stream.time_base or Fraction(1, 1000)
         if any_missing:
             # No timestamps at all (raw elementary streams): frames are in decode order = file order.
-            rate = stream.average_rate or stream.base_rate or stream.guessed_rate or 25
-            time_base = Fraction(1, 1) / Fraction(rate)
+            nominal = stream.average_rate or stream.base_rate or stream.guessed_rate or 25
+            time_base = Fraction(1, 1) / Fraction(nominal)
             pts = np.arange(len(stamps), dtype=np.int64)
             order = np.arange(len(stamps))
         else:
@@ -210,7 +215,8 @@ def build_index(source: Any) -> StreamIndex:
             pts = raw[order]
             dup = np.concatenate([[False], pts[1:] == pts[:-1]])
             if dup.any():
-                log.warning("%s: %d packets share a timestamp; keeping the first of each", _display(source), int(dup.sum()))
+                log.warning("%s: %d packets share a timestamp; keeping the first of each",
+                            _display(source), int(dup.sum()))
                 keep = ~dup
                 pts, order = pts[keep], order[keep]
         key_arr = np.asarray(keys, dtype=bool)[order]
@@ -249,9 +255,7 @@ def build_index(source: Any) -> StreamIndex:
         )
 
 
-def _first_frame(container, stream):
-    import av
-
+def _first_frame(container: InputContainer, stream: VideoStream) -> VideoFrame | None:
     try:
         container.seek(0, stream=stream, backward=True, any_frame=False)
     except av.error.FFmpegError:
@@ -270,14 +274,12 @@ def _first_frame(container, stream):
 
 
 def _display(source: Any) -> str:
-    from ..errors import _display_path
-
     return _display_path(source)
 
 
 # A small cache so that re-running a workflow on the same file does not demux it again. Keyed by
 # the file's path, size and mtime: editing the file in place invalidates the entry.
-_CACHE: OrderedDict[tuple, StreamIndex] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, int], StreamIndex] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 16
 
