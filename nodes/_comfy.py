@@ -147,7 +147,7 @@ def make_room(model) -> None:
 
 def release(vlm, keep_loaded: bool) -> None:
     """After a run: move the model to the offload device unless it should stay loaded."""
-    if keep_loaded or getattr(vlm, "quantized", False):
+    if keep_loaded or vlm.quantized:
         return
     _load, offload = devices()
     vlm.to(offload)

@@ -25,7 +25,7 @@ class ModelHandle:
         self.target_device = target_device
 
     def __enter__(self):
-        if self.vlm.device.type != "cpu" or self.target_device == "cpu" or getattr(self.vlm, "quantized", False):
+        if self.vlm.device.type != "cpu" or self.target_device == "cpu" or self.vlm.quantized:
             return self.vlm
         _comfy.make_room(self.vlm.model)
         return self.vlm.to(self.target_device)
@@ -98,7 +98,6 @@ class VisionZipLoadVLM:
                 vlm = load_vlm(source, device=first, dtype=dtype if dtype != "auto" else _auto_dtype(target),
                                attn_implementation=attention,
                                quantization=None if quantization == "none" else quantization)
-                vlm.quantized = quantization != "none"
                 _CACHE.clear()  # one model at a time: a new choice frees the previous one
                 _CACHE[key] = vlm
         return (ModelHandle(vlm, keep_loaded, target),)
