@@ -425,7 +425,10 @@ def fit_turn(vlm: VisionLanguageModel, builder: PromptBuilder, video: Compressed
 
     fitted = fit_frames(count, context, frames)
     room = f" and {reserve} for follow-ups" if reserve else ""
-    numbers_ = (f"{frames} frames x {per_frame} tokens make a prompt of {prompt_tokens} tokens, plus "
+    shown = f"{frames} frames x {per_frame} tokens"
+    if video.repeats is not None:  # the temporal stage: frames differ
+        shown = f"{frames} frames ({video.total_tokens} visual tokens after the temporal stage)"
+    numbers_ = (f"{shown} make a prompt of {prompt_tokens} tokens, plus "
                 f"{answer_tokens} for the answer{room} = {need} > the context of {context}")
     if policy == "strict" or fitted == 0:
         fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
