@@ -40,6 +40,15 @@ class EncodedImages:
     def num_frames(self) -> int:
         return len(self) // self.crops
 
+    @classmethod
+    def concat(cls, parts: list[EncodedImages]) -> EncodedImages:
+        """Batches of one encoder's outputs, one after the other (the first's settings)."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        return cls(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
+                   torch.cat([p.keys for p in parts]), first.cls_token, first.grid, first.crops)
+
 
 @runtime_checkable
 class Encoder(Protocol):
@@ -56,10 +65,13 @@ class Encoder(Protocol):
     width: int  # the width of the main features in a token row (Qwen3-VL's DeepStack features follow them)
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """Where the tower's weights are (implementations that subclass Encoder inherit this)."""
+        return next(self.tower.parameters()).device
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
 
     @property
     def tokens_per_image(self) -> int:

@@ -102,14 +102,6 @@ class VisionEncoder(Encoder):
         self.width = int(config.hidden_size)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.tower.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.tower.parameters()).dtype
-
-    @property
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1] + (1 if self.cls_token else 0)
 
@@ -241,7 +233,7 @@ class VisionEncoder(Encoder):
             crops = pixels.shape[1]
             pixels = pixels.flatten(0, 1)
         parts = [self.encode_pixels(pixels[i: i + batch_size]) for i in range(0, pixels.shape[0], batch_size)]
-        encoded = _concat(parts)
+        encoded = EncodedImages.concat(parts)
         encoded.crops = crops
         encoded.meta["frame_size"] = (int(frames.shape[1]), int(frames.shape[2]))  # (H, W) as shown
         return encoded
@@ -277,14 +269,6 @@ class VisionEncoder(Encoder):
         return result
 
 
-def _concat(parts: list[EncodedImages]) -> EncodedImages:
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    return EncodedImages(
-        torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]),
-        first.cls_token, first.grid, first.crops,
-    )
 
 
 

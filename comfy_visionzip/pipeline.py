@@ -54,14 +54,6 @@ def _batches(chunks: Iterable[Chunk], batch_size: int) -> Iterator[Batch]:
                    indices[start: start + batch_size], source)
 
 
-def _concat(parts: list[EncodedImages]) -> EncodedImages:
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    return EncodedImages(
-        torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]), torch.cat([p.keys for p in parts]),
-        first.cls_token, first.grid, first.crops,
-    )
 
 
 def encode_frames(
@@ -92,7 +84,7 @@ def encode_frames(
             progress(done, total or done)
     if not parts:
         raise VisionZipError("no frames to encode")
-    merged = _concat(parts)
+    merged = EncodedImages.concat(parts)
     merged.timestamps, merged.indices = times, indices
     merged.views = torch.cat(views) if keep_views else None
     merged.encoder = encoder

@@ -144,8 +144,8 @@ class VisionZipVideoToTokens:
                                                    "neighbouring place); static stretches then cost far fewer tokens. "
                                                    "0.95 is the default (bench/bench_temporal.py: static video costs "
                                                    "about 3% of the tokens, real handheld motion 85%); 0 = off, unless "
-                                                   "Frame Budget planned the video with it (then its budget and 0.95 "
-                                                   "are used).")}),
+                                                   "Frame Budget planned the video with it (then its budget and its "
+                                                   "threshold are used).")}),
             },
         }
 
@@ -155,12 +155,12 @@ class VisionZipVideoToTokens:
                              "connected; connect Load Video (VisionZip) to Frame Budget's video input, or here "
                              "directly")
         handle, plan = unplanned(video)
-        planned = plan is not None and plan.temporal is not None  # Frame Budget planned with the temporal stage
+        planned = plan.temporal if plan is not None else None  # Frame Budget planned with the temporal stage
+        # this node's own threshold, else the one Frame Budget planned with; the plan's room holds the stage
         compression = Compression.parse(method=method, dominant=dominant, contextual=contextual,
-                                        tokens_per_frame=tokens_per_frame,
-                                        temporal=temporal or (True if planned else None))
-        if plan is not None and plan.temporal is not None:  # its room for visual tokens holds the stage
-            compression = compression.with_temporal_budget(plan.temporal.budget)
+                                        tokens_per_frame=tokens_per_frame, temporal=temporal or planned)
+        if planned is not None:
+            compression = compression.with_temporal_budget(planned.budget)
         total = len(handle.plan()[0])
         with model as vlm:
             tokens = compress_video(vlm, handle, compression=compression, batch_size=batch_size or None,

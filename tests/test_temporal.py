@@ -188,6 +188,17 @@ def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir
     off = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=6, contextual=2,
                                                 tokens_per_frame=0, batch_size=8)["result"][0]
     assert off.repeats is None
+    # the threshold Frame Budget planned with travels with its plan (room enough: nothing tightened)
+    roomy = nodes["VisionZipFrameBudget"]().plan(
+        token_budget=0, tokens_per_frame=8, reserved=0, model=model, video=handle, question="What happens ?",
+        max_new_tokens=16, temporal=0.5)["result"][2]
+    loose = nodes["VisionZipVideoToTokens"]().run(model=model, video=roomy, method="visionzip", dominant=6,
+                                                  contextual=2, tokens_per_frame=0, batch_size=8)["result"][0]
+    assert loose.meta["temporal"]["threshold"] == 0.5 and "temporal 0.5:" in loose.summary()
+    own = nodes["VisionZipVideoToTokens"]().run(model=model, video=roomy, method="visionzip", dominant=6,
+                                                contextual=2, tokens_per_frame=0, batch_size=8,
+                                                temporal=0.97)["result"][0]  # the node's own threshold wins
+    assert own.meta["temporal"]["threshold"] == 0.97 and own.meta["temporal"]["budget"] == roomy.temporal.budget
     on = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=6, contextual=2,
                                                tokens_per_frame=0, batch_size=8, temporal=0.9)["result"][0]
     assert on.total_tokens < off.total_tokens / 3

@@ -91,14 +91,6 @@ class QwenEncoder(Encoder):
         self.grid: tuple[int, int] = (0, 0)  # dynamic: each video's own (see grid_for)
         self.frames_per_unit = self.temporal
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.tower.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.tower.parameters()).dtype
-
     # ---- sizes and pixels (the processor's)
     @property
     def tokens_per_image(self) -> int:
@@ -229,11 +221,7 @@ class QwenEncoder(Encoder):
         step = max(1, batch_size // self.temporal)
         parts = [self.encode_pixels(rows[u * per: min(u + step, units) * per], grid[u: u + step])
                  for u in range(0, units, step)]
-        if len(parts) == 1:
-            encoded = parts[0]
-        else:
-            encoded = EncodedImages(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
-                                    torch.cat([p.keys for p in parts]), False, parts[0].grid)
+        encoded = EncodedImages.concat(parts)
         encoded.meta["frame_size"] = (int(frames.shape[1]), int(frames.shape[2]))
         encoded.meta["frames_per_unit"] = self.temporal  # each encoded "frame" is a temporal patch
         return encoded
