@@ -1,143 +1,23 @@
-"""Token budget planning: what fits in the model's context, counted exactly, before anything is decoded.
-
-The planner is the one place that knows the context window and counts the prompt; the command line,
-the nodes and the Python API ask it, so "fits" means the same everywhere:
-
-  - the context length comes from the checkpoint's text config (:func:`context_length`);
-  - the whole first prompt is counted with the checkpoint's own chat template and tokenizer (system
-    prompt, the video's placeholder tokens with every per-frame timestamp label or LLaVA-Video's time
-    instruction, newline tokens, the question), see :class:`~comfy_visionzip.prompt.PromptBuilder`;
-  - visual tokens per frame come from the family's own arranging code run on zeros
-    (:func:`~comfy_visionzip.projection.visual_layout`);
-  - room is reserved for the answer (``max_new_tokens``) and, where asked, for follow-up turns.
-
-It fits in two places of a run, with the same counting: before decoding (:func:`plan_budget`: which
-frames to sample) and before every prefill of a chat (:func:`fit_turn`: a first question whose
-compressed video does not fit is thinned, a follow-up that does not fit is refused).
-
-Policies: ``fit`` (default) thins the asked frame plan evenly until it fits and says so; ``strict``
-refuses with the numbers and how to fix them. The planned prompt length is the prefilled one, to
-the token (the chat checks it again before every prefill and never runs past the context).
-"""
+"""Planning before anything is decoded: frames x tokens per frame so that the whole first prompt and the
+reserves fit (:func:`plan_budget` -> :class:`BudgetPlan`)."""
 
 from __future__ import annotations
 
-import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import VisionZipError
-from .models.base import PromptVideo, VisionLanguageModel, VisualLayout
-from .pipeline import video_source
-from .projection import frame_placeholders, video_layout, visual_layout
-from .prompt import Message, PromptBuilder
-from .settings import Compression
-from .temporal import Temporal, thin
-from .tokens import CompressedVideo
-from .video import FramesHandle, VideoHandle, uniform_pick
-from .zip import split_tokens
-
-log = logging.getLogger(__name__)
-
-POLICIES = ("fit", "strict")
-# tokens per image tried by tokens_per_frame="auto", most first: the paper's LLaVA-1.5 settings, then below
-TOKEN_LADDER = (192, 128, 64, 32, 16)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise VisionZipError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int = 0,
-                      max_frames: int | None = None) -> int:
-    """How many frames of ``tokens_per_frame`` visual tokens fit in ``token_budget`` tokens (arithmetic only).
-
-    ``reserved`` tokens are kept free for the prompt and the answer. E.g. a budget of 2048 with
-    VisionZip's 17 tokens per frame (Video-LLaVA setting) fits 120 frames; uncompressed (257) only 7.
-    Without a model this cannot count the prompt's text; :func:`plan_budget` does, exactly.
-
-    Raises:
-        VisionZipError: non-positive numbers, or a budget that cannot hold a single frame.
-    """
-    _check_int("token_budget", token_budget, 1)
-    _check_int("tokens_per_frame", tokens_per_frame, 1)
-    _check_int("reserved", reserved, 0)
-    usable = int(token_budget) - int(reserved)
-    frames = usable // int(tokens_per_frame)
-    if frames < 1:
-        raise VisionZipError(
-            f"a budget of {token_budget} tokens ({reserved} reserved) cannot hold one frame of {tokens_per_frame} "
-            "tokens; raise the budget or compress harder (fewer tokens per frame)"
-        )
-    if max_frames is not None:
-        if isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral) or max_frames < 1:
-            raise VisionZipError(f"max_frames must be a positive integer or None, got {max_frames!r}")
-        frames = min(frames, int(max_frames))
-    return frames
-
-
-def context_length(vlm: VisionLanguageModel) -> int:
-    """The language model's context window in tokens, from the checkpoint's text config."""
-    config = vlm.config
-    text = config.get("text_config") or {}
-    for source in (text, config):
-        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
-            value = source.get(key) if isinstance(source, dict) else None
-            if isinstance(value, int) and value > 0:
-                return value
-    # the transformers config fills in its class defaults (a config.json may leave the length out)
-    value = getattr(vlm.model.config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(value, int) and value > 0:
-        return value
-    raise VisionZipError(f"{vlm.path}: its config states no context length "
-                         "(text_config.max_position_embeddings); give the context explicitly")
-
-
-def cap_budget(budget: int, context: int, policy: str) -> tuple[int, str | None]:
-    """(the tokens a run may use, a note when capped): 0 means the context; more than the context is
-    capped to it ("fit") or refused ("strict")."""
-    if budget == 0:
-        return context, None
-    if budget <= context:
-        return budget, None
-    if policy == "strict":
-        raise VisionZipError(f"a budget of {budget} tokens is more than the model's context of {context}; "
-                             f"use at most {context} (or 0 for the context)")
-    return context, f"budget {budget} capped at the context of {context}"
-
-
-def thinned_prompt(frames: int, layout: VisualLayout, timestamps: Sequence[float],
-                   duration: float | None) -> Callable[[int], PromptVideo]:
-    """``video(n)``: what the prompt says of a video of ``frames`` frames thinned evenly to n of them."""
-    unit = layout.frames_per_unit
-
-    def video(n: int) -> PromptVideo:
-        keep = uniform_pick(frames, n)
-        times = [timestamps[k] for k in keep] if timestamps else []
-        if unit > 1:  # encoded frames are temporal patches of `unit` frames: their mean time, the last one padded
-            times = times + times[-1:] * ((-len(times)) % unit) if times else []
-            times = [sum(times[i: i + unit]) / unit for i in range(0, len(times), unit)]
-        return PromptVideo(layout.units(n), layout.total(n), tuple(times), duration)
-    return video
-
-
-def fit_frames(count: Callable[[int], int], limit: int, frames: int) -> int:
-    """The largest n in 1..frames with ``count(n) <= limit`` (count grows with n); 0 if not even one fits."""
-    if frames < 1 or count(1) > limit:
-        return 0
-    low, high = 1, frames  # count(low) fits
-    while low < high:
-        mid = (low + high + 1) // 2
-        if count(mid) <= limit:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+from ..errors import VisionZipError
+from ..models.base import PromptVideo, VisionLanguageModel, VisualLayout
+from ..pipeline import video_source
+from ..projection import visual_layout
+from ..prompt import Message, PromptBuilder
+from ..settings import Compression
+from ..temporal import Temporal
+from ..video import FramesHandle, VideoHandle, uniform_pick
+from ..zip import split_tokens
+from .counts import POLICIES, TOKEN_LADDER, cap_budget, check_int, context_length, fit_frames, thinned_prompt
 
 
 @dataclass
@@ -265,16 +145,16 @@ def plan_budget(
     """
     if policy not in POLICIES:
         raise VisionZipError(f"unknown policy {policy!r}; valid: fit (thin the frames to fit), strict (refuse)")
-    budget = _check_int("budget", budget, 0)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    follow_up_tokens = _check_int("follow_up_tokens", follow_up_tokens, 0)
+    budget = check_int("budget", budget, 0)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    follow_up_tokens = check_int("follow_up_tokens", follow_up_tokens, 0)
     if not isinstance(question, str) or not question.strip():
         raise VisionZipError("the question is empty")
     settings = compression or Compression.parse(method=method, dominant=dominant, contextual=contextual,
                                                 tokens_per_frame=tokens_per_frame, temporal=temporal)
     auto, temporal_on = settings.auto, settings.temporal
     method = settings.method
-    context = _check_int("context", context, 1) if context else context_length(vlm)
+    context = check_int("context", context, 1) if context else context_length(vlm)
     budget, capped = cap_budget(budget, context, policy)
     reasons: list[str] = [capped] if capped else []
     source = video_source(vlm, video, **sample_kwargs)
@@ -380,67 +260,3 @@ def _temporal_plan(builder: PromptBuilder, first: list[Message], layout: VisualL
     why = (f"temporal: {frames} of the asked {len(asked)} frames kept ({fitted} fit without the stage; up to "
            f"{expand:g}x as many); tokens repeating an earlier frame are dropped; {room}")
     return frames, budget, why
-
-
-@dataclass
-class TurnFit:
-    """What :func:`fit_turn` decided for one turn of a chat."""
-
-    video: CompressedVideo  # the video the turn runs with (thinned, or the same)
-    note: str = ""  # what was changed, and why (empty: nothing)
-
-    @property
-    def thinned(self) -> bool:
-        return bool(self.note)
-
-
-def compressed_prompt(vlm: VisionLanguageModel, video: CompressedVideo) -> PromptVideo:
-    """What the prompt says of a compressed video (its encoded frames, placeholders, times)."""
-    counts = frame_placeholders(vlm, video)
-    layout = video_layout(vlm, video)
-    visual = sum(counts) + layout.extra if counts else layout.total(video.num_frames)
-    return PromptVideo(video.num_frames, visual, tuple(video.timestamps), video.meta.get("duration"), counts)
-
-
-def fit_turn(vlm: VisionLanguageModel, builder: PromptBuilder, video: CompressedVideo, messages: list[Message],
-             prompt_tokens: int, *, first: bool, answer_tokens: int, reserve: int, context: int,
-             policy: str) -> TurnFit:
-    """Check that a chat turn's prompt (``prompt_tokens`` long) + its answer (+ ``reserve`` for follow-ups,
-    on the first turn) fit ``context``; thin the video evenly to fit a first question (policy "fit") or
-    refuse with the numbers ("strict", and any follow-up: its video is already in the cache)."""
-    keep = answer_tokens + (reserve if first else 0)
-    need = prompt_tokens + keep
-    if need <= context:
-        return TurnFit(video)
-    if not first:
-        raise VisionZipError(
-            f"this follow-up does not fit the context: the conversation is {prompt_tokens} tokens and the answer may "
-            f"take {answer_tokens} more ({need} > {context}); lower max_new_tokens, or start a new chat with fewer "
-            "frames or tokens per frame (or more room reserved for follow-ups)")
-    frames = video.num_frames
-    per_frame = video_layout(vlm, video).per_frame
-
-    def count(n: int) -> int:
-        return builder.count(compressed_prompt(vlm, thin(video, uniform_pick(frames, n))), messages) + keep
-
-    fitted = fit_frames(count, context, frames)
-    room = f" and {reserve} for follow-ups" if reserve else ""
-    shown = f"{frames} frames x {per_frame} tokens"
-    if video.repeats is not None:  # the temporal stage: frames differ
-        shown = f"{frames} frames ({video.total_tokens} visual tokens after the temporal stage)"
-    numbers_ = (f"{shown} make a prompt of {prompt_tokens} tokens, plus "
-                f"{answer_tokens} for the answer{room} = {need} > the context of {context}")
-    if policy == "strict" or fitted == 0:
-        fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
-               else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
-        raise VisionZipError(f"the video does not fit: {numbers_}; {fix}")
-    thinned = thin(video, uniform_pick(frames, fitted))
-    prompt = count(fitted) - keep
-    note = (f"fitted to the context: {numbers_}; kept {fitted} of {frames} frames (evenly spread): "
-            f"prompt {prompt} + answer {answer_tokens}{f' + follow-ups {reserve}' if reserve else ''} <= {context}")
-    log.warning("%s", note)
-    return TurnFit(thinned, note)
-
-
-__all__ = ["POLICIES", "TOKEN_LADDER", "BudgetPlan", "TurnFit", "cap_budget", "compressed_prompt", "context_length",
-           "fit_frames", "fit_turn", "frames_for_budget", "plan_budget", "thinned_prompt"]
