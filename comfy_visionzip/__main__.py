@@ -27,10 +27,11 @@ import torch
 from .answer import Chat, GenerationConfig
 from .budget import plan_budget
 from .demo import run_demo
+from .devices import pick_device, pick_dtype
 from .errors import VisionZipError
 from .pipeline import compress_video
 from .settings import Compression
-from .store import load_tokens, save_tokens
+from .store import load_tokens, save_tokens, tokens_path
 from .temporal import Temporal, apply, fit
 from .video import VideoHandle, iter_video, uniform_pick
 from .viz import contact_sheet, save_png
@@ -55,9 +56,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for question in [args.question, *args.follow_up]:
         if not question.strip():
             raise VisionZipError("a question is empty: give the question text (and any --follow-up) in quotes")
-    for target in (args.save_tokens,):
-        if target:
-            _check_writable(target)
+    if args.save_tokens:
+        _check_writable(args.save_tokens)  # what was given (a folder or a device is refused) ...
+        _check_writable(tokens_path(args.save_tokens))  # ... and where save_tokens will write
+    pick_dtype(args.dtype, pick_device(args.device))  # a nonsense device or dtype: before the model loads
     if args.tokens and args.video not in ("-", ""):
         print(f"note: answering from {args.tokens}; the video argument ({args.video}) is not read (give '-' instead)",
               file=sys.stderr)
@@ -119,10 +121,12 @@ def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise VisionZipError(f"{path}: the folder {folder} does not exist; create it or write somewhere else")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise VisionZipError(f"{path}: cannot write there (permission denied); choose another place")
     if os.path.isdir(path):
         raise VisionZipError(f"{path}: is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise VisionZipError(f"{path}: is not a regular file (a device or a pipe); give a file name")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise VisionZipError(f"{path}: cannot write there (permission denied); choose another place")
 
 
 def _temporal_arg(value: str | None) -> Temporal | None:

@@ -59,6 +59,8 @@ class GenerationConfig:
             raise VisionZipError(f"temperature must be between 0 (greedy) and 10, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
             raise VisionZipError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise VisionZipError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
 
 
 @dataclass

@@ -15,10 +15,13 @@ def pick_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    asked = device
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise VisionZipError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise VisionZipError(f"unknown device {asked!r}; valid: auto, cpu, cuda, cuda:N, mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VisionZipError("device 'cuda' was asked for, but this torch has no CUDA device; use 'cpu' or 'auto'")
     return device

@@ -233,10 +233,18 @@ def crops_per_frame(spec: Preprocess, frame_size: tuple[int, int] | None) -> int
 
 def as_uint8_frames(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [T, H, W, 3] frames as they are; a ComfyUI IMAGE (float 0..1) converted; anything else refused."""
-    if frames.dim() != 4 or frames.shape[-1] != 3:
-        raise VisionZipError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(frames.shape)}")
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3:
+        got = f"shape {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) else f"a {type(frames).__name__}"
+        raise VisionZipError(f"frames must be [T, H, W, 3] RGB (a tensor), got {got}")
+    if 0 in frames.shape:
+        raise VisionZipError(f"no frames to encode (an empty batch of shape {tuple(frames.shape)})")
     if frames.dtype == torch.uint8:
         return frames
     if frames.is_floating_point():  # a ComfyUI IMAGE: float 0..1
+        if not bool(torch.isfinite(frames).all()):
+            raise VisionZipError("the frames hold NaN or infinite values")
+        if float(frames.max()) > 1.5 or float(frames.min()) < -0.5:  # 0..255 given as floats: not a 0..1 IMAGE
+            raise VisionZipError(f"float frames must be 0..1 (a ComfyUI IMAGE); these reach {float(frames.max()):g}: "
+                                 "give uint8 0..255 frames, or divide by 255")
         return (frames.clamp(0, 1) * 255).round().to(torch.uint8)
     raise VisionZipError(f"frames must be uint8 0..255 or float 0..1, got {frames.dtype}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -20,17 +21,22 @@ from .errors import VisionZipError
 from .models.base import VisionLanguageModel
 from .preprocess import DynamicResolution, Preprocess
 from .tokens import CompressedVideo
+from .zip import METHODS
 
 FORMAT_NAME = "comfyui-visionzip/tokens"
 VERSION = 2
 FORMAT = f"{FORMAT_NAME}/{VERSION}"
 
 
+def tokens_path(path: str | os.PathLike[str]) -> str:
+    """Where :func:`save_tokens` writes for ``path`` (``.safetensors`` added when it is not there)."""
+    path = os.fspath(path)
+    return path if path.endswith(".safetensors") else path + ".safetensors"
+
+
 def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
     """Write the tokens (and heatmap maps, when present) with their settings, timestamps and model."""
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        path += ".safetensors"
+    path = tokens_path(path)
     tensors = {"tokens": video.tokens.contiguous()}
     if video.scores is not None:
         tensors["scores"] = video.scores.contiguous()
@@ -55,6 +61,8 @@ def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
 def load_tokens(path: str | os.PathLike[str], *, model: VisionLanguageModel | None = None) -> CompressedVideo:
     """Read tokens saved by :func:`save_tokens` (any format version it knows). With ``model``, check they
     were made with that model."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise VisionZipError(f"a tokens file is given by its path (str or os.PathLike), not a {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise VisionZipError(f"{path}: tokens file not found")
@@ -70,17 +78,65 @@ def load_tokens(path: str | os.PathLike[str], *, model: VisionLanguageModel | No
         meta = json.loads(header["visionzip"])
     except ValueError as e:
         raise VisionZipError(f"{path}: its VisionZip metadata is not valid JSON ({e}); save the tokens again") from e
+    if not isinstance(meta, dict):
+        raise VisionZipError(f"{path}: its VisionZip metadata is a {type(meta).__name__}, not an object; "
+                             "save the tokens again")
     meta = _migrate(path, meta)
-    video = CompressedVideo(
-        tokens=tensors["tokens"], timestamps=meta["timestamps"], indices=meta["indices"], method=meta["method"],
-        dominant=meta["dominant"], contextual=meta["contextual"], crops=meta["crops"], grid=tuple(meta["grid"]),
-        cls_token=meta["cls_token"], scores=tensors.get("scores"), assignment=tensors.get("assignment"),
-        preprocess=_preprocess(meta.get("preprocess")), source=meta.get("source", ""), meta=meta.get("meta", {}),
-        positions=tensors.get("positions"), repeats=tensors.get("repeats"),
-    )
+    unknown = sorted(set(tensors) - TENSORS)
+    if unknown:
+        raise VisionZipError(f"{path}: unexpected tensors {unknown[:4]} in a tokens file; save the tokens again")
+    try:
+        _check_schema(meta)
+        video = CompressedVideo(
+            tokens=tensors["tokens"], timestamps=[float(t) for t in meta["timestamps"]],
+            indices=[int(i) for i in meta["indices"]], method=meta["method"], dominant=meta["dominant"],
+            contextual=meta["contextual"], crops=meta["crops"], grid=(int(meta["grid"][0]), int(meta["grid"][1])),
+            cls_token=meta["cls_token"], scores=tensors.get("scores"), assignment=tensors.get("assignment"),
+            preprocess=_preprocess(meta.get("preprocess")), source=meta.get("source", ""), meta=meta.get("meta", {}),
+            positions=tensors.get("positions"), repeats=tensors.get("repeats"),
+        )
+        video.validate()
+    except VisionZipError as e:
+        raise VisionZipError(f"{path}: not usable tokens: {e}; save the tokens again") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong kind inside the preprocessing settings
+        raise VisionZipError(f"{path}: not usable tokens: bad preprocessing settings ({e}); "
+                             "save the tokens again") from None
     if model is not None:
         model.check_tokens(video)
     return video
+
+
+TENSORS = {"tokens", "scores", "assignment", "positions", "repeats"}
+# metadata key -> (what it must be, a check)
+SCHEMA: dict[str, tuple[str, Any]] = {
+    "timestamps": ("a list of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in v)),
+    "indices": ("a list of whole numbers", lambda v: isinstance(v, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)),
+    "method": (f"one of {', '.join(METHODS)}", lambda v: v in METHODS),
+    "dominant": ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "contextual": ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "crops": ("a whole number >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "grid": ("[rows, cols]", lambda v: isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)),
+    "cls_token": ("true or false", lambda v: isinstance(v, bool)),
+    "meta": ("an object", lambda v: isinstance(v, dict)),
+    "source": ("text", lambda v: isinstance(v, str)),
+    "preprocess": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+}
+
+
+def _check_schema(meta: dict[str, Any]) -> None:
+    for key, (what, ok) in SCHEMA.items():
+        if key not in meta and key in ("source", "preprocess"):
+            continue
+        if key not in meta:
+            raise VisionZipError(f"its metadata has no {key!r}")
+        if not ok(meta[key]):
+            raise VisionZipError(f"its metadata's {key!r} must be {what}, not {str(meta[key])[:40]!r}")
+    prep = meta.get("preprocess")
+    if prep is not None and (set(prep) - {f.name for f in dataclasses.fields(Preprocess)}):
+        raise VisionZipError(f"its preprocessing has unknown settings {sorted(set(prep))[:4]}")
 
 
 def _version(path: str, meta: dict[str, Any]) -> int:

@@ -115,6 +115,43 @@ class CompressedVideo:
             positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
         return thinned
 
+    def validate(self) -> None:
+        """Refuse tokens whose parts do not fit together (what a tokens file from elsewhere may hold): dtypes,
+        shapes, ranges, finiteness. One line, naming the part."""
+        tokens = self.tokens
+        if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point() or tokens.dim() != 3:
+            raise VisionZipError("the tokens must be a float tensor (frames, tokens, width)")
+        frames, per, width = tokens.shape
+        if frames < 1 or per < 1 or width < 1:
+            raise VisionZipError(f"the tokens are empty (shape {tuple(tokens.shape)})")
+        if not bool(torch.isfinite(tokens).all()):
+            raise VisionZipError("the tokens hold NaN or infinite values")
+        for name, values in (("timestamps", self.timestamps), ("indices", self.indices)):
+            if len(values) not in (0, frames):
+                raise VisionZipError(f"{len(values)} {name} for {frames} frames")
+        crops = max(self.crops, 1)
+        if per % crops:
+            raise VisionZipError(f"{per} tokens per frame do not split into {crops} images")
+        rows = frames * crops
+        if self.scores is not None and (not self.scores.is_floating_point() or self.scores.dim() != 2
+                                        or self.scores.shape[0] != rows or not bool(torch.isfinite(self.scores).all())):
+            raise VisionZipError(f"the attention scores must be finite floats with {rows} rows")
+        if self.assignment is not None:
+            a = self.assignment
+            if a.is_floating_point() or a.dim() != 2 or a.shape[0] != rows or (
+                    a.numel() and (int(a.min()) < -1 or int(a.max()) >= per // crops)):
+                raise VisionZipError(f"the token assignment must be whole numbers -1..{per // crops - 1} "
+                                     f"with {rows} rows")
+        for name, value in (("positions", self.positions), ("repeats", self.repeats)):
+            if value is not None and (value.is_floating_point() or tuple(value.shape) != (frames, per)
+                                      or (value.numel() and int(value.min()) < 0)):
+                raise VisionZipError(f"the token {name} must be whole numbers >= 0 of shape ({frames}, {per})")
+        if self.repeats is not None:
+            flat = self.repeats.long().flatten()
+            own = torch.arange(flat.numel())
+            if bool((flat > own).any()) or bool((flat[flat] != flat).any()):
+                raise VisionZipError("the temporal repeats must each point at an earlier kept token")
+
     def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, assignment): the per-image maps heatmaps are drawn from (refused when they were not kept)."""
         if self.scores is None or self.assignment is None:
@@ -170,8 +207,13 @@ def kept_count(video: CompressedVideo) -> int:
 
 def check_compatible(video: CompressedVideo, identity: dict[str, Any], preprocess: Preprocess, model: str) -> None:
     """Tokens made with another model (or tower, or settings) than ``identity`` describes cannot be
-    projected by it: a clear error naming what differs. Fields the tokens do not record are not compared."""
+    projected by it: a clear error naming what differs (or that they do not say what made them)."""
     made = {**video.meta, "vision_hidden": int(video.tokens.shape[-1])}  # the tokens' own width is the truth
+    missing = [label for key, label in IDENTITY_NAMES.items() if made.get(key) in (None, "")]
+    if missing:
+        raise VisionZipError(f"these tokens do not say which model made them (no {', '.join(missing)}), so {model} "
+                             "cannot check it can use them: encode the video again with compress_video (or label "
+                             "them with pipeline.label_tokens)")
     differences = []
     for key, label in IDENTITY_NAMES.items():
         theirs = made.get(key)

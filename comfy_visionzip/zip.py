@@ -118,6 +118,13 @@ def visionzip(
             f"scores must be (B, {expected}) and keys (B, {S}, Dk) for hidden {tuple(hidden.shape)} "
             f"(cls_token={cls_token}); got scores {tuple(scores.shape)}, keys {tuple(keys.shape)}"
         )
+    for name, value in (("hidden", hidden), ("scores", scores), ("keys", keys)):
+        if not value.is_floating_point():
+            raise VisionZipError(f"{name} must be a float tensor, got {value.dtype}")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise VisionZipError(f"{name} holds NaN or infinite values (a broken tower or a bad input)")
+    if B == 0 or S == 0:
+        raise VisionZipError(f"nothing to compress: hidden has shape {tuple(hidden.shape)}")
     _check_counts(S, dominant, contextual, cls_token)
     device = hidden.device
 

@@ -79,10 +79,10 @@ def test_ask_with_a_wrong_model_folder_is_one_clear_line(tmp_path, clip_factory,
 
 
 def test_ask_checks_cheap_things_before_loading_the_model(tmp_path, clip_factory, capsys, monkeypatch):
-    import comfy_visionzip.vlm as vlm_module
+    import comfy_visionzip.__main__ as cli
 
     path = clip_factory("cheap.mp4", frames=10)
-    monkeypatch.setattr(vlm_module, "load_vlm", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "load_vlm", lambda *a, **k: pytest.fail("the model was loaded"))
     cases = [
         ([path, "   "], "a question is empty"),
         ([str(tmp_path / "missing.mp4"), "q"], "missing.mp4: file not found"),
@@ -90,6 +90,14 @@ def test_ask_checks_cheap_things_before_loading_the_model(tmp_path, clip_factory
         ([path, "q", "--budget", "-5"], "--budget must be >= 0"),
         ([path, "q", "--tokens-per-frame", "lots"], "--tokens-per-frame must be a number of tokens or 'auto'"),
         ([path, "q", "--save-tokens", str(tmp_path / "no" / "such" / "t.safetensors")], "does not exist"),
+        ([path, "q", "--save-tokens", str(tmp_path)], "is a folder"),
+        ([path, "q", "--save-tokens", os.devnull], "is not a regular file"),
+        ([path, "q", "--seed", "99999999999999999999"], "seed must be a whole number"),
+        ([path, "q", "--device", "banana"], "unknown device 'banana'"),
+        ([path, "q", "--device", "meta"], "unknown device 'meta'"),
+        ([path, "q", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+        ([path, "q", "--temporal", "2.5"], "--temporal 2.5"),
+        ([path, "q", "--method", "full", "--temporal"], "not 'full'"),
     ]
     for argv, message in cases:
         assert main(["ask", *argv, "--model", str(tmp_path)]) == 2

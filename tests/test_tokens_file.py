@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -96,3 +97,69 @@ def test_preprocessing_round_trips_through_the_file(tiny_model_dir, clip_factory
     video = compress_video(vlm, clip_factory("tf.mp4", frames=30), num_frames=2, dominant=5, contextual=2)
     back = load_tokens(save_tokens(video, tmp_path / "v"), model=vlm)
     assert dataclasses.asdict(back.preprocess) == dataclasses.asdict(video.preprocess)
+
+
+def _hostile(path, out, *, tensors=None, meta=None, raw=None):
+    """A copy of a tokens file with tensors replaced/added and the metadata changed (or replaced by raw text)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["visionzip"])
+        values = {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in (tensors or {}).items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value(values) if callable(value) else value
+    (meta or (lambda m: None))(header)
+    save_file(values, str(out), metadata={"visionzip": raw if raw is not None else json.dumps(header)})
+    return out
+
+
+HOSTILE = {
+    "metadata not JSON": dict(raw="{not json"),
+    "metadata a list": dict(raw="[1, 2]"),
+    "no timestamps": dict(meta=lambda m: m.pop("timestamps")),
+    "timestamps of the wrong length": dict(meta=lambda m: m.update(timestamps=[0.0])),
+    "a NaN timestamp as text": dict(meta=lambda m: m.update(timestamps=["nan"] * 4)),
+    "an unknown method": dict(meta=lambda m: m.update(method="magic")),
+    "grid of three numbers": dict(meta=lambda m: m.update(grid=[1, 2, 3])),
+    "crops as text": dict(meta=lambda m: m.update(crops="2")),
+    "unknown preprocessing": dict(meta=lambda m: m["preprocess"].update(wobble=1)),
+    "NaN tokens": dict(tensors={"tokens": lambda t: t["tokens"].clone().fill_(float("nan"))}),
+    "integer tokens": dict(tensors={"tokens": lambda t: t["tokens"].long()}),
+    "empty tokens": dict(tensors={"tokens": torch.zeros(0, 7, 32)}),
+    "positions of the wrong shape": dict(tensors={"positions": lambda t: t["positions"][:1]}),
+    "negative positions": dict(tensors={"positions": lambda t: t["positions"] - 1000}),
+    "repeats pointing ahead": dict(tensors={"repeats": lambda t: torch.full_like(t["positions"], 27)}),
+    "assignment out of range": dict(tensors={"assignment": lambda t: t["assignment"] + 100}),
+    "an unknown tensor": dict(tensors={"extra": torch.zeros(1)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_tokens_file_is_refused_in_one_line(case, tiny_model_dir, clip_factory, tmp_path):
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    video = compress_video(vlm, clip_factory("tf.mp4", frames=30), num_frames=4, dominant=5, contextual=2)
+    good = save_tokens(video, tmp_path / "good")
+    bad = _hostile(good, tmp_path / "bad.safetensors", **HOSTILE[case])
+    with pytest.raises(VisionZipError) as error:
+        load_tokens(bad, model=vlm)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(str(bad)) and "again" in message, message
+
+
+def test_tokens_that_do_not_say_what_made_them_are_refused(tiny_model_dir, clip_factory, tmp_path):
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    video = compress_video(vlm, clip_factory("tf.mp4", frames=30), num_frames=2, dominant=5, contextual=2)
+    stripped = _hostile(save_tokens(video, tmp_path / "v"), tmp_path / "stripped.safetensors",
+                        meta=lambda m: m.update(meta={}))
+    other = load_vlm(tiny_model_dir("llava_next"), device="cpu")
+    with pytest.raises(VisionZipError, match="do not say which model made them"):
+        load_tokens(stripped, model=other)
+    with pytest.raises(VisionZipError, match="do not say which model made them"):
+        Chat(vlm, load_tokens(stripped))
+
+
+@pytest.mark.parametrize("path", [None, 3, b"x.safetensors"])
+def test_a_tokens_path_of_the_wrong_kind_is_one_line(path):
+    with pytest.raises(VisionZipError, match="given by its path"):
+        load_tokens(path)

@@ -1,0 +1,60 @@
+"""Python API misuse gets the library's own one-line error, never a traceback from torch or a silent
+wrong result (issue 17: empty batches, float 0..255 frames, NaN or integer tensors, bad devices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_visionzip import VisionZipError, visionzip
+from comfy_visionzip.answer import GenerationConfig
+from comfy_visionzip.devices import pick_device, pick_dtype
+from comfy_visionzip.preprocess import as_uint8_frames
+
+GOOD = (torch.randn(2, 5, 4), torch.rand(2, 4), torch.randn(2, 5, 3))
+
+
+@pytest.mark.parametrize("which, value, message", [
+    (1, torch.full((2, 4), float("nan")), "scores holds NaN"),
+    (0, torch.full((2, 5, 4), float("inf")), "hidden holds NaN or infinite"),
+    (1, torch.ones(2, 4, dtype=torch.long), "scores must be a float tensor"),
+    (2, torch.ones(2, 5, 3, dtype=torch.int32), "keys must be a float tensor"),
+])
+def test_visionzip_refuses_nan_and_integer_tensors(which, value, message):
+    args = list(GOOD)
+    args[which] = value
+    with pytest.raises(VisionZipError, match=message):
+        visionzip(*args, 2, 1)
+
+
+def test_visionzip_refuses_an_empty_batch():
+    with pytest.raises(VisionZipError, match="nothing to compress"):
+        visionzip(torch.randn(0, 5, 4), torch.rand(0, 4), torch.randn(0, 5, 3), 2, 1)
+
+
+def test_frames_of_the_wrong_kind():
+    with pytest.raises(VisionZipError, match="divide by 255"):
+        as_uint8_frames(torch.rand(2, 8, 8, 3) * 255)  # 0..255 as floats would all become white
+    with pytest.raises(VisionZipError, match="empty batch"):
+        as_uint8_frames(torch.zeros(0, 8, 8, 3, dtype=torch.uint8))
+    with pytest.raises(VisionZipError, match="NaN"):
+        as_uint8_frames(torch.full((1, 4, 4, 3), float("nan")))
+    with pytest.raises(VisionZipError, match="RGB .a tensor., got a list"):
+        as_uint8_frames([1, 2, 3])  # type: ignore[arg-type]
+    image = torch.rand(2, 8, 8, 3)  # a ComfyUI IMAGE
+    assert torch.equal(as_uint8_frames(image), (image * 255).round().to(torch.uint8))
+
+
+@pytest.mark.parametrize("device", ["banana", "meta", 3.5, "cuda:x"])
+def test_devices_that_cannot_run_a_model(device):
+    with pytest.raises(VisionZipError, match="unknown device"):
+        pick_device(device)
+
+
+def test_dtypes_and_seeds():
+    with pytest.raises(VisionZipError, match="unknown dtype"):
+        pick_dtype("fp8", torch.device("cpu"))
+    for seed in (-1, 2**63, 1.5, True):
+        with pytest.raises(VisionZipError, match="seed must be a whole number"):
+            GenerationConfig(seed=seed).check()  # type: ignore[arg-type]
+    GenerationConfig(seed=2**63 - 1).check()
