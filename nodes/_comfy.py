@@ -195,8 +195,12 @@ def output_path_existing(path: str) -> str:
 
 
 def text_streamer(node_id: str | None, *, every: float = 0.2) -> Callable[[str], None] | None:
-    """An ``on_text(piece)`` callback that shows the text so far on node ``node_id`` while it is generated
-    (a "visionzip.text" message the web extension listens to); None outside ComfyUI or without a node id."""
+    """An ``on_text(piece)`` callback that shows the text so far on node ``node_id`` while it is generated.
+
+    Call it while the node runs. The "visionzip.text" messages it sends go only to the browser that queued the
+    prompt (as ComfyUI's own "executing"/"executed" messages do) and carry the prompt id, so the web extension
+    writes them only on the graph that ran this prompt. None outside ComfyUI, without a node id, or when no
+    browser waits for the prompt (one queued through the API without a client id): nobody is there to see it."""
     if not node_id:
         return None
     try:
@@ -204,18 +208,30 @@ def text_streamer(node_id: str | None, *, every: float = 0.2) -> Callable[[str],
     except ImportError:
         return None
     instance = getattr(PromptServer, "instance", None)
-    if instance is None:
+    if instance is None or instance.client_id is None:
         return None
-    shown = {"text": "", "at": 0.0}
+    client = instance.client_id  # the browser that queued the prompt now executing (ComfyUI sets it per prompt)
+    message = {"node": str(node_id), "prompt_id": executing_prompt_id(), "text": ""}
+    shown = {"at": 0.0}
 
     def on_text(piece: str) -> None:
-        shown["text"] += piece
+        message["text"] += piece
         now = time.monotonic()
         if now - shown["at"] >= every:  # at most 5 messages a second
             shown["at"] = now
-            instance.send_sync("visionzip.text", {"node": str(node_id), "text": shown["text"]})
+            instance.send_sync("visionzip.text", dict(message), client)
 
     return on_text
+
+
+def executing_prompt_id() -> str | None:
+    """The id of the prompt ComfyUI is executing now (None outside a node's run, or on a ComfyUI too old to say)."""
+    try:
+        from comfy_execution.utils import get_executing_context  # older ComfyUI lacks it
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return context.prompt_id if context is not None else None
 
 
 def list_tokens_files() -> list[str]:
