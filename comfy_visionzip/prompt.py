@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from types import FrameType
 from typing import Any
 
 from .errors import VisionZipError
@@ -48,6 +51,51 @@ def placeholder(vlm: VisionLanguageModel, kind: str | None = None) -> tuple[str,
     return kind, int(token_id), str(vlm.tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
+TEMPLATE_SECONDS = 10.0  # a chat template that renders longer than this is refused (one that never ends)
+
+
+class _Overtime(Exception):
+    """Raised inside a chat template's rendering when it runs past its time."""
+
+
+def render_template(vlm: VisionLanguageModel, convo: list[dict[str, Any]], template: str, generation_prompt: bool,
+                    *, seconds: float | None = None) -> str:
+    """The checkpoint's chat template rendered with transformers' own (sandboxed) renderer, within a time
+    limit and with any failure turned into one line (templates raise on purpose, e.g. for an unknown role).
+
+    The limit is kept with a trace function on this thread only (jinja compiles templates to Python), so it
+    works in any thread, ComfyUI's worker included; nothing else is traced.
+    """
+    seconds = TEMPLATE_SECONDS if seconds is None else seconds
+    deadline = time.monotonic() + seconds
+    steps = 0
+
+    def tracer(_frame: FrameType, _event: str, _arg: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        if steps % 1000 == 0 and time.monotonic() > deadline:
+            raise _Overtime
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        text = vlm.tokenizer.apply_chat_template(convo, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+    except _Overtime:
+        raise VisionZipError(f"{vlm.name}: its chat template did not finish rendering in {seconds:g} s (it loops); "
+                             "fix or replace chat_template.jinja") from None
+    except Exception as e:  # noqa: BLE001 - a template is the checkpoint's code: whatever it raises is one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise VisionZipError(f"{vlm.name}: its chat template refused the conversation ({first}); check the "
+                             "question and the checkpoint's chat_template.jinja") from None
+    finally:
+        sys.settrace(previous)
+    if not isinstance(text, str):
+        raise VisionZipError(f"{vlm.name}: its chat template rendered a {type(text).__name__}, not text")
+    return text
+
+
 class PromptBuilder:
     """Renders and tokenises conversations about one video for one checkpoint.
 
@@ -83,8 +131,7 @@ class PromptBuilder:
             else:
                 content = [{"type": "text", "text": m["text"]}]
             convo.append({"role": m["role"], "content": content})
-        text: str = self.vlm.tokenizer.apply_chat_template(convo, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
+        text = render_template(self.vlm, convo, self.template, generation_prompt)
         if text.count(self.token_text) != 1:
             raise VisionZipError(f"the chat template rendered {text.count(self.token_text)} {self.token_text!r} "
                                  "placeholders for one video; expected exactly one")

@@ -58,3 +58,29 @@ def test_dtypes_and_seeds():
         with pytest.raises(VisionZipError, match="seed must be a whole number"):
             GenerationConfig(seed=seed).check()  # type: ignore[arg-type]
     GenerationConfig(seed=2**63 - 1).check()
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "did not finish rendering"),
+    ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "roles must alternate"),
+    ("{{ messages[0]['content'][7]['nope'] }}", "refused the conversation"),
+])
+def test_a_chat_template_that_loops_or_raises_is_one_line(template, message, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import comfy_visionzip.prompt as prompt
+    from comfy_visionzip.answer import Chat
+    from comfy_visionzip.pipeline import compress_frames, label_tokens
+    from comfy_visionzip.vlm import load_vlm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llava"), folder)
+    (folder / "chat_template.jinja").write_text(template)
+    monkeypatch.setattr(prompt, "TEMPLATE_SECONDS", 0.5)
+    vlm = load_vlm(folder, device="cpu")
+    video = compress_frames(vlm.video_encoder(), [torch.zeros(2, 48, 48, 3, dtype=torch.uint8)], dominant=3,
+                            contextual=1)
+    label_tokens(vlm, video)
+    with pytest.raises(VisionZipError, match=message) as error:
+        Chat(vlm, video).ask("What ?", GenerationConfig(max_new_tokens=2))
+    assert "\n" not in str(error.value)
