@@ -95,6 +95,7 @@ class VisionEncoder(Encoder):
         self.resampler = resampler
         self.num_heads = self.parts.num_heads
         self.scale = self.parts.head_dim ** -0.5
+        check_sizes(preprocess, self.parts.image_size, self.parts.patch_size)
         side = (preprocess.tile or self.parts.image_size) // self.parts.patch_size  # DINOv2 runs below its 518 px
         self.grid = (side, side)
         self.frames_per_unit = 1
@@ -270,6 +271,27 @@ class VisionEncoder(Encoder):
 
 
 
+
+
+MAX_TILES = 64  # anyres tiles per frame a processor config may ask for (LLaVA-OneVision's anyres_max_9: 36)
+
+
+def check_sizes(spec: Preprocess, image_size: int, patch: int) -> None:
+    """Sizes read from a processor config, bounded by what the tower can use (a config asking for a
+    50000-pixel side would allocate gigabytes before anything could fail)."""
+    sides = [spec.shortest_edge or 0, *(spec.resize_hw or ()), *(spec.crop_hw or ())]
+    sides += [side for hw in spec.pinpoints or () for side in hw]
+    limit = max(2 * int(image_size), 1024)
+    tile = spec.tile
+    if any(side < 0 for side in sides) or tile < patch or tile > limit:
+        raise VisionZipError(f"the processor config asks for {tile} px images; this tower takes {patch}..{limit} px "
+                             "(its patch size up to twice its image size): fix preprocessor_config.json")
+    if spec.pinpoints:
+        tiles = max((h // tile) * (w // tile) for h, w in spec.pinpoints)
+        if min(min(hw) for hw in spec.pinpoints) < tile or tiles > MAX_TILES:
+            raise VisionZipError(f"the processor config's anyres grid (image_grid_pinpoints) asks for up to {tiles} "
+                                 f"tiles of {tile} px (at most {MAX_TILES}, each at least one tile): fix "
+                                 "preprocessor_config.json")
 
 
 def tower_digest(config: Any) -> str:

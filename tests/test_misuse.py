@@ -84,3 +84,27 @@ def test_a_chat_template_that_loops_or_raises_is_one_line(template, message, tin
     with pytest.raises(VisionZipError, match=message) as error:
         Chat(vlm, video).ask("What ?", GenerationConfig(max_new_tokens=2))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("llava", {"size": {"shortest_edge": 50000}, "crop_size": {"height": 50000, "width": 50000}}, "50000 px images"),
+    ("llava_next", {"image_grid_pinpoints": [[48, 48000]]}, "anyres grid"),
+    ("qwen2_5_vl", {"min_pixels": 4_000_000_000, "max_pixels": 4_000_000_000}, "do not fit together"),
+    ("qwen2_5_vl", {"patch_size": 7}, "patch size 7 is not the tower's"),
+])
+def test_processor_sizes_are_bounded_by_the_tower(family, change, message, tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from comfy_visionzip.vlm import load_vlm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(family), folder)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        if (folder / name).exists():
+            config = json.loads((folder / name).read_text())
+            (folder / name).write_text(json.dumps({**config, **change}))
+    vlm = load_vlm(folder, device="cpu")
+    with pytest.raises(VisionZipError, match=message) as error:
+        vlm.video_encoder()
+    assert "\n" not in str(error.value)

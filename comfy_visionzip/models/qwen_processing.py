@@ -52,6 +52,9 @@ def qwen_preprocess(config: dict[str, Any], *, video: bool) -> Preprocess:
     most = int(config.get("max_pixels") or size.get("longest_edge") or factor * factor * 1280)
     if video:
         most = min(most, VIDEO_TOKENS_PER_FRAME * factor * factor)
+    if not (1 <= patch <= 64 and 1 <= merge <= 8 and 0 < least <= most):
+        raise VisionZipError(f"the processor config's sizes do not fit together (patch {patch}, merge {merge}, "
+                             f"min_pixels {least}, max_pixels {most}): fix preprocessor_config.json")
     mean = rgb_triple(config.get("image_mean") or OPENAI_CLIP_MEAN)
     std = rgb_triple(config.get("image_std") or OPENAI_CLIP_STD)
     rescale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0

@@ -73,6 +73,9 @@ class QwenEncoder(Encoder):
         config = tower.config
         self.merge = int(config.spatial_merge_size)
         self.processor = QwenProcessor(preprocess, self.merge)
+        if self.processor.patch != int(config.patch_size):
+            raise VisionZipError(f"the processor's patch size {self.processor.patch} is not the tower's "
+                                 f"{int(config.patch_size)}: fix preprocessor_config.json")
         self.patch = self.processor.patch
         self.temporal = self.processor.temporal
         self.blocks = list(tower.blocks)
