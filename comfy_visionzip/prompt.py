@@ -48,7 +48,19 @@ def placeholder(vlm: VisionLanguageModel, kind: str | None = None) -> tuple[str,
         kind = "image"
     if token_id is None:
         raise VisionZipError(f"{vlm.path}: config.json names no {kind} token id")
-    return kind, int(token_id), str(vlm.tokenizer.convert_ids_to_tokens(int(token_id)))
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < len(vlm.tokenizer):
+        raise VisionZipError(f"{vlm.path}: config.json's {kind} token id {token_id!r} is not in the tokenizer's "
+                             f"vocabulary of {len(vlm.tokenizer)}; the config and the tokenizer do not belong together")
+    return kind, token_id, str(vlm.tokenizer.convert_ids_to_tokens(token_id))
+
+
+def reserved_texts(vlm: VisionLanguageModel) -> list[str]:
+    """The texts of the tokens a question may not contain: the image / video placeholders and the vision
+    span markers the config names (typed into a question they would take the place of visual tokens)."""
+    ids = {value for key, value in vlm.config.items()
+           if key.endswith(("token_index", "token_id")) and key.startswith(("image", "video", "vision"))
+           and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(vlm.tokenizer)}
+    return sorted({str(vlm.tokenizer.convert_ids_to_tokens(i)) for i in ids})
 
 
 TEMPLATE_SECONDS = 10.0  # a chat template that renders longer than this is refused (one that never ends)
@@ -111,6 +123,14 @@ class PromptBuilder:
         self.template = chat_template(vlm)
         self.system = system
         self.timestamps = timestamps
+        self.reserved = reserved_texts(vlm)
+
+    def check_text(self, text: str, what: str = "the question") -> None:
+        """Refuse text that holds one of the model's placeholder tokens (it would stand for a visual token)."""
+        found = [t for t in self.reserved if t in text]
+        if found:
+            raise VisionZipError(f"{what} contains {found[0]!r}, the model's own marker for visual input "
+                                 f"({text[:60]!r}...); remove it from the text")
 
     def _visual_text(self, video: PromptVideo, per_frame: int | None = None) -> str:
         """The placeholder run for the video (``per_frame`` overrides the count, for fast counting)."""
@@ -121,6 +141,11 @@ class PromptBuilder:
                per_frame: int | None = None) -> str:
         """The conversation as text, visual tokens expanded (what gets tokenised)."""
         stamps = self.timestamps and bool(video.timestamps)
+        for m in messages:
+            if m["role"] == "user":
+                self.check_text(m["text"])
+        if self.system:
+            self.check_text(self.system, "the system message")
         convo: list[dict[str, Any]] = []
         if self.system:
             convo.append({"role": "system", "content": [{"type": "text", "text": self.system}]})

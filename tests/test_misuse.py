@@ -108,3 +108,39 @@ def test_processor_sizes_are_bounded_by_the_tower(family, change, message, tiny_
     with pytest.raises(VisionZipError, match=message) as error:
         vlm.video_encoder()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("family, marker", [("llava", "<image>"), ("llava_onevision", "<video>"),
+                                            ("qwen2_5_vl", "<|video_pad|>"), ("qwen2_5_vl", "<|vision_start|>")])
+def test_a_question_holding_the_models_own_marker_is_named(family, marker, tiny_model_dir, clip_factory):
+    from comfy_visionzip.budget import plan_budget
+    from comfy_visionzip.vlm import load_vlm
+
+    vlm = load_vlm(tiny_model_dir(family), device="cpu")
+    with pytest.raises(VisionZipError, match="the question contains") as error:
+        plan_budget(vlm, clip_factory("m.mp4", frames=20), f"what is {marker} here ?", num_frames=4)
+    assert marker in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_question_too_long_for_the_context_is_named(tiny_model_dir, clip_factory):
+    from comfy_visionzip.budget import plan_budget
+    from comfy_visionzip.vlm import load_vlm
+
+    vlm = load_vlm(tiny_model_dir("llava"), device="cpu")
+    with pytest.raises(VisionZipError, match="the question is .* tokens long .*shorten the question"):
+        plan_budget(vlm, clip_factory("m.mp4", frames=20), "what " * 5000, num_frames=4)
+
+
+def test_a_placeholder_id_outside_the_vocabulary_is_one_line(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from comfy_visionzip.prompt import PromptBuilder
+    from comfy_visionzip.vlm import load_vlm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llava"), folder)
+    vlm = load_vlm(folder, device="cpu")
+    vlm.config = {**json.loads((folder / "config.json").read_text()), "image_token_index": 10**9}
+    with pytest.raises(VisionZipError, match="not in the tokenizer's vocabulary"):
+        PromptBuilder(vlm)

@@ -208,6 +208,10 @@ def plan_budget(
                     f"{f' and {follow_reserve} for follow-ups' if follow_reserve else ''} "
                     f"that is {asked_count + budget - limit} > {budget}")
         if fitted == 0:
+            asked_text = len(vlm.tokenizer(question.strip(), add_special_tokens=False)["input_ids"])
+            if asked_text * 2 > limit:  # the question itself is what does not fit
+                raise VisionZipError(f"the question is {asked_text} tokens long ({question.strip()[:40]!r}...), and "
+                                     f"the prompt may use {limit} after the reserves: shorten the question")
             raise VisionZipError(f"not even one frame fits: {numbers_}; raise the budget, use fewer tokens per frame "
                                  "or a smaller max_new_tokens")
         if policy == "strict":
