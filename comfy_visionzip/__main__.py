@@ -34,6 +34,7 @@ from .settings import Compression
 from .store import load_tokens, save_tokens, tokens_path
 from .temporal import Temporal, apply, fit
 from .video import VideoHandle, iter_video, uniform_pick
+from .video.backends import letterbox
 from .viz import contact_sheet, save_png
 from .vlm import load_vlm
 from .weights import fetch_weights
@@ -43,6 +44,7 @@ BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity"
 DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
 SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)
 TILE_WIDTH = 240  # contact sheet tiles are this wide: frames are decoded no bigger than needed for them
+TILE_MAX_ASPECT = 4  # tiles are at most this many times taller than wide (or wider than tall): others letterboxed
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -73,7 +75,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise VisionZipError(f"{args.video}: file not found")
     times: dict[str, float] = {}
     t = time.perf_counter()
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                   allow_download=args.download)
     times["load model"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.tokens:
@@ -178,7 +181,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
-    """Print the plan; decode at most SHEET_FRAMES of its frames (evenly spread), as thumbnails, for the sheet."""
+    """Print the plan; decode at most SHEET_FRAMES of its frames (evenly spread), as thumbnails, for the sheet.
+
+    Tiles are TILE_WIDTH wide and at most TILE_MAX_ASPECT times taller than wide (or wider than tall):
+    frames of a more extreme shape are letterboxed into such a tile, so the sheet and the memory it
+    takes stay bounded whatever the video's size (a 16x8000 video made a 960x360048 PNG before).
+    """
     if args.out:
         _check_writable(args.out)
     given = any(v is not None for v in (args.num_frames, args.fps, args.every))
@@ -191,19 +199,34 @@ def cmd_frames(args: argparse.Namespace) -> int:
     print(f"  {Path(args.video).name:<28} {len(indices):>4} frames  [{shown}] s"
           + ("" if given else f"  (no plan given: {DEFAULT_FRAMES} frames spread over the video)"))
     print(f"  {'':<28} indices {indices[:12]}{' ...' if len(indices) > 12 else ''}")
+    if index.approximate:
+        print(f"  {'':<28} times are approximate: the video has no usable timestamps")
     picks = [indices[p] for p in uniform_pick(len(indices), SHEET_FRAMES)]
     t = time.perf_counter()
     tiles, labels = [], []
-    cover = (TILE_WIDTH * index.display_size[1] // max(index.display_size[0], 1) or 1, TILE_WIDTH)
-    for chunk in iter_video(args.video, frames=picks, backend=args.backend, max_size=args.max_size, cover=cover,
+    width, height = (max(v, 1) for v in index.display_size)
+    natural = max(1, round(TILE_WIDTH * height / width))
+    tile_h = min(max(natural, TILE_WIDTH // TILE_MAX_ASPECT), TILE_WIDTH * TILE_MAX_ASPECT)
+    boxed = tile_h != natural  # too tall or too wide for a tile: shown whole, letterboxed
+    max_size: int | None = args.max_size
+    cover: tuple[int, int] | None = (TILE_WIDTH * height // width or 1, TILE_WIDTH)
+    if boxed:  # decode no bigger than the tile shows (the longer side of the frame fitted into the tile)
+        fit = max(16, round(max(width, height) * min(TILE_WIDTH / width, tile_h / height)))
+        max_size, cover = (fit if args.max_size is None else min(args.max_size, fit)), None
+    for chunk in iter_video(args.video, frames=picks, backend=args.backend, max_size=max_size, cover=cover,
                             chunk_size=16):
-        tiles.append(chunk.frames)
+        frames = chunk.frames
+        if boxed:
+            frames = torch.stack([torch.from_numpy(letterbox(f.numpy(), tile_h, TILE_WIDTH)) for f in frames])
+        tiles.append(frames)
         labels += [f"#{i} @ {s:.2f}s" for i, s in zip(chunk.indices, chunk.timestamps)]
     print(f"  {'':<28} decoded {len(labels)} of them{' for the sheet' if args.out else ''} "
           f"in {(time.perf_counter() - t) * 1000:.0f} ms")
     if args.out:
+        note = f" (frames of {width}x{height} letterboxed into {TILE_WIDTH}x{tile_h} tiles)" if boxed else ""
         print(f"  contact sheet -> {save_png(contact_sheet(torch.cat(tiles), labels), args.out)}"
-              + (f" (every {len(indices) / len(picks):.1f}th planned frame)" if len(picks) < len(indices) else ""))
+              + (f" (every {len(indices) / len(picks):.1f}th planned frame)" if len(picks) < len(indices) else "")
+              + note)
     return 0
 
 
@@ -270,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer from tokens saved earlier instead of encoding a video (give '-' as VIDEO)")
     ask.add_argument("--allow-pickle", action="store_true",
                      help="also load pickled .bin weights (they can run code: only for files you trust)")
+    ask.add_argument("--download", action="store_true",
+                     help="when --model is a Hugging Face id (like llava-hf/llava-1.5-7b-hf), download it (safetensors "
+                          "and configs only); without this flag nothing is ever downloaded")
     ask.set_defaults(func=cmd_ask)
     bench = sub.add_parser("bench", help=f"run a benchmark from bench/ ({', '.join(BENCHES)})")
     bench.add_argument("name", choices=BENCHES)
@@ -312,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # where a video's result is approximate or partial (times estimated, a file cut short)
+        logging.getLogger("comfy_visionzip.video").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except VisionZipError as e:  # the user's input: say what is wrong, no traceback

@@ -11,9 +11,11 @@ Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,10 +47,8 @@ def detect_family(folder: str) -> tuple[FamilyModule, dict[str, Any]]:
     if not os.path.isdir(folder):
         raise VisionZipError(f"{folder}: not a folder")
     config = _read_json(folder, "config.json")
-    if config is None:
-        found = sorted(os.listdir(folder))[:8]
-        raise VisionZipError(f"{folder}: no config.json, so not a Hugging Face model folder "
-                             f"(it holds: {found or 'nothing'})")
+    if config is None:  # never list what the folder holds: the path may come from a shared workflow
+        raise VisionZipError(f"{folder}: no config.json, so not a Hugging Face model folder")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
@@ -57,8 +57,9 @@ def detect_family(folder: str) -> tuple[FamilyModule, dict[str, Any]]:
     return FAMILIES[model_type], config
 
 
-def resolve_model_path(path_or_id: str) -> str:
-    """A local folder as is; otherwise a Hugging Face id, downloaded (safetensors + configs) if the network allows."""
+def resolve_model_path(path_or_id: str, *, allow_download: bool = False) -> str:
+    """A local folder as is; a Hugging Face id is downloaded (safetensors + configs) only with ``allow_download``
+    (the command line's ``--download``): nothing reaches the network unless the user turned it on."""
     path = os.path.expanduser(str(path_or_id))
     if os.path.isdir(path):
         return path
@@ -67,6 +68,10 @@ def resolve_model_path(path_or_id: str) -> str:
     if path.count("/") != 1 or path.startswith((".", "/")):
         raise VisionZipError(f"{path}: no such model folder "
                              "(and not a Hugging Face id like 'llava-hf/llava-1.5-7b-hf')")
+    if not allow_download:
+        raise VisionZipError(f"{path}: no such model folder; to download the Hugging Face id {path!r}, allow it "
+                             "(--download on the command line, allow_download=True in Python) or download it into "
+                             "a folder and give its path")
     try:
         from huggingface_hub import snapshot_download  # optional at run time: only for Hugging Face ids
 
@@ -121,20 +126,87 @@ def _check_safetensors(path: str) -> None:
                              "corrupt: download it again") from e
 
 
-def _check_files(folder: str, files: list[str]) -> None:
-    """Cheap checks of a model folder before anything is loaded: weights readable, shards present, a tokenizer."""
+def _index_shards(folder: str) -> list[str]:
+    """The shard files ``model.safetensors.index.json`` names (none without an index). A shard must sit in the
+    folder itself: a name with ``..`` or an absolute path would make the loader read a file outside it.
+    (The check is on the names, not on resolved links: Hugging Face's cache links every file to its blobs.)"""
     index = _read_json(folder, "model.safetensors.index.json")
-    if index is not None:
-        shards = sorted(set((index.get("weight_map") or {}).values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if missing:
-            raise VisionZipError(f"{folder}: weight shards listed in model.safetensors.index.json are missing: "
-                                 f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; download them too")
+    if index is None:
+        return []
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise VisionZipError(f"{folder}: model.safetensors.index.json has no weight_map of tensor -> shard file "
+                             "names; download the checkpoint again")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or shard.startswith(("/", "\\")) or ".." in parts or ":" in shard:
+            raise VisionZipError(f"{folder}: model.safetensors.index.json names the shard {shard[:120]!r}, which is "
+                                 "not inside the model folder; shards must sit next to the index: download the "
+                                 "checkpoint again")
+    return shards
+
+
+def _check_shards(folder: str) -> None:
+    missing = [s for s in _index_shards(folder) if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+        raise VisionZipError(f"{folder}: weight shards listed in model.safetensors.index.json are missing: "
+                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; download them too")
+
+
+def _check_files(folder: str, files: list[str]) -> None:
+    """Cheap checks of a model folder before anything is loaded: weights readable, shards present (and inside the
+    folder), a tokenizer."""
+    _check_shards(folder)
     for name in sorted(f for f in files if f.endswith(".safetensors")):
         _check_safetensors(os.path.join(folder, name))
     if not any(f in files for f in TOKENIZER_FILES):
         raise VisionZipError(f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
                              "download the checkpoint's tokenizer files into the folder")
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_loading_report() -> Iterator[None]:
+    """Keep transformers' own missing/unexpected-keys table off stderr while a checkpoint loads (the caller refuses
+    such a checkpoint in one line instead). A filter, removed afterwards, rather than a level: transformers 5.x
+    reads its logger's level to decide what else to report."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_errors_only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_errors_only)
+
+
+def _from_pretrained(cls: Any, folder: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(folder)``, refusing a checkpoint whose weights do not all fit the model: a missing
+    tensor would silently be random (a missing projector answers with noise), an unexpected one means another
+    model's weights. Tied weights (lm_head = embeddings) are not reported missing by transformers."""
+    try:
+        with _quiet_loading_report():
+            model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
+        text = str(e)
+        if "size mismatch" in text or "ignore_mismatched_sizes" in text:
+            raise VisionZipError(f"{folder}: some {what} weights have shapes that do not fit its config.json; "
+                                 "download the checkpoint again") from e
+        raise VisionZipError(f"{folder}: loading the {what} weights failed ({type(e).__name__}: "
+                             f"{_first_line(e)}); check that the folder is one complete checkpoint") from e
+    problems = []
+    for kind in ("missing", "unexpected", "mismatched"):  # transformers 4.x lists, 5.x sets; mismatched: tuples
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(f"{kind}_keys") or ()))
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {kind}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise VisionZipError(f"{folder}: the checkpoint's weights do not match the {what} model "
+                             f"({'; '.join(problems)}); it is incomplete or from another model: "
+                             "download the checkpoint again")
+    return model
 
 
 def load_vlm(
@@ -145,6 +217,7 @@ def load_vlm(
     attn_implementation: str = "sdpa",
     quantization: str | None = None,
     allow_pickle: bool = False,
+    allow_download: bool = False,
 ) -> VisionLanguageModel:
     """Load a LLaVA-family checkpoint from a folder (or a Hugging Face id where the network allows).
 
@@ -154,8 +227,9 @@ def load_vlm(
         attn_implementation: "sdpa" (default), "eager", or "flash_attention_2" where installed.
         quantization: None, "8bit" or "4bit" (bitsandbytes, CUDA only).
         allow_pickle: also accept pickled ``.bin`` weights (only for files you trust).
+        allow_download: download a Hugging Face id that is not a local folder (off: never touch the network).
     """
-    folder = resolve_model_path(path_or_id)
+    folder = resolve_model_path(path_or_id, allow_download=allow_download)
     family, config = detect_family(folder)
     cls = getattr(transformers, family.class_name, None)
     if cls is None:
@@ -187,11 +261,7 @@ def load_vlm(
         raise VisionZipError(f"{folder}: its tokenizer cannot be loaded ({type(e).__name__}: {_first_line(e)}); "
                              "download the checkpoint's tokenizer files again "
                              "(tokenizer.json / tokenizer_config.json)") from e
-    try:
-        model = cls.from_pretrained(folder, **kwargs)
-    except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
-        raise VisionZipError(f"{folder}: loading the {family.display} weights failed ({type(e).__name__}: "
-                             f"{_first_line(e)}); check that the folder is one complete checkpoint") from e
+    model = _from_pretrained(cls, folder, family.display, **kwargs)
     if quant is None:
         model.to(device_)
     model.eval()
@@ -226,6 +296,7 @@ def load_tower(path: str | os.PathLike[str], *, device: str | torch.device | Non
     files = sorted(os.listdir(folder))
     if not any(f.endswith(".safetensors") for f in files):
         raise VisionZipError(f"{folder}: no .safetensors weights")
+    _check_shards(folder)
     for name in (f for f in files if f.endswith(".safetensors")):
         _check_safetensors(os.path.join(folder, name))
     processor = _read_json(folder, "preprocessor_config.json")
@@ -236,10 +307,7 @@ def load_tower(path: str | os.PathLike[str], *, device: str | torch.device | Non
     cls = getattr(transformers, TOWER_CLASSES[model_type])
     kwargs = {"attn_implementation": attn_implementation, "use_safetensors": True,
               ("dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"): dtype_}
-    try:
-        tower = cls.from_pretrained(folder, **kwargs).to(device_).eval()
-    except Exception as e:  # noqa: BLE001 - a model folder is user input: one clear line whatever broke
-        raise VisionZipError(f"{folder}: loading the tower failed ({type(e).__name__}: {_first_line(e)})") from e
+    tower = _from_pretrained(cls, folder, "tower", **kwargs).to(device_).eval()
     return VisionEncoder(tower, Preprocess.from_config(processor, anyres=False),
                          vision_feature_layer=vision_feature_layer)
 

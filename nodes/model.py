@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from collections.abc import Container
 
-from ..comfy_visionzip.models import VisionTower
+from ..comfy_visionzip.models import FAMILIES, VisionTower
 from ..comfy_visionzip.vlm import TOWER_CLASSES, load_tower, load_vlm
 from ..comfy_visionzip.weights import find_real_tower
 from . import _comfy
@@ -33,6 +35,56 @@ class ModelHandle:
     def __exit__(self, *exc):
         _comfy.release(self.vlm, self.keep_loaded)
         return False
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, by the names (as ComfyUI's own savers check: a ``..`` or an
+    absolute path elsewhere is outside; links are not followed, so a folder the user linked in stays usable)."""
+    folder = os.path.abspath(folder)
+    try:
+        return os.path.commonpath((folder, os.path.abspath(path))) == folder
+    except ValueError:  # another drive (Windows), or a mix of absolute and relative
+        return False
+
+
+def served_folder(name: str, roots: list[str]) -> str | None:
+    """``name`` (a list entry) as a folder inside one of ``roots``; None if it is not one there. Nothing about a
+    name that leads elsewhere is looked at, so the answer says nothing about the rest of the disk."""
+    for root in roots:
+        candidate = os.path.abspath(os.path.join(root, name))
+        if within(candidate, root) and candidate != os.path.abspath(root) and os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _model_type(folder: str) -> str | None:
+    """config.json's model_type, or None where there is no readable one (never why: see own_checkpoint)."""
+    config = os.path.join(folder, "config.json")
+    try:
+        if not os.path.isfile(config) or os.path.getsize(config) > (1 << 24):
+            return None
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    kind = data.get("model_type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def own_checkpoint(path: str, served: list[str], kinds: Container[object], what: str) -> str:
+    """The folder a node's ``path`` input names. Inside the folders the pack serves (``served``) it is passed on and
+    the library explains any problem; elsewhere it is the user's own folder, read as asked, but unless it is a
+    checkpoint of one of ``kinds`` the error is the same whatever is there: a shared workflow must not learn from
+    it what exists on the disk (and no Hugging Face id is ever downloaded from a node)."""
+    text = path.strip().strip('"')
+    folder = served_folder(text, served) if not os.path.isabs(os.path.expanduser(text)) else None
+    folder = folder or os.path.abspath(os.path.expanduser(text))
+    if any(within(folder, root) for root in served) or _model_type(folder) in kinds:
+        return folder
+    hub = " (nodes never download a Hugging Face id)" if text.count("/") == 1 and not text.startswith((".", "/")) \
+        else ""
+    raise ValueError(f"path {text[:200]!r}: not a {what} folder this node can load{hub}: give the folder holding its "
+                     "config.json, or put it in ComfyUI/models/visionzip and pick it in the list")
 
 
 class VisionZipLoadVLM:
@@ -68,15 +120,17 @@ class VisionZipLoadVLM:
                                                         "after each run, freeing VRAM).")}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": ("A checkpoint folder anywhere, or a Hugging Face id "
-                                                               "(downloaded only where the network allows).")}),
+                "path": ("STRING", {"default": "", "tooltip": (
+                    "A checkpoint folder of your own anywhere on this computer: the node reads your files there. "
+                    "Nothing is downloaded (download Hugging Face models into ComfyUI/models/visionzip).")}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, model):
         # Only `model` is named: ComfyUI checks the other inputs itself; `path` overrides it and is checked when run.
-        if not model or os.path.isdir(_comfy.resolve_model(model)):
+        # (ComfyUI then leaves the list check of `model` to us: a name must stay inside the model folders.)
+        if not model or served_folder(model, _comfy.model_roots()):
             return True
         org = "Qwen" if model.lower().startswith("qwen") else "llava-hf"
         return (f"model folder {model!r} is not in ComfyUI/models/visionzip: download it there (e.g. huggingface-cli "
@@ -84,8 +138,15 @@ class VisionZipLoadVLM:
                 "empty entry and type a folder in 'path'")
 
     def load(self, model, dtype, device, quantization, attention, keep_loaded, path=""):
-        source = (path or "").strip() or _comfy.resolve_model(model)
-        if not source:
+        roots = _comfy.model_roots()
+        if (path or "").strip():
+            source = own_checkpoint(path, roots, FAMILIES, "vision-language checkpoint")
+        elif model:
+            source = served_folder(model, roots) or ""
+            if not source:
+                raise ValueError(f"model folder {model[:200]!r} is not in ComfyUI/models/visionzip: pick one in the "
+                                 "list, or type a folder in 'path'")
+        else:
             raise ValueError("no model given: put a checkpoint folder in ComfyUI/models/visionzip, or type a path")
         load_device, _offload = _comfy.devices()
         target = load_device if device == "auto" else device
@@ -147,14 +208,15 @@ class VisionZipLoadTower:
                     "tooltip": "auto: ComfyUI's GPU (or the CPU without one)."}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": ("A tower folder anywhere (config.json + safetensors + "
-                                                               "preprocessor_config.json).")}),
+                "path": ("STRING", {"default": "", "tooltip": (
+                    "A tower folder of your own anywhere on this computer (config.json + safetensors + "
+                    "preprocessor_config.json): the node reads your files there. Nothing is downloaded.")}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, tower):
-        if not tower or tower == REAL_TOWER and find_real_tower() or os.path.isdir(_comfy.resolve_model(tower)):
+        if not tower or tower == REAL_TOWER and find_real_tower() or served_folder(tower, _comfy.model_roots()):
             return True
         if tower == REAL_TOWER:
             return ("the real weights are not fetched: run  python -m comfy_visionzip fetch-weights  (then restart or "
@@ -164,8 +226,17 @@ class VisionZipLoadTower:
 
     def load(self, tower, device, path=""):
         real = find_real_tower()
-        chosen = (path or "").strip() or (real if tower == REAL_TOWER else _comfy.resolve_model(tower))
-        if not chosen:
+        roots = _comfy.model_roots() + ([real] if real else [])
+        if (path or "").strip():
+            chosen = own_checkpoint(path, roots, TOWER_CLASSES, "vision tower")
+        elif tower == REAL_TOWER and real:
+            chosen = real
+        elif tower and tower != REAL_TOWER:
+            chosen = served_folder(tower, _comfy.model_roots()) or ""
+            if not chosen:
+                raise ValueError(f"tower folder {tower[:200]!r} is not in ComfyUI/models/visionzip: pick one in the "
+                                 "list, or type a folder in 'path'")
+        else:
             raise ValueError(f"no tower given: pick '{REAL_TOWER}' (after fetch-weights) or a tower folder, "
                              "or type a path")
         load_device, _offload = _comfy.devices()

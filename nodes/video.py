@@ -8,6 +8,7 @@ from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sampl
 from ..comfy_visionzip.budget import POLICIES, BudgetPlan, cap_budget, context_length
 from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
+from .model import within
 
 CATEGORY = "VisionZip/video"
 VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle (the file + sampling plan, streamed later), or Frame Budget's BudgetPlan
@@ -20,6 +21,18 @@ def unplanned(video):
     return video, None
 
 MODES = ["num_frames", "fps", "every", "interval"]
+
+
+def _served(source: str) -> bool:
+    """Whether a 'video' list entry, resolved, lies in ComfyUI's input or output folder: the list may not name other
+    files (the 'path' input is for the user's own files). Without ComfyUI every path is the user's own."""
+    root = _comfy.input_directory()
+    return root is None or any(within(source, r) for r in (root, _comfy.output_directory()))
+
+
+def _not_listed(video: str) -> str:
+    return (f"video {video[:200]!r} is not in ComfyUI's input folder: upload one with 'choose file to upload', "
+            "pick another, or pick the empty entry and type a path / connect a VIDEO")
 
 
 def _format_timestamps(seconds: list[float]) -> str:
@@ -79,7 +92,8 @@ class VisionZipLoadVideo:
                                                               "decord (optional), opencv (optional).")}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": ("A video file path anywhere on disk; overrides the "
+                "path": ("STRING", {"default": "", "tooltip": ("A video file of your own anywhere on this computer "
+                                                               "(the node reads your files there); overrides the "
                                                                "dropdown.")}),
                 "video_input": ("VIDEO", {"tooltip": ("A core ComfyUI VIDEO (e.g. from Load Video); overrides file and "
                                                       "path.")}),
@@ -98,7 +112,12 @@ class VisionZipLoadVideo:
             except Exception:  # noqa: BLE001 - a VIDEO built from images has no stream (ComfyUI raises ValueError)
                 components = video_input.get_components()
                 return components
-        return _comfy.resolve_input_path(path or video)
+        if path or not video:
+            return _comfy.resolve_input_path(path)
+        source = _comfy.resolve_input_path(video)
+        if not _served(source):
+            raise ValueError(_not_listed(video))
+        return source
 
     @classmethod
     def IS_CHANGED(cls, video, path="", video_input=None, **_kwargs):  # (IS_CHANGED: **kwargs skips no check)
@@ -117,9 +136,10 @@ class VisionZipLoadVideo:
         if not video:
             return True
         source = _comfy.resolve_input_path(video)
-        if not os.path.isfile(source):
-            return (f"video {video!r} is not in ComfyUI's input folder: upload one with 'choose file to upload', "
-                    "pick another, or pick the empty entry and type a path / connect a VIDEO")
+        # ComfyUI leaves the list check of `video` to us: the same answer for a name outside the folders, whatever is
+        # there, and for a missing file
+        if not _served(source) or not os.path.isfile(source):
+            return _not_listed(video)
         return True
 
     def load(self, video, mode, num_frames, fps, every, start, end, max_frames, max_size, preview_frames, backend,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 GEN = dict(max_new_tokens=5, temperature=0.0, top_p=1.0, seed=0)
@@ -40,16 +42,21 @@ def test_answer_then_chat_reuses_the_cache_and_branches_safely(setup):
     assert model.vlm.device.type == "cpu"  # keep_loaded off: back on the offload device after each run
 
 
-def test_save_and_load_tokens_nodes(setup, tmp_path):
+def test_save_and_load_tokens_nodes(pack, setup, tmp_path):
     nodes, model, tokens = setup
-    saved = nodes["VisionZipSaveTokens"]().save(tokens=tokens, filename_prefix=str(tmp_path / "clip"))["result"][0]
-    assert saved.endswith("clip_00001.safetensors")
-    again = nodes["VisionZipSaveTokens"]().save(tokens=tokens, filename_prefix=str(tmp_path / "clip"))["result"][0]
-    assert again.endswith("clip_00002.safetensors")  # never overwrites
-    loaded, summary = nodes["VisionZipLoadTokens"]().load(path=saved, model=model)
-    assert loaded.total_tokens == tokens.total_tokens and "6 frames" in summary
-    with pytest.raises(ValueError, match="tokens file not found"):
-        nodes["VisionZipLoadTokens"]().load(path=str(tmp_path / "missing.safetensors"))
+    comfy = sys.modules[pack.__name__ + ".nodes._comfy"]
+    comfy.set_output_directory(str(tmp_path))  # ComfyUI's output folder (the headless runner's --out)
+    try:
+        saved = nodes["VisionZipSaveTokens"]().save(tokens=tokens, filename_prefix="clip")["result"][0]
+        assert saved.endswith("clip_00001.safetensors") and saved.startswith(str(tmp_path))
+        again = nodes["VisionZipSaveTokens"]().save(tokens=tokens, filename_prefix="clip")["result"][0]
+        assert again.endswith("clip_00002.safetensors")  # never overwrites
+        loaded, summary = nodes["VisionZipLoadTokens"]().load(path=saved, model=model)
+        assert loaded.total_tokens == tokens.total_tokens and "6 frames" in summary
+        with pytest.raises(ValueError, match="tokens file not found"):
+            nodes["VisionZipLoadTokens"]().load(path=str(tmp_path / "missing.safetensors"))
+    finally:
+        comfy.set_output_directory(None)
 
 
 def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, setup, clip_factory):

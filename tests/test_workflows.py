@@ -101,7 +101,7 @@ def test_api_workflow_runs_headless(api, family, tiny_model_dir, clip_factory, t
         if node["class_type"] == "VisionZipLoadTower":
             overrides[f"{node_id}.path"] = _tiny_tower(tmp_path / "tower")
         if node["class_type"] == "VisionZipSaveTokens":
-            overrides[f"{node_id}.filename_prefix"] = str(tmp_path / "tokens")
+            overrides[f"{node_id}.filename_prefix"] = "tokens"  # inside --out (a workflow never writes outside it)
         if node["class_type"] in ("VisionZipAnswer", "VisionZipChat"):
             overrides[f"{node_id}.max_new_tokens"] = 4
     lines = []
@@ -115,7 +115,7 @@ def test_api_workflow_runs_headless(api, family, tiny_model_dir, clip_factory, t
     if any(n["class_type"] == "PreviewImage" for n in prompt.values()):
         assert list((tmp_path / "out").glob("previewimage_*.png"))
     if any(n["class_type"] == "VisionZipSaveTokens" for n in prompt.values()):
-        assert list(tmp_path.glob("tokens_00001.safetensors"))
+        assert list((tmp_path / "out").glob("tokens_00001.safetensors"))
         saved = [i for i, n in prompt.items() if n["class_type"] == "VisionZipSaveTokens"]
         # a relative prefix lands in --out, not in the current folder's output/
         again = _runner().run(prompt, out=tmp_path / "out2",

@@ -92,6 +92,17 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def letterbox(rgb: np.ndarray, height: int, width: int, fill: int = 24) -> np.ndarray:
+    """An RGB uint8 ``[height, width, 3]`` tile showing all of ``rgb`` (aspect kept, centred, bars of ``fill``)."""
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    scale = min(width / max(w, 1), height / max(h, 1))
+    new_w, new_h = min(width, max(1, round(w * scale))), min(height, max(1, round(h * scale)))
+    tile = np.full((height, width, 3), fill, dtype=np.uint8)
+    y, x = (height - new_h) // 2, (width - new_w) // 2
+    tile[y: y + new_h, x: x + new_w] = rgb if (new_w, new_h) == (w, h) else _resize(rgb, (new_w, new_h))
+    return tile
+
+
 # ----------------------------------------------------------------------------------------------- PyAV
 
 
@@ -200,6 +211,9 @@ def read_decord(index: StreamIndex, frames: Sequence[int],
     fmt_names = set(index.container_format.split(","))
     if not fmt_names & set(DECORD_SAFE_FORMATS):
         raise VideoError(source, f"decord is not used on {index.container_format!r} files (it can hang on them)",
+                         "use backend='pyav' (the default)")
+    if not index.has_pts:
+        raise VideoError(source, "decord matches frames by timestamp, and this video has no usable timestamps",
                          "use backend='pyav' (the default)")
     import decord  # optional dependency: the decord backend only
 

@@ -5,6 +5,12 @@ indexed in a fraction of a second). Every packet is one frame; sorting the packe
 timestamps gives the frames in presentation order, so frame ``i`` has timestamp ``pts[i]`` even when
 the container reports no frame count (MKV, WebM, MPEG-TS), the rate is variable, or the stream has
 B-frames. Packets an MP4 edit list marks as discarded (pre-roll) are not frames and are skipped.
+
+Timestamps that cannot be presentation times (none at all, as in raw ``.h264`` elementary streams;
+frames sharing one timestamp; timestamps that run backwards; timestamps that count frames in ticks of
+the time base, e.g. an MKV written without timestamps reads as 1000 fps) are not trusted: frames are
+then taken in decoding order, which the decoder turns into the true presentation order, and timed at
+the stream's nominal rate. A warning says so, and :attr:`StreamIndex.approximate` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from ..errors import VideoError, VideoNotFoundError, _display_path
 
 log = logging.getLogger(__name__)
 
+REORDER_WINDOW = 16  # frames: B-frame reordering moves a frame at most this far (the H.264/HEVC picture buffer)
+MAX_NOMINAL_FPS = 1000  # a declared frame rate above this is not a playback rate (it is a time base)
+DEFAULT_FPS = 25  # assumed when a stream without usable timestamps declares no frame rate either
+
 
 @dataclass(frozen=True)
 class StreamIndex:
@@ -44,7 +54,8 @@ class StreamIndex:
     width: int  # coded size; display size swaps these when rotation is +-90
     height: int
     rotation: int  # counter-clockwise degrees to rotate decoded frames for display: 0, 90, 180, 270
-    has_pts: bool  # False: the stream carries no timestamps; frames are matched by order
+    has_pts: bool  # False: no usable timestamps; frames are matched by decoding order, timed at the nominal rate
+    approximate: str = ""  # why the times are approximate (the timestamps were not usable); "" when they are not
 
     @property
     def frame_count(self) -> int:
@@ -182,14 +193,14 @@ def build_index(source: Any) -> StreamIndex:
                              "re-encode it, e.g. to H.264") from e
         stamps: list[int] = []
         keys: list[bool] = []
-        any_missing = False
+        missing_count = 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.is_discard:
                     continue  # flush packets; MP4 edit-list pre-roll is not a frame
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None:
-                    any_missing = True
+                    missing_count += 1
                     ts = len(stamps)
                 stamps.append(int(ts))
                 keys.append(bool(packet.is_keyframe))
@@ -203,23 +214,30 @@ def build_index(source: Any) -> StreamIndex:
             raise VideoError(source, "the video stream holds no frames", "the file may be truncated or empty")
 
         time_base = stream.time_base or Fraction(1, 1000)
-        if any_missing:
-            # No timestamps at all (raw elementary streams): frames are in decode order = file order.
-            nominal = stream.average_rate or stream.base_rate or stream.guessed_rate or 25
-            time_base = Fraction(1, 1) / Fraction(nominal)
+        key_flags = np.asarray(keys, dtype=bool)
+        nominal = _nominal_rate(stream)
+        raw = np.asarray(stamps, dtype=np.int64)
+        why: str | None
+        if missing_count:
+            why = (f"{missing_count} of its {len(stamps)} frames carry no timestamp" if missing_count < len(stamps)
+                   else "it carries no timestamps (a raw stream without a container?)")
+        else:
+            why = _unusable_timestamps(raw, key_flags, Fraction(time_base), nominal)
+        approximate = ""
+        if why is not None:
+            # Decoding order: the decoder itself puts frames in presentation order; times from the nominal rate.
+            assumed = nominal or Fraction(DEFAULT_FPS)
+            time_base = Fraction(1, 1) / assumed
             pts = np.arange(len(stamps), dtype=np.int64)
             order = np.arange(len(stamps))
+            approximate = (f"{why}: frames are taken in decoding order and timed at "
+                           f"{'an assumed ' if nominal is None else 'its nominal '}{float(assumed):g} fps "
+                           f"({len(stamps)} frames, {len(stamps) / float(assumed):.2f} s); times are approximate")
+            log.warning("%s: %s", _display(source), approximate)
         else:
-            raw = np.asarray(stamps, dtype=np.int64)
             order = np.argsort(raw, kind="stable")
             pts = raw[order]
-            dup = np.concatenate([[False], pts[1:] == pts[:-1]])
-            if dup.any():
-                log.warning("%s: %d packets share a timestamp; keeping the first of each",
-                            _display(source), int(dup.sum()))
-                keep = ~dup
-                pts, order = pts[keep], order[keep]
-        key_arr = np.asarray(keys, dtype=bool)[order]
+        key_arr = key_flags[order]
         keyframes = np.flatnonzero(key_arr).astype(np.int64)
         if keyframes.size == 0 or keyframes[0] != 0:
             keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
@@ -228,12 +246,14 @@ def build_index(source: Any) -> StreamIndex:
         rate = stream.average_rate or stream.guessed_rate
         if len(pts) > 1 and span > 0:
             fps = (len(pts) - 1) / span  # the true average over the whole stream
+        elif nominal is not None:
+            fps = float(nominal)
         elif rate and float(rate) > 0:
             fps = float(rate)
         else:
             fps = 0.0
 
-        first_frame = _first_frame(container, stream)
+        first_frame = _first_frame(container, stream, source)
         rotation = _rotation_of(stream, first_frame)
         width = stream.codec_context.width or (first_frame.width if first_frame is not None else 0)
         height = stream.codec_context.height or (first_frame.height if first_frame is not None else 0)
@@ -251,15 +271,24 @@ def build_index(source: Any) -> StreamIndex:
             width=int(width),
             height=int(height),
             rotation=rotation,
-            has_pts=not any_missing,
+            has_pts=not approximate,
+            approximate=approximate,
         )
 
 
-def _first_frame(container: InputContainer, stream: VideoStream) -> VideoFrame | None:
+def _first_frame(container: InputContainer, stream: VideoStream, source: Any) -> VideoFrame | None:
+    """The first decodable frame. Raw streams (``.h264``) cannot seek: they are read again from the start."""
     try:
         container.seek(0, stream=stream, backward=True, any_frame=False)
     except av.error.FFmpegError:
-        pass
+        # A failed seek can leave the demuxer at the end (seen with raw H.264): read from a fresh container.
+        with open_container(source) as fresh:
+            found = fresh.streams[stream.index]
+            return _decode_first(fresh, found) if isinstance(found, VideoStream) else None
+    return _decode_first(container, stream)
+
+
+def _decode_first(container: InputContainer, stream: VideoStream) -> VideoFrame | None:
     try:
         for packet in container.demux(stream):
             try:
@@ -268,8 +297,54 @@ def _first_frame(container: InputContainer, stream: VideoStream) -> VideoFrame |
                 continue
             if frames:
                 return frames[0]
+        return None
     except av.error.FFmpegError:
         return None
+
+
+def _nominal_rate(stream: VideoStream) -> Fraction | None:
+    """The frame rate the stream declares (container header or codec), or None when it declares no plausible one."""
+    candidates = [getattr(stream, "guessed_rate", None), stream.average_rate, stream.base_rate]
+    if stream.codec_context is not None:
+        candidates.append(stream.codec_context.framerate)
+    for rate in candidates:
+        try:
+            value = Fraction(rate) if rate else None
+        except (TypeError, ValueError, ZeroDivisionError):
+            value = None
+        if value is not None and 0 < value <= MAX_NOMINAL_FPS:
+            return value
+    return None
+
+
+def _unusable_timestamps(raw: np.ndarray, is_key: np.ndarray, time_base: Fraction,
+                         nominal: Fraction | None) -> str | None:
+    """Why packet timestamps (``raw``, decoding order; ``is_key`` marks keyframes) cannot be presentation
+    times; None when they can.
+
+    B-frames make timestamps go back and forth by a few frames, never further than the decoder's
+    reorder window, and never make a keyframe show before one decoded earlier; anything else means
+    the timestamps are broken, and sorting them would put the frames in a wrong order.
+    """
+    n = int(raw.shape[0])
+    if n < 2:
+        return None
+    order = np.argsort(raw, kind="stable")
+    ordered = raw[order]
+    distinct = 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+    if distinct < n:
+        return (f"its {n} frames carry only {distinct} distinct timestamp{'s' if distinct != 1 else ''}"
+                if distinct * 2 <= n else f"{n - distinct} of its {n} frames repeat another frame's timestamp")
+    shift = int(np.max(np.abs(order - np.arange(n))))
+    key_stamps = raw[is_key]
+    if shift > REORDER_WINDOW or bool(np.any(np.diff(key_stamps) < 0)):
+        return "its timestamps run backwards"
+    if bool(np.all(np.diff(ordered) == 1)) and time_base > 0:
+        tick_rate = 1 / time_base
+        if (nominal is not None and tick_rate >= 2 * nominal) or (nominal is None and tick_rate > MAX_NOMINAL_FPS):
+            said = f", while the stream says {float(nominal):g} fps" if nominal is not None else ""
+            return (f"its timestamps count frames, not time (one tick of {time_base} s per frame would be "
+                    f"{float(tick_rate):g} fps{said})")
     return None
 
 
