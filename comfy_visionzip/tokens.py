@@ -174,7 +174,7 @@ class CompressedVideo:
                                                                f"{self.method}: {per_image} tokens per image")
         unit = int(self.meta.get("frames_per_unit", 1))
         if unit == 1:
-            frames = f"{self.num_frames} frames"
+            frames = f"{self.num_frames} frame{'s' if self.num_frames != 1 else ''}"
         elif self.num_frames == 1 and not self.timestamps:
             frames = "1 image"
         else:

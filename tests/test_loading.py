@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from comfy_visionzip import VisionZipError
 from comfy_visionzip.__main__ import main
 from comfy_visionzip.models import FAMILIES
+from comfy_visionzip.testing.tiny import build_tiny_tower
 from comfy_visionzip.vlm import load_tower, load_vlm
 
 # the tensors that turn the tower's features into the language model's embeddings, per family
@@ -100,14 +102,8 @@ def test_tied_weights_absent_from_the_file_are_not_missing(tiny_model_dir, tmp_p
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def _tiny_tower(folder):
-    torch.manual_seed(0)
-    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
-        patch_size=6)).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}, "do_center_crop": True}))
-    return folder
+def _tiny_tower(folder: Path) -> Path:
+    return Path(build_tiny_tower(folder, layers=2))
 
 
 def test_an_incomplete_tower_is_refused(tmp_path, capfd):

@@ -11,6 +11,8 @@ import pytest
 import transformers
 from PIL import Image
 
+from comfy_visionzip.testing.tiny import build_tiny_tower
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted(p for p in (REPO / "workflows" / "api").glob("*_api.json"))
 
@@ -126,17 +128,7 @@ def test_api_workflow_runs_headless(api, family, tiny_model_dir, clip_factory, t
 
 
 def _tiny_tower(folder: Path) -> str:
-    """A tiny bare CLIP vision tower folder (config.json + safetensors + preprocessor_config.json)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
-        patch_size=6)).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}, "do_center_crop": True}))
-    return str(folder)
+    return build_tiny_tower(folder, layers=3)
 
 
 def _api(name: str) -> dict:

@@ -281,3 +281,15 @@ def build_tiny_qwen(family: str, folder: str | os.PathLike[str], *, patch: int =
 
 def _major() -> int:
     return int(tf.__version__.split(".")[0])
+
+
+def build_tiny_tower(folder: str | os.PathLike[str], *, layers: int = 3, seed: int = 0) -> str:
+    """A tiny bare CLIP vision tower folder (config.json + safetensors + preprocessor_config.json), the kind
+    Load Vision Tower / :func:`comfy_visionzip.vlm.load_tower` reads; returns the folder."""
+    torch.manual_seed(seed)
+    folder = os.fspath(folder)
+    tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                           num_attention_heads=4, image_size=48, patch_size=6)).save_pretrained(folder)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}, "do_center_crop": True}, f)
+    return folder
