@@ -48,7 +48,7 @@ TILE_MAX_ASPECT = 4  # tiles are at most this many times taller than wide (or wi
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.out)
+    return run_demo(args.out, print)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

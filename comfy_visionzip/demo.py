@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +31,27 @@ from .viz import attention_overlays, contact_sheet, enlarge, save_png, token_ove
 from .vlm import load_tower, load_vlm
 from .weights import find_real_tower
 
+Say = Callable[[str], None]  # where the demo's report goes, a line at a time
+
 REAL_CLIP_CANDIDATES = [
     Path(__file__).resolve().parents[2] / "shared" / "media" / "flipping_a_pancake.mkv",  # beside the repo
     Path.cwd().parent / "shared" / "media" / "flipping_a_pancake.mkv",
 ]
 
-def _describe(clip: VideoClip, label: str) -> None:
+def _describe(say: Say, clip: VideoClip, label: str) -> None:
     shown = ", ".join(f"{t:.2f}" for t in clip.timestamps[:12]) + (" ..." if len(clip) > 12 else "")
     timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in clip.timings.items())
-    print(f"  {label:<28} {len(clip):>4} frames  [{shown}] s")
-    print(f"  {'':<28} indices {clip.indices[:12]}{' ...' if len(clip) > 12 else ''}; {timing}")
+    say(f"  {label:<28} {len(clip):>4} frames  [{shown}] s")
+    say(f"  {'':<28} indices {clip.indices[:12]}{' ...' if len(clip) > 12 else ''}; {timing}")
 
 
-def _demo_video(path: str, title: str, out_dir: Path, check_numbers: bool) -> Path:
+def _demo_video(say: Say, path: str, title: str, out_dir: Path, check_numbers: bool) -> Path:
     t = time.perf_counter()
     index = get_index(path)
     probe_ms = (time.perf_counter() - t) * 1000
     w, h = index.display_size
-    print(f"\n{title}: {path}")
-    print(f"  {index.container_format.split(',')[0]} / {index.codec}, {w}x{h}, {index.frame_count} frames, "
+    say(f"\n{title}: {path}")
+    say(f"  {index.container_format.split(',')[0]} / {index.codec}, {w}x{h}, {index.frame_count} frames, "
           f"{index.fps:.3f} fps, {index.duration:.2f} s, rotation {index.rotation}, keyframes {len(index.keyframes)}; "
           f"indexed in {probe_ms:.0f} ms (demux only, no decoding)")
     plans: dict[str, dict[str, Any]] = {
@@ -60,54 +63,55 @@ def _demo_video(path: str, title: str, out_dir: Path, check_numbers: bool) -> Pa
     clip: VideoClip | None = None
     for label, plan in plans.items():
         c = sample_video(path, max_size=480, **plan)
-        _describe(c, label)
+        _describe(say, c, label)
         if check_numbers:
             seen = [read_frame_number(f.numpy()) for f in c.frames]
             status = "OK" if seen == c.indices else f"MISMATCH {seen}"
-            print(f"  {'':<28} frame numbers drawn in the frames: {status}")
+            say(f"  {'':<28} frame numbers drawn in the frames: {status}")
         clip = clip or c
     if clip is None:
         raise VisionZipError(f"{path}: no frames sampled")
     sheet = contact_sheet(clip.frames, [f"#{i} @ {t:.2f}s" for i, t in zip(clip.indices, clip.timestamps)])
     target = out_dir / f"contact_sheet_{Path(path).stem}.png"
     save_png(sheet, target)
-    print(f"  contact sheet of num_frames=8 -> {target}")
+    say(f"  contact sheet of num_frames=8 -> {target}")
     return target
 
 
-def run_demo(out: str | Path) -> int:
-    """Run the demo, writing its pictures into ``out``; returns the exit code (0)."""
+def run_demo(out: str | Path, say: Say) -> int:
+    """Run the demo, writing its pictures into ``out`` and its report line by line to ``say`` (the command
+    line passes print); returns the exit code (0)."""
     transformers.utils.logging.disable_progress_bar()  # this process only: keep the demo's output readable
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print("ComfyUI-VisionZip demo: frame sampling, the encoder with attention, VisionZip, answering with a KV cache")
+    say("ComfyUI-VisionZip demo: frame sampling, the encoder with attention, VisionZip, answering with a KV cache")
     with tempfile.TemporaryDirectory() as tmp:
         generated = os.path.join(tmp, "generated_30s.mkv")
         t = time.perf_counter()
         make_clip(generated, frames=900, fps=30, size=(320, 180), options={"g": "60", "preset": "ultrafast"})
-        print(f"\ngenerated a 30 s numbered test clip in {time.perf_counter() - t:.1f} s "
+        say(f"\ngenerated a 30 s numbered test clip in {time.perf_counter() - t:.1f} s "
               "(MKV: no frame count in the stream)")
-        _demo_video(generated, "generated clip", out_dir, check_numbers=True)
-        _demo_pipeline(generated, out_dir, tmp)
-        _demo_qwen(generated, tmp)
+        _demo_video(say, generated, "generated clip", out_dir, check_numbers=True)
+        _demo_pipeline(say, generated, out_dir, tmp)
+        _demo_qwen(say, generated, tmp)
     real = next((p for p in REAL_CLIP_CANDIDATES if p.exists()), None)
     if real is not None:
-        _demo_video(str(real), "real-world clip", out_dir, check_numbers=False)
+        _demo_video(say, str(real), "real-world clip", out_dir, check_numbers=False)
     else:
-        print("\n(real-world clip ../shared/media/flipping_a_pancake.mkv not found; skipped)")
-    _demo_real_attention(str(real) if real is not None else generated_fallback(out_dir), out_dir)
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s; outputs in {out_dir.resolve()}")
+        say("\n(real-world clip ../shared/media/flipping_a_pancake.mkv not found; skipped)")
+    _demo_real_attention(say, str(real) if real is not None else generated_fallback(out_dir), out_dir)
+    say(f"\ndone in {time.perf_counter() - t0:.1f} s; outputs in {out_dir.resolve()}")
     return 0
 
 
-def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
-    print("\nVisionZip pipeline with a tiny random-weight LLaVA-1.5 (built here, saved and loaded like a real one;"
+def _demo_pipeline(say: Say, clip_path: str, out_dir: Path, tmp: str) -> None:
+    say("\nVisionZip pipeline with a tiny random-weight LLaVA-1.5 (built here, saved and loaded like a real one;"
           " its answers are random words: the point is the mechanics)")
     t = time.perf_counter()
     vlm = load_vlm(build_tiny("llava", os.path.join(tmp, "tiny-llava"), image_size=112, patch=14), device="cpu")
     encoder = vlm.video_encoder()
-    print(f"  model: {vlm.family.display}, vision tower {encoder.num_layers} layers, "
+    say(f"  model: {vlm.family.display}, vision tower {encoder.num_layers} layers, "
           f"select layer {encoder.layer_index}, "
           f"{encoder.tokens_per_image} tokens per frame uncompressed; loaded in {time.perf_counter() - t:.1f} s")
     for method, dominant, contextual in (("full", 1, 0), ("visionzip", 14, 3)):
@@ -115,13 +119,13 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
         video = compress_video(vlm, clip_path, fps=1.0, dominant=dominant, contextual=contextual, method=method)
         seconds = time.perf_counter() - t
         first, second = _two_turns(vlm, video)
-        print(f"  {method:<9} {video.num_frames} frames x {video.tokens_per_frame:>2} tokens = "
+        say(f"  {method:<9} {video.num_frames} frames x {video.tokens_per_frame:>2} tokens = "
               f"{video.total_tokens:>4} visual "
               f"tokens (sample+encode+zip {seconds:.2f} s); answer prefilled {first.prefill_tokens} tokens "
               f"in {first.seconds['prefill'] * 1000:.0f} ms; follow-up prefilled {second.prefill_tokens} "
               f"(reused {second.cached_tokens} from the cache)")
         if method == "visionzip":
-            print(f"  answer (random words): {first.answer!r}")
+            say(f"  answer (random words): {first.answer!r}")
             picks = [0, len(video.indices) // 3, 2 * len(video.indices) // 3, len(video.indices) - 1]
             frames = sample_video(clip_path, frames=[video.indices[p] for p in picks]).frames
             views = encoder.view(frames)
@@ -133,7 +137,7 @@ def _demo_pipeline(clip_path: str, out_dir: Path, tmp: str) -> None:
             labels += [f"{t:.0f}s kept/merged" for t in (video.timestamps[p] for p in picks)]
             sheet = contact_sheet(np.concatenate([heat, kept]), labels, columns=4, tile_width=160)
             target = save_png(sheet, out_dir / "visionzip_tokens.png")
-            print(f"  attention heatmaps and kept/merged tokens -> {target}")
+            say(f"  attention heatmaps and kept/merged tokens -> {target}")
 
 
 def _two_turns(vlm: VisionLanguageModel, video: CompressedVideo) -> list[Turn]:
@@ -145,19 +149,19 @@ def _two_turns(vlm: VisionLanguageModel, video: CompressedVideo) -> list[Turn]:
     return chat.turns
 
 
-def _demo_qwen(clip_path: str, tmp: str) -> None:
+def _demo_qwen(say: Say, clip_path: str, tmp: str) -> None:
     """The same pipeline with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (temporal patches, 3D positions)."""
-    print("\nthe same with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (two frames per temporal patch, each kept "
+    say("\nthe same with tiny random Qwen2.5-VL / Qwen3-VL checkpoints (two frames per temporal patch, each kept "
           "token at its own 3D position)")
     for family, name in (("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
                          ("qwen3_vl", "Qwen3VLForConditionalGeneration")):
         if not hasattr(transformers, name):
-            print(f"  {name}: not in this transformers ({transformers.__version__}); skipped")
+            say(f"  {name}: not in this transformers ({transformers.__version__}); skipped")
             continue
         vlm = load_vlm(build_tiny(family, os.path.join(tmp, f"tiny-{family}")), device="cpu")
         video = compress_video(vlm, clip_path, fps=1.0, dominant=54, contextual=10)
         first, second = _two_turns(vlm, video)
-        print(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) "
+        say(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) "
               f"x {video.tokens_per_frame} tokens "
               f"= {video.total_tokens} visual tokens; answer prefilled {first.prefill_tokens} "
               f"tokens; follow-up prefilled {second.prefill_tokens} (reused {second.cached_tokens} from the cache)")
@@ -170,11 +174,11 @@ def generated_fallback(out_dir: Path) -> str:
     return str(path)
 
 
-def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
+def _demo_real_attention(say: Say, clip_path: str, out_dir: Path) -> None:
     """Attention and kept tokens of a REAL pretrained encoder when its weights are fetched (else says how)."""
     folder = find_real_tower()
     if folder is None:
-        print("\nreal pretrained weights: not fetched, so every picture above shows random weights "
+        say("\nreal pretrained weights: not fetched, so every picture above shows random weights "
               "(python -m comfy_visionzip fetch-weights gets a DINOv2-S/14, then the demo shows its real attention)")
         return
     encoder = load_tower(folder, device="cpu", dtype="fp32")
@@ -191,6 +195,6 @@ def _demo_real_attention(clip_path: str, out_dir: Path) -> None:
                   for x in (heat, kept))
     target = save_png(contact_sheet(np.concatenate([heat, kept]), None, columns=4, tile_width=224),
                       out_dir / "real_attention.png")
-    print(f"\nreal pretrained DINOv2-S/14 ({folder}): on {Path(clip_path).name} the top 5% of patches "
+    say(f"\nreal pretrained DINOv2-S/14 ({folder}): on {Path(clip_path).name} the top 5% of patches "
           f"hold {top:.2f} of "
           f"the select layer's CLS attention (summed over heads); VisionZip keeps 22 + 4 of 257 tokens -> {target}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -100,30 +101,36 @@ def list_model_folders() -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _is_vlm(folder: str) -> bool:
-    import json
+def model_type_of(folder: str) -> str | None:
+    """config.json's model_type, or None where there is none readable (never why: that would reveal the disk)."""
+    config = os.path.join(folder, "config.json")
+    try:
+        if not os.path.isfile(config) or os.path.getsize(config) > (1 << 24):
+            return None
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    kind = data.get("model_type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
 
+
+def _is_vlm(folder: str) -> bool:
+    """Listed in Load VLM: a supported family, or a config that cannot be read (picking it says what is wrong)."""
     from ..comfy_visionzip.models import FAMILIES
 
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("model_type") in FAMILIES
-    except (OSError, ValueError, AttributeError):
-        return True
+    kind = model_type_of(folder)
+    return kind is None or kind in FAMILIES
 
 
 def resolve_model(name: str) -> str:
-    """A model folder name from the list as its full path ("" stays "": nothing picked)."""
+    """A model folder name from the list as its full path ("" stays "": nothing picked; a name not in the
+    model folders is returned as given)."""
     if not (name or "").strip():
         return ""
-    for root in model_roots():
-        candidate = os.path.join(root, name)
-        if os.path.isdir(candidate):
-            return candidate
-    return name
+    return served_folder(name, model_roots()) or name
 
 
 def devices() -> tuple[str, str]:
@@ -177,21 +184,57 @@ def output_directory() -> str:
 
 
 def output_path(prefix: str, suffix: str) -> str:
-    """A new numbered file for ``prefix`` (relative to the output folder unless absolute)."""
-    base = prefix if os.path.isabs(prefix) else os.path.join(output_directory(), prefix)
+    """A new numbered file for ``prefix`` inside the output folder. Like ComfyUI's own savers
+    (folder_paths.get_save_image_path), a prefix that leaves the folder (``..``, an absolute path elsewhere) is
+    refused, not resolved: a shared workflow never writes outside it."""
+    text = (prefix or "").strip()
+    root = os.path.abspath(output_directory())
+    base = os.path.abspath(os.path.join(root, os.path.normpath(text))) if text else root
+    if not within(base, root):
+        raise ValueError(f"filename_prefix {text[:200]!r} leaves ComfyUI's output folder: Save Tokens writes only "
+                         "inside it; give a relative prefix without '..', like 'visionzip/tokens'")
+    if base == root:
+        raise ValueError(f"filename_prefix {text[:200]!r} names no file: give one like 'visionzip/tokens'")
     folder, stem = os.path.split(base)
-    os.makedirs(folder or ".", exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     n = 1
     while os.path.exists(os.path.join(folder, f"{stem}_{n:05d}{suffix}")):
         n += 1
     return os.path.join(folder, f"{stem}_{n:05d}{suffix}")
 
 
-def output_path_existing(path: str) -> str:
-    path = (path or "").strip().strip('"')
-    if not path:
-        raise ValueError("no tokens file given")
-    return path if os.path.isabs(path) else os.path.join(output_directory(), path)
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it, by the names (as ComfyUI's own savers check: a ``..`` or an
+    absolute path elsewhere is outside; links are not followed, so a folder the user linked in stays usable)."""
+    folder = os.path.abspath(folder)
+    try:
+        return os.path.commonpath((folder, os.path.abspath(path))) == folder
+    except ValueError:  # another drive (Windows), or a mix of absolute and relative
+        return False
+
+
+def served_folder(name: str, roots: list[str]) -> str | None:
+    """``name`` (a list entry) as a folder inside one of ``roots``; None if it is not one there. Nothing about a
+    name that leads elsewhere is looked at, so the answer says nothing about the rest of the disk."""
+    for root in roots:
+        candidate = os.path.abspath(os.path.join(root, name))
+        if within(candidate, root) and candidate != os.path.abspath(root) and os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def tokens_file(chosen: str) -> str:
+    """A Load Tokens path as a file inside ComfyUI's output or input folder (relative: the output folder first).
+    Anything else is refused with the same line whether it exists or not: a workflow learns nothing about the
+    rest of the disk."""
+    text = chosen.strip().strip('"')
+    roots = [os.path.abspath(r) for r in (output_directory(), input_directory()) if r]
+    candidates = [os.path.abspath(os.path.join(root, os.path.normpath(text))) for root in roots]
+    allowed = [c for c in dict.fromkeys(candidates) if c not in roots and any(within(c, r) for r in roots)]
+    if not allowed:
+        raise ValueError(f"tokens file {text[:200]!r} is not inside ComfyUI's output or input folder: Load Tokens "
+                         "reads only there; pick a file in the list, or copy it into the output folder")
+    return next((c for c in allowed if os.path.isfile(c)), allowed[0])
 
 
 def text_streamer(node_id: str | None, *, every: float = 0.2) -> Callable[[str], None] | None:

@@ -9,7 +9,7 @@ from ..comfy_visionzip.budget import POLICIES
 from ..comfy_visionzip.store import load_tokens, save_tokens
 from . import _comfy
 from .encode import TOKENS_TYPE
-from .model import MODEL_TYPE, within
+from .model import MODEL_TYPE
 
 CHAT_TYPE = "VISIONZIP_CHAT"
 
@@ -129,35 +129,6 @@ class VisionZipChat:
         return _result(chat.ask(question, _config(max_new_tokens, temperature, top_p, seed, stop), unique_id))
 
 
-def save_prefix(prefix: str) -> str:
-    """``filename_prefix`` as an absolute prefix inside the output folder. Like ComfyUI's own savers
-    (folder_paths.get_save_image_path), a prefix that leaves the folder (``..``, an absolute path elsewhere) is
-    refused, not resolved: a shared workflow never writes outside it."""
-    text = (prefix or "").strip()
-    root = os.path.abspath(_comfy.output_directory())
-    full = os.path.abspath(os.path.join(root, os.path.normpath(text))) if text else root
-    if not within(full, root):
-        raise ValueError(f"filename_prefix {text[:200]!r} leaves ComfyUI's output folder: Save Tokens writes only "
-                         "inside it; give a relative prefix without '..', like 'visionzip/tokens'")
-    if full == root:
-        raise ValueError(f"filename_prefix {text[:200]!r} names no file: give one like 'visionzip/tokens'")
-    return full
-
-
-def tokens_file(chosen: str) -> str:
-    """A Load Tokens path as a file inside ComfyUI's output or input folder (relative: the output folder first).
-    Anything else is refused with the same line whether it exists or not: a workflow learns nothing about the
-    rest of the disk."""
-    text = chosen.strip().strip('"')
-    roots = [os.path.abspath(r) for r in (_comfy.output_directory(), _comfy.input_directory()) if r]
-    candidates = [os.path.abspath(os.path.join(root, os.path.normpath(text))) for root in roots]
-    allowed = [c for c in dict.fromkeys(candidates) if c not in roots and any(within(c, r) for r in roots)]
-    if not allowed:
-        raise ValueError(f"tokens file {text[:200]!r} is not inside ComfyUI's output or input folder: Load Tokens "
-                         "reads only there; pick a file in the list, or copy it into the output folder")
-    return next((c for c in allowed if os.path.isfile(c)), allowed[0])
-
-
 class VisionZipSaveTokens:
     DESCRIPTION = ("Saves compressed tokens (with timestamps, settings and model) to a .safetensors file: encode once, "
                    "ask later.")
@@ -178,7 +149,7 @@ class VisionZipSaveTokens:
         }}
 
     def save(self, tokens, filename_prefix):
-        path = save_tokens(tokens, _comfy.output_path(save_prefix(filename_prefix), ".safetensors"))
+        path = save_tokens(tokens, _comfy.output_path(filename_prefix, ".safetensors"))
         return {"ui": {"text": [path]}, "result": (path,)}
 
 
@@ -217,7 +188,7 @@ class VisionZipLoadTokens:
         if not chosen:
             return ""  # nothing chosen: load() says so
         try:
-            full = tokens_file(chosen)
+            full = _comfy.tokens_file(chosen)
         except ValueError:
             return chosen  # refused by load(); nothing outside the folders is looked at
         return f"{full}:{os.path.getmtime(full)}" if os.path.isfile(full) else full
@@ -226,7 +197,7 @@ class VisionZipLoadTokens:
         chosen = self._chosen(path, file)
         if not chosen:
             raise ValueError("no tokens file given: type a path, or pick a file Save Tokens wrote")
-        tokens = load_tokens(tokens_file(chosen), model=model.vlm if model is not None else None)
+        tokens = load_tokens(_comfy.tokens_file(chosen), model=model.vlm if model is not None else None)
         return (tokens, tokens.summary())
 
 

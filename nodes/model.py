@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Container
@@ -37,49 +36,15 @@ class ModelHandle:
         return False
 
 
-def within(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it, by the names (as ComfyUI's own savers check: a ``..`` or an
-    absolute path elsewhere is outside; links are not followed, so a folder the user linked in stays usable)."""
-    folder = os.path.abspath(folder)
-    try:
-        return os.path.commonpath((folder, os.path.abspath(path))) == folder
-    except ValueError:  # another drive (Windows), or a mix of absolute and relative
-        return False
-
-
-def served_folder(name: str, roots: list[str]) -> str | None:
-    """``name`` (a list entry) as a folder inside one of ``roots``; None if it is not one there. Nothing about a
-    name that leads elsewhere is looked at, so the answer says nothing about the rest of the disk."""
-    for root in roots:
-        candidate = os.path.abspath(os.path.join(root, name))
-        if within(candidate, root) and candidate != os.path.abspath(root) and os.path.isdir(candidate):
-            return candidate
-    return None
-
-
-def _model_type(folder: str) -> str | None:
-    """config.json's model_type, or None where there is no readable one (never why: see own_checkpoint)."""
-    config = os.path.join(folder, "config.json")
-    try:
-        if not os.path.isfile(config) or os.path.getsize(config) > (1 << 24):
-            return None
-        with open(config, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None
-    kind = data.get("model_type") if isinstance(data, dict) else None
-    return kind if isinstance(kind, str) else None
-
-
 def own_checkpoint(path: str, served: list[str], kinds: Container[object], what: str) -> str:
     """The folder a node's ``path`` input names. Inside the folders the pack serves (``served``) it is passed on and
     the library explains any problem; elsewhere it is the user's own folder, read as asked, but unless it is a
     checkpoint of one of ``kinds`` the error is the same whatever is there: a shared workflow must not learn from
     it what exists on the disk (and no Hugging Face id is ever downloaded from a node)."""
     text = path.strip().strip('"')
-    folder = served_folder(text, served) if not os.path.isabs(os.path.expanduser(text)) else None
+    folder = _comfy.served_folder(text, served) if not os.path.isabs(os.path.expanduser(text)) else None
     folder = folder or os.path.abspath(os.path.expanduser(text))
-    if any(within(folder, root) for root in served) or _model_type(folder) in kinds:
+    if any(_comfy.within(folder, root) for root in served) or _comfy.model_type_of(folder) in kinds:
         return folder
     hub = " (nodes never download a Hugging Face id)" if text.count("/") == 1 and not text.startswith((".", "/")) \
         else ""
@@ -130,7 +95,7 @@ class VisionZipLoadVLM:
     def VALIDATE_INPUTS(cls, model):
         # Only `model` is named: ComfyUI checks the other inputs itself; `path` overrides it and is checked when run.
         # (ComfyUI then leaves the list check of `model` to us: a name must stay inside the model folders.)
-        if not model or served_folder(model, _comfy.model_roots()):
+        if not model or _comfy.served_folder(model, _comfy.model_roots()):
             return True
         org = "Qwen" if model.lower().startswith("qwen") else "llava-hf"
         return (f"model folder {model!r} is not in ComfyUI/models/visionzip: download it there (e.g. huggingface-cli "
@@ -142,7 +107,7 @@ class VisionZipLoadVLM:
         if (path or "").strip():
             source = own_checkpoint(path, roots, FAMILIES, "vision-language checkpoint")
         elif model:
-            source = served_folder(model, roots) or ""
+            source = _comfy.served_folder(model, roots) or ""
             if not source:
                 raise ValueError(f"model folder {model[:200]!r} is not in ComfyUI/models/visionzip: pick one in the "
                                  "list, or type a folder in 'path'")
@@ -169,19 +134,8 @@ REAL_TOWER = "real DINOv2-S/14 (fetched)"  # the list entry for the weights `fet
 
 def _tower_folders() -> list[str]:
     """Bare vision towers in the model folders (config.json model_type: dinov2, clip_vision_model, ...)."""
-    import json
-
-    found = []
-    for root in _comfy.model_roots():
-        for name in sorted(os.listdir(root)):
-            config = os.path.join(root, name, "config.json")
-            try:
-                with open(config, encoding="utf-8") as f:
-                    if json.load(f).get("model_type") in TOWER_CLASSES:
-                        found.append(name)
-            except (OSError, ValueError):
-                continue
-    return found
+    return [name for root in _comfy.model_roots() for name in sorted(os.listdir(root))
+            if _comfy.model_type_of(os.path.join(root, name)) in TOWER_CLASSES]
 
 
 class VisionZipLoadTower:
@@ -216,7 +170,7 @@ class VisionZipLoadTower:
 
     @classmethod
     def VALIDATE_INPUTS(cls, tower):
-        if not tower or tower == REAL_TOWER and find_real_tower() or served_folder(tower, _comfy.model_roots()):
+        if not tower or tower == REAL_TOWER and find_real_tower() or _comfy.served_folder(tower, _comfy.model_roots()):
             return True
         if tower == REAL_TOWER:
             return ("the real weights are not fetched: run  python -m comfy_visionzip fetch-weights  (then restart or "
@@ -232,7 +186,7 @@ class VisionZipLoadTower:
         elif tower == REAL_TOWER and real:
             chosen = real
         elif tower and tower != REAL_TOWER:
-            chosen = served_folder(tower, _comfy.model_roots()) or ""
+            chosen = _comfy.served_folder(tower, _comfy.model_roots()) or ""
             if not chosen:
                 raise ValueError(f"tower folder {tower[:200]!r} is not in ComfyUI/models/visionzip: pick one in the "
                                  "list, or type a folder in 'path'")

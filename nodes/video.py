@@ -8,7 +8,6 @@ from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sampl
 from ..comfy_visionzip.budget import POLICIES, BudgetPlan, cap_budget, context_length
 from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
 from . import _comfy
-from .model import within
 
 CATEGORY = "VisionZip/video"
 VIDEO_TYPE = "VISIONZIP_VIDEO"  # a VideoHandle (the file + sampling plan, streamed later), or Frame Budget's BudgetPlan
@@ -27,7 +26,7 @@ def _served(source: str) -> bool:
     """Whether a 'video' list entry, resolved, lies in ComfyUI's input or output folder: the list may not name other
     files (the 'path' input is for the user's own files). Without ComfyUI every path is the user's own."""
     root = _comfy.input_directory()
-    return root is None or any(within(source, r) for r in (root, _comfy.output_directory()))
+    return root is None or any(_comfy.within(source, r) for r in (root, _comfy.output_directory()))
 
 
 def _not_listed(video: str) -> str:
