@@ -266,8 +266,10 @@ def load_vlm(
         model.to(device_)
     model.eval()
     log.info("loaded %s (%s) on %s in %s", folder, family.display, device_, dtype_)
-    return VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_,
-                               quantized=quant is not None)
+    vlm = VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_,
+                              quantized=quant is not None)
+    vlm.video_encoder()  # its processor settings checked against the tower now, not at the first video
+    return vlm
 
 
 TOWER_CLASSES = {  # config.json model_type of a bare vision tower -> transformers class

@@ -104,9 +104,8 @@ def test_processor_sizes_are_bounded_by_the_tower(family, change, message, tiny_
         if (folder / name).exists():
             config = json.loads((folder / name).read_text())
             (folder / name).write_text(json.dumps({**config, **change}))
-    vlm = load_vlm(folder, device="cpu")
     with pytest.raises(VisionZipError, match=message) as error:
-        vlm.video_encoder()
+        load_vlm(folder, device="cpu")  # refused as it loads, before any video
     assert "\n" not in str(error.value)
 
 
