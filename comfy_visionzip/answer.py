@@ -20,6 +20,7 @@ Projection lives in :mod:`~comfy_visionzip.projection`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import time
@@ -108,10 +109,11 @@ class Chat:
         if not isinstance(vlm, VisionLanguageModel):
             raise VisionZipError(f"{vlm.name} is a bare vision tower: it has no language model to answer with; "
                                  "load a vision-language checkpoint (Load VLM) to ask questions")
-        self.vlm = vlm
+        self._vlm: VisionLanguageModel | None = vlm
+        self._held = _model_key(vlm)  # which model the conversation's cache belongs to (see resume())
         self.video = video
-        self.prompt = PromptBuilder(vlm, system=system, timestamps=timestamps and bool(video.timestamps),
-                                    kind=vlm.family.content_kind(video))
+        self._prompt: PromptBuilder | None = PromptBuilder(
+            vlm, system=system, timestamps=timestamps and bool(video.timestamps), kind=vlm.family.content_kind(video))
         self.kind, self.token_id, self.token_text = self.prompt.kind, self.prompt.token_id, self.prompt.token_text
         self.template = self.prompt.template
         self.timestamps = self.prompt.timestamps
@@ -137,6 +139,50 @@ class Chat:
         self._logits_kwarg = _logits_kwarg(vlm.model)
         # transformers >= 5.2x calls the cache `cache` (past_key_values is deprecated); 4.50 only knows past_key_values
         self.cache_kwarg = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
+
+    @property
+    def vlm(self) -> VisionLanguageModel:
+        """The model the conversation runs on (a parked conversation has none: :meth:`resume` first)."""
+        if self._vlm is None:
+            raise VisionZipError("this conversation is parked (it let go of its model between turns): call "
+                                 "resume(vlm) with the model before asking")
+        return self._vlm
+
+    @property
+    def prompt(self) -> PromptBuilder:
+        if self._prompt is None:
+            self._prompt = PromptBuilder(self.vlm, system=self.system, timestamps=self.timestamps, kind=self.kind)
+        return self._prompt
+
+    @property
+    def parked(self) -> bool:
+        """Whether the conversation let go of its model (see :meth:`park`)."""
+        return self._vlm is None
+
+    # ---- between turns
+    def park(self, device: str | torch.device = "cpu") -> None:
+        """Between turns: move what the conversation keeps (its KV cache, the projected visual tokens, the family's
+        state) to ``device``, the CPU by default, so that nothing waits in GPU memory; and let go of the model, so
+        that unloading the model frees it even while the conversation is kept. :meth:`resume` brings the
+        conversation back to a model before the next question (:meth:`ask` on a parked conversation refuses)."""
+        target = torch.device(device)
+        self.cache = _cache_to(self.cache, target)
+        self.visual = self.visual.to(target)
+        self.family_state = _moved(self.family_state, target)
+        self._vlm = None
+        self._prompt = None  # it holds the model too; rebuilt (from the chat template) on resume
+
+    def resume(self, vlm: VisionLanguageModel) -> None:
+        """Bring a parked conversation back to ``vlm`` (the same checkpoint, loaded again or not): its cache and
+        tokens move to the model's device. Another checkpoint, or the same one in another dtype, is refused: the
+        cache belongs to the model that made it."""
+        if _model_key(vlm) != self._held:
+            raise VisionZipError(f"this conversation was held by {self._held[1]} ({self._held[2]}); resume it "
+                                 f"with that model, not {vlm.name} ({str(vlm.dtype).removeprefix('torch.')})")
+        self._vlm = vlm
+        self.cache = _cache_to(self.cache, vlm.device)
+        self.visual = self.visual.to(vlm.device)
+        self.family_state = _moved(self.family_state, vlm.device)
 
     @property
     def placeholder_ids(self) -> list[int]:
@@ -315,7 +361,62 @@ class Chat:
         other.conversation_ids = list(self.conversation_ids)
         other.messages = list(self.messages)
         other.turns = list(self.turns)
+        other.family_state = dict(self.family_state)  # the family writes into it (Qwen's rope): not the original's
         return other
+
+
+def _model_key(vlm: VisionLanguageModel) -> tuple[str, str, str]:
+    """What a KV cache belongs to: the family, the checkpoint and the dtype it ran in."""
+    return vlm.family.model_type, vlm.name, str(vlm.dtype).removeprefix("torch.")
+
+
+def _cache_to(cache: Any, device: torch.device) -> Any:
+    """A transformers KV cache with every tensor on ``device``: its own tensors and lists of tensors
+    (``key_cache``/``value_cache`` in transformers 4) and those of its layers (``layers`` in transformers 5, whose
+    ``device`` is set too, else a layer would move its tensors back). Changed in place (a fork has its own copy).
+    A cache whose tensors cannot all be found is dropped (the next question then prefills from the start)."""
+    if cache is None:
+        return None
+    holders = [cache, *[layer for layer in getattr(cache, "layers", None) or [] if hasattr(layer, "__dict__")]]
+    for holder in holders:
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(holder, name, value.to(device))
+            elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
+                value[:] = [t.to(device) for t in value]
+            elif name == "device" and isinstance(value, torch.device):
+                setattr(holder, name, device)
+    left = [t for holder in holders for t in _tensors(vars(holder)) if t.device != device]
+    if left:
+        log.debug("a KV cache of type %s kept tensors on %s; dropped", type(cache).__name__, left[0].device)
+        return None
+    return cache
+
+
+def _tensors(value: Any, depth: int = 0) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 3:
+        return []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item, depth + 1)]
+
+
+def _moved(value: Any, device: torch.device, depth: int = 0) -> Any:
+    """``value`` (a family's chat state: dicts, lists, tuples, dataclasses of tensors) with every tensor on
+    ``device``; containers are rebuilt, never changed in place (a fork shares them with its parent)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if depth > 6:
+        return value
+    if isinstance(value, dict):
+        return {k: _moved(v, device, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_moved(v, device, depth + 1) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _moved(getattr(value, f.name), device, depth + 1) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 def _as_list(value: Any) -> list[Any]:

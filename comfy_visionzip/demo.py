@@ -161,8 +161,7 @@ def _demo_qwen(say: Say, clip_path: str, tmp: str) -> None:
         vlm = load_vlm(build_tiny(family, os.path.join(tmp, f"tiny-{family}")), device="cpu")
         video = compress_video(vlm, clip_path, fps=1.0, dominant=54, contextual=10)
         first, second = _two_turns(vlm, video)
-        say(f"  {vlm.family.display:<10} {video.num_frames} temporal patches (2 frames each) "
-              f"x {video.tokens_per_frame} tokens "
+        say(f"  {vlm.family.display:<10} {video.frames_text()} x {video.tokens_per_frame} tokens "
               f"= {video.total_tokens} visual tokens; answer prefilled {first.prefill_tokens} "
               f"tokens; follow-up prefilled {second.prefill_tokens} (reused {second.cached_tokens} from the cache)")
 

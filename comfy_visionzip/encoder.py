@@ -30,6 +30,7 @@ from .encoded import EncodedImages, Encoder
 from .errors import VisionZipError
 from .preprocess import DECODE_MARGIN, Preprocess, model_view, preprocess_frames
 from .towers import tower_parts
+from .words import counted
 from .zip import METHODS, ZipResult, compress
 
 # config keys that say how a tower was saved or run, not what it computes (left out of its identity)
@@ -49,7 +50,8 @@ def select_layer_index(vision_feature_layer: int, num_layers: int) -> int:
                              "is not supported by VisionZip")
     index = num_layers + vision_feature_layer if vision_feature_layer < 0 else vision_feature_layer - 1
     if not 0 <= index < num_layers:
-        raise VisionZipError(f"vision_feature_layer {vision_feature_layer} is outside a tower of {num_layers} layers")
+        raise VisionZipError(f"vision_feature_layer {vision_feature_layer} is outside a tower of "
+                             f"{counted(num_layers, 'layer')}")
     return index
 
 

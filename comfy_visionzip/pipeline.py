@@ -45,15 +45,28 @@ def _unpack(chunk: Chunk) -> tuple[torch.Tensor, list[float], list[int], str]:
     raise VisionZipError(f"cannot encode a {type(chunk).__name__}; give VideoClip chunks or frame tensors")
 
 
-def _batches(chunks: Iterable[Chunk], batch_size: int) -> Iterator[Batch]:
-    """(frames, timestamps, indices, source) batches of at most ``batch_size`` frames from any chunk stream."""
+def _batches(chunks: Iterable[Chunk], batch_size: int, unit: int = 1) -> Iterator[Batch]:
+    """(frames, timestamps, indices, source) batches of at most ``batch_size`` frames from any chunk stream.
+
+    With ``unit`` frames per encoded image (Qwen: a temporal patch of two), every batch but the last holds
+    whole units: a chunk's leftover frames wait for the next chunk, so only the video's own last frame is
+    ever repeated to fill a temporal patch (as the model's processor does), never one in the middle.
+    """
+    held: Batch | None = None  # fewer than `unit` frames from the end of the previous chunk
     for chunk in chunks:
         frames, times, indices, source = _unpack(chunk)
-        for start in range(0, frames.shape[0], batch_size):
-            yield (frames[start: start + batch_size], times[start: start + batch_size],
-                   indices[start: start + batch_size], source)
-
-
+        if held is not None:
+            frames = torch.cat([held[0], frames.to(held[0].device)])
+            times, indices, source = held[1] + times, held[2] + indices, held[3] or source
+            held = None
+        whole = frames.shape[0] - frames.shape[0] % unit
+        for start in range(0, whole, batch_size):
+            stop = min(start + batch_size, whole)
+            yield frames[start:stop], times[start:stop], indices[start:stop], source
+        if whole < frames.shape[0]:
+            held = (frames[whole:], times[whole:], indices[whole:], source)
+    if held is not None:
+        yield held
 
 
 def encode_frames(
@@ -70,7 +83,7 @@ def encode_frames(
     parts, views, times, indices = [], [], [], []
     done = 0
     batch_size = _unit_batch(encoder, batch_size)
-    for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size):
+    for frames, batch_times, batch_indices, _source in _batches(chunks, batch_size, encoder.frames_per_unit):
         batch_times, batch_indices = encoder.units(batch_times, batch_indices)
         encoded = encoder.encode(frames, batch_size=batch_size * 8)
         parts.append(EncodedImages(encoded.hidden.to("cpu"), encoded.scores.to("cpu"), encoded.keys.to("cpu"),
@@ -88,7 +101,7 @@ def encode_frames(
     merged.timestamps, merged.indices = times, indices
     merged.views = torch.cat(views) if keep_views else None
     merged.encoder = encoder
-    merged.meta = dict(parts[0].meta)
+    merged.meta = _counted_meta(parts[0].meta, encoder, merged.num_frames, done)
     return merged
 
 
@@ -186,7 +199,8 @@ def stream(
     out = _Accumulator(total)
     done = 0
     source = ""
-    for frames, times, indices, chunk_source in _batches(prefetch(chunks, prefetch_depth), batch_size):
+    for frames, times, indices, chunk_source in _batches(prefetch(chunks, prefetch_depth), batch_size,
+                                                         encoder.frames_per_unit):
         source = source or chunk_source
         start = 0
         while start < frames.shape[0]:
@@ -225,7 +239,8 @@ def stream(
         tokens=tokens, timestamps=out.timestamps, indices=out.indices, method=settings.method,
         dominant=settings.dominant, contextual=settings.contextual, crops=first.crops, grid=first.grid,
         cls_token=first.cls_token, scores=scores, assignment=assignment, preprocess=encoder.preprocess_spec,
-        source=str(source), meta=dict(first.meta), positions=out.positions(), repeats=out.repeats(),
+        source=str(source), meta=_counted_meta(first.meta, encoder, out.frames, done), positions=out.positions(),
+        repeats=out.repeats(),
     )
     if temporal is not None and matcher is not None:
         temporal_stage.describe(video, temporal, matcher, encoder.width)
@@ -233,6 +248,16 @@ def stream(
             video = temporal_stage.fit(video, temporal, temporal.budget, width=encoder.width)
     return video
 
+
+
+def _counted_meta(meta: dict[str, Any], encoder: Encoder, units: int, frames: int) -> dict[str, Any]:
+    """``meta`` with how many sampled frames the encoded ones hold: Qwen's last temporal patch repeats its
+    frame when the count is odd (recorded as ``repeated_frames``, so summaries count the true frames)."""
+    meta = {k: v for k, v in meta.items() if k != "repeated_frames"}
+    repeated = units * encoder.frames_per_unit - frames
+    if repeated > 0:
+        meta["repeated_frames"] = repeated
+    return meta
 
 
 def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import VisionZipError
 from .models.base import PromptVideo, VisionLanguageModel
+from .words import counted
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "text": ...}
 
@@ -172,7 +173,7 @@ class PromptBuilder:
         if count != video.visual_tokens:
             raise VisionZipError(
                 f"prompt and visual tokens do not match: the prompt holds {count} placeholder tokens, the video "
-                f"{video.visual_tokens} ({video.num_frames} frames)"
+                f"{video.visual_tokens} ({counted(video.num_frames, 'encoded frame')})"
             )
         return ids
 

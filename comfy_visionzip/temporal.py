@@ -38,6 +38,7 @@ import torch
 from .errors import VisionZipError
 from .tokens import CompressedVideo
 from .video.plan import uniform_pick
+from .words import counted, part_of
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def fit(video: CompressedVideo, config: Temporal, budget: int, *, width: int | N
             else:
                 hi = mid - 1
         thinned = thin(floor, uniform_pick(floor.num_frames, lo))
-        thinned.meta["temporal_thinned"] = f"{lo} of {floor.num_frames} frames kept to fit {budget} tokens"
+        shown = part_of(lo, floor.num_frames, thinned.sampled_frames, floor.sampled_frames, floor.frames_per_unit)
+        thinned.meta["temporal_thinned"] = f"{shown} kept to fit {counted(budget, 'token')}"
         return thinned
     best = floor
     for _ in range(12):  # ~0.0001 in threshold

@@ -19,6 +19,7 @@ import torch
 
 from .errors import VisionZipError
 from .preprocess import Preprocess
+from .words import counted, frames_as_units, unit_name
 
 # what a token set's identity records, and how a difference is named
 IDENTITY_NAMES = {"family": "family", "vision_hidden": "vision width", "grid": "patch grid",
@@ -76,6 +77,23 @@ class CompressedVideo:
         keep = self.keep
         return self.num_frames * self.tokens_per_frame if keep is None else int(keep.sum())
 
+    @property
+    def frames_per_unit(self) -> int:
+        """Sampled frames per encoded frame (Qwen: two per temporal patch; 1 for every other family)."""
+        return max(1, int(self.meta.get("frames_per_unit", 1)))
+
+    @property
+    def sampled_frames(self) -> int:
+        """Frames of the video these tokens stand for (Qwen: two per temporal patch, less a repeated last one)."""
+        return self.num_frames * self.frames_per_unit - int(self.meta.get("repeated_frames", 0))
+
+    def frames_text(self, where: str = "") -> str:
+        """The frames in words, as the model encoded them: "7 frames", or for Qwen "7 frames = 4 temporal
+        patches of 2 frames (the last frame repeated)"; a single picture without times: "1 image"."""
+        if self.num_frames == 1 and not self.timestamps and self.frames_per_unit > 1:
+            return "1 image" + where
+        return frames_as_units(self.sampled_frames, self.frames_per_unit, where)
+
     def frame_tokens(self) -> list[int]:
         """Tokens each frame gives the model."""
         keep = self.keep
@@ -107,11 +125,14 @@ class CompressedVideo:
             mapped = new_frame[old_frame] * per + slot
             own = torch.arange(len(keep) * per, dtype=torch.long).view(len(keep), per)
             repeats = torch.where(new_frame[old_frame] >= 0, mapped, own).to(torch.int32)
+        meta = dict(self.meta)
+        if keep[-1] != self.num_frames - 1:  # the temporal patch holding a repeated frame was left out
+            meta.pop("repeated_frames", None)
         thinned = dataclasses.replace(
             self, tokens=self.tokens[keep], timestamps=[self.timestamps[f] for f in keep] if self.timestamps else [],
             indices=[self.indices[f] for f in keep] if self.indices else [],
             scores=self.scores[rows] if self.scores is not None else None,
-            assignment=self.assignment[rows] if self.assignment is not None else None, meta=dict(self.meta),
+            assignment=self.assignment[rows] if self.assignment is not None else None, meta=meta,
             positions=self.positions[keep] if self.positions is not None else None, repeats=repeats)
         return thinned
 
@@ -128,20 +149,27 @@ class CompressedVideo:
             raise VisionZipError("the tokens hold NaN or infinite values")
         for name, values in (("timestamps", self.timestamps), ("indices", self.indices)):
             if len(values) not in (0, frames):
-                raise VisionZipError(f"{len(values)} {name} for {frames} frames")
+                raise VisionZipError(f"{len(values)} {name} for {counted(frames, 'frame')}")
+        unit = self.meta.get("frames_per_unit", 1)
+        if isinstance(unit, bool) or not isinstance(unit, int) or not 1 <= unit <= 16:
+            raise VisionZipError(f"frames_per_unit must be a whole number of frames 1..16, not {str(unit)[:40]!r}")
+        repeated = self.meta.get("repeated_frames", 0)
+        if isinstance(repeated, bool) or not isinstance(repeated, int) or not 0 <= repeated < unit:
+            raise VisionZipError(f"repeated_frames must be a whole number 0..{unit - 1} (frames repeated to fill the "
+                                 f"last temporal patch), not {str(repeated)[:40]!r}")
         crops = max(self.crops, 1)
         if per % crops:
-            raise VisionZipError(f"{per} tokens per frame do not split into {crops} images")
+            raise VisionZipError(f"{counted(per, 'token')} per frame cannot be split into {crops} images")
         rows = frames * crops
         if self.scores is not None and (not self.scores.is_floating_point() or self.scores.dim() != 2
                                         or self.scores.shape[0] != rows or not bool(torch.isfinite(self.scores).all())):
-            raise VisionZipError(f"the attention scores must be finite floats with {rows} rows")
+            raise VisionZipError(f"the attention scores must be finite floats with {counted(rows, 'row')}")
         if self.assignment is not None:
             a = self.assignment
             if a.is_floating_point() or a.dim() != 2 or a.shape[0] != rows or (
                     a.numel() and (int(a.min()) < -1 or int(a.max()) >= per // crops)):
                 raise VisionZipError(f"the token assignment must be whole numbers -1..{per // crops - 1} "
-                                     f"with {rows} rows")
+                                     f"with {counted(rows, 'row')}")
         for name, value in (("positions", self.positions), ("repeats", self.repeats)):
             if value is not None and (value.is_floating_point() or tuple(value.shape) != (frames, per)
                                       or (value.numel() and int(value.min()) < 0)):
@@ -167,31 +195,36 @@ class CompressedVideo:
         return self.positions
 
     def summary(self) -> str:
+        """One line whose numbers add up: frames (and, for Qwen, the temporal patches they make) x tokens
+        each = the visual tokens that reach the model, and how they were chosen."""
         where = f" of {self.source}" if self.source else ""
-        per_image = self.tokens_per_frame // max(self.crops, 1)
-        how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per image",
-               "full": "full: every token, uncompressed"}.get(self.method,
-                                                               f"{self.method}: {per_image} tokens per image")
-        unit = int(self.meta.get("frames_per_unit", 1))
-        if unit == 1:
-            frames = f"{self.num_frames} frame{'s' if self.num_frames != 1 else ''}"
-        elif self.num_frames == 1 and not self.timestamps:
-            frames = "1 image"
+        crops = max(self.crops, 1)
+        per_image = self.tokens_per_frame // crops
+        image = "image" if crops > 1 or self.frames_per_unit == 1 else unit_name(self.frames_per_unit)
+        every_token = self.method == "visionzip" and per_image < self.dominant + self.contextual  # Qwen's small frames
+        if every_token:
+            how = (f"visionzip: every token, as a {image} of this size has only {per_image}, "
+                   f"fewer than the {self.dominant}+{self.contextual} asked")
         else:
-            frames = f"{self.num_frames} temporal patch{'es' if self.num_frames != 1 else ''} ({unit} frames each)"
+            how = {"visionzip": f"visionzip: {self.dominant} dominant + {self.contextual} contextual per {image}",
+                   "full": "full: every token, uncompressed"}.get(self.method,
+                                                                   f"{self.method}: {per_image} tokens per {image}")
+        each = f"{counted(self.tokens_per_frame, 'token')}" + (f" ({crops} images x {per_image})" if crops > 1 else "")
+        head = f"{self.frames_text(where)} x {each}"
         if self.repeats is not None:
             every = self.num_frames * self.tokens_per_frame
             setting = self.meta.get("temporal") or {}
             segments = self.meta.get("temporal_segments", "?")
             # short: one box
-            how = f"{self.method} {self.dominant}+{self.contextual}" if self.method == "visionzip" else how
-            return (f"{frames}{where} x {self.tokens_per_frame} tokens, {every - self.total_tokens} repeats of earlier "
-                    f"frames dropped = {self.total_tokens} visual tokens ({how}; "
-                    f"temporal {setting.get('threshold', '?')}: "
-                    f"{segments} segment{'' if segments == 1 else 's'}, {self.total_tokens / max(every, 1):.0%} kept)")
-        return (f"{frames}{where} x {self.tokens_per_frame} tokens = {self.total_tokens} visual tokens "
-                f"({how}, {self.crops} image(s) per frame)")
-
+            if self.method == "visionzip":
+                how = "visionzip, every token" if every_token else f"visionzip {self.dominant}+{self.contextual}"
+            thinned = self.meta.get("temporal_thinned")
+            earlier = unit_name(self.frames_per_unit, plural=True)
+            segments = counted(segments, "segment") if isinstance(segments, int) else f"{segments} segments"
+            return (f"{head}, {counted(every - self.total_tokens, 'repeat')} of earlier {earlier} dropped = "
+                    f"{counted(self.total_tokens, 'visual token')} ({how}; temporal {setting.get('threshold', '?')}: "
+                    f"{segments}, {self.total_tokens / max(every, 1):.0%} kept{f'; {thinned}' if thinned else ''})")
+        return f"{head} = {counted(self.total_tokens, 'visual token')} ({how})"
 
 
 def kept_count(video: CompressedVideo) -> int:
@@ -235,5 +268,6 @@ def check_compatible(video: CompressedVideo, identity: dict[str, Any], preproces
 
 def _shown(value: Any) -> str:
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return f"{value[0]}x{value[1]}"
+        # a patch grid of 0x0: the encoder's grid follows each video's frame size (Qwen's dynamic resolution)
+        return "per video (dynamic resolution)" if list(value) == [0, 0] else f"{value[0]}x{value[1]}"
     return str(value)

@@ -1,14 +1,15 @@
-"""Pictures for people: contact sheets of sampled frames (heatmaps and kept-token overlays come later)."""
+"""Pictures for people: contact sheets of sampled frames, attention heatmaps and kept-token overlays, and the
+legends under them (text enlarged with the picture, so it reads at the size ComfyUI shows a preview)."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .tokens import CompressedVideo
 
@@ -133,12 +134,12 @@ def token_overlays(views: torch.Tensor, assignment: torch.Tensor, grid: tuple[in
             result[carried] = result[carried] * 0.55 + np.array((40, 90, 230), np.float32) * 0.45
             result[hatch] = (90, 150, 255)
         image = result.round().clip(0, 255).astype(np.uint8)
-        if notes:
-            canvas = Image.fromarray(image)
-            draw = ImageDraw.Draw(canvas)
-            draw.rectangle((0, 0, min(len(notes[t]) * 6 + 6, canvas.width), 13), fill=(16, 16, 16))
-            draw.text((3, 1), notes[t], fill=(235, 235, 235))
-            image = np.asarray(canvas)
+        if notes:  # on a dark strip across the top, as wide as the text
+            label = _text_band([notes[t]], image.shape[1], background=(16, 16, 16), wrap=True)
+            used = np.flatnonzero((label != 16).any(axis=(0, 2)))
+            width = min(image.shape[1], int(used.max()) + 1 + 4 * text_scale(image.shape[1])) if used.size else 0
+            image = image.copy()
+            image[: label.shape[0], :width] = label[: image.shape[0], :width]
         out.append(image)
     return np.stack(out)
 
@@ -154,42 +155,78 @@ def enlarge(images: np.ndarray | torch.Tensor, min_side: int = 336) -> np.ndarra
 
 
 LEGENDS = {
-    "attention": "attention at the select layer (each frame to its own range): dark = little, bright yellow = most",
-    "tokens": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
-              "dark = dropped; dark lines = borders between tokens",
-    "temporal": "full colour = kept (dominant) patch; one tint per contextual token = patches merged into it; "
-                "blue hatch = repeats a token kept in an earlier frame (dropped: that token stands for it); "
-                "dark = dropped by VisionZip",
-    "patch": "white square = the chosen patch; colour = how much it attends to each patch (dark = little, "
-             "bright yellow = most)",
+    "attention": "attention at the select layer: dark = little, yellow = most (each frame to its own range)",
+    "tokens": "full colour = kept (dominant); one tint per contextual token = the patches merged into it; "
+              "dark = dropped",
+    "temporal": "full colour = kept (dominant); tint = merged into a contextual token; blue hatch = repeats a "
+                "token of an earlier frame (dropped); dark = dropped",
+    "patch": "white square = the chosen patch; colour = its attention to each patch (dark = little, yellow = most)",
 }
+_LINE = 12  # px a line of text at scale 1 (PIL's default font is about 11 px tall)
+
+
+def text_scale(width: int) -> int:
+    """How many times text drawn on a picture ``width`` px wide is enlarged: a line is then about 1/14 of the
+    width (2x for 336 px), so it stays readable where ComfyUI shows the picture about 350 px wide."""
+    return max(1, round(width / 220))
+
+
+def _font(scale: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int]:
+    """(font, enlargement): PIL's default font at ``scale`` times its size where it is scalable (Pillow >= 10.1);
+    else its bitmap font, drawn at 1x and enlarged ``scale`` times afterwards (nearest: crisp letters)."""
+    try:
+        return ImageFont.load_default(size=(_LINE - 2) * scale), 1
+    except TypeError:  # Pillow < 10.1: load_default() takes no size
+        return ImageFont.load_default(), scale
+
+
+def _wrap(text: str, fits: Callable[[str], bool]) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        longer = f"{line} {word}" if line else word
+        if line and not fits(longer):
+            lines.append(line)
+            line = word
+        else:
+            line = longer
+    return [*lines, line]
+
+
+def _text_band(lines: list[str], width: int, *, background: tuple[int, int, int] = (24, 24, 24),
+               wrap: bool = False) -> np.ndarray:
+    """uint8 (H, width, 3): ``lines`` in PIL's default font at :func:`text_scale` times its size, wrapped at
+    ``width`` when ``wrap``."""
+    scale = text_scale(width)
+    font, enlarge = _font(scale)
+    small, unit = max(width // enlarge, 1), scale // enlarge  # drawing width, and px per 1x px while drawing
+    pad = 4 * unit
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    if wrap:
+        lines = [part for line in lines for part in _wrap(line, lambda t: measure(t, font=font) <= small - 2 * pad)]
+    band = Image.new("RGB", (small, 2 * pad + _LINE * unit * len(lines)), background)
+    draw = ImageDraw.Draw(band)
+    for k, text in enumerate(lines):
+        draw.text((pad, pad + _LINE * unit * k), text, fill=(235, 235, 235), font=font)
+    if enlarge > 1:  # Image.NEAREST: see contact_sheet on Pillow's module aliases
+        band = band.resize((small * enlarge, band.height * enlarge), Image.NEAREST)  # type: ignore[attr-defined]
+    out = Image.new("RGB", (width, band.height), background)
+    out.paste(band, (0, 0))
+    return np.asarray(out)
 
 
 def with_legend(images: np.ndarray, kind: str) -> np.ndarray:
-    """Each image with a band underneath saying what the colours mean (and a colour scale for attention)."""
+    """Each image with a band underneath saying what the colours mean (and a colour scale for attention), its text
+    enlarged with the picture (:func:`text_scale`) so it can be read at the size a preview is shown."""
     if kind not in LEGENDS:
         raise ValueError(f"unknown legend {kind!r}; valid: {', '.join(LEGENDS)}")
     out = []
     for image in np.asarray(images):
-        height, width = image.shape[:2]
-        words, lines, line = LEGENDS[kind].split(), [], ""
-        per_line = max(int(width / 6.2), 12)  # PIL's default font: about 6 px a character
-        for word in words:
-            if len(line) + len(word) + 1 > per_line:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
-        scale_h = 12 if kind == "attention" else 0
-        band = Image.new("RGB", (width, scale_h + 4 + 12 * len(lines) + 4), (24, 24, 24))
-        if scale_h:
-            ramp = colormap(np.linspace(0, 1, width)[None].repeat(scale_h, axis=0))
-            band.paste(Image.fromarray(ramp), (0, 0))
-        draw = ImageDraw.Draw(band)
-        for k, text in enumerate(lines):
-            draw.text((4, scale_h + 4 + 12 * k), text, fill=(230, 230, 230))
-        out.append(np.concatenate([image, np.asarray(band)], axis=0))
+        width = image.shape[1]
+        parts = [_text_band([LEGENDS[kind]], width, wrap=True)]
+        if kind in ("attention", "patch"):  # the colour scale the words refer to, as tall as a line of them
+            ramp_h = _LINE * text_scale(width)
+            parts.insert(0, colormap(np.linspace(0, 1, width)[None].repeat(ramp_h, axis=0)))
+        out.append(np.concatenate([image, *parts], axis=0))
     return np.stack(out)
 
 

@@ -12,6 +12,8 @@ Safe by default: weights load from ``.safetensors`` only (pickled ``.bin`` files
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -182,6 +184,45 @@ def _quiet_loading_report() -> Iterator[None]:
         logger.removeFilter(_errors_only)
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the attention kernels a model may be loaded with
+
+
+def check_attention(attn_implementation: object, dtype: torch.dtype) -> str:
+    """``attn_implementation`` if this torch and transformers can run it, else one line naming what is missing and
+    what to pick instead. Cheap (no weights read): checked before anything loads, so a missing flash-attn is not
+    reported as a broken checkpoint after the weights were read.
+
+    flash_attention_2 needs the flash-attn package, a CUDA GPU and fp16/bf16; it is not checked against the device
+    the weights load on, since ComfyUI loads them on the CPU and moves them to the GPU to run."""
+    if not isinstance(attn_implementation, str) or attn_implementation not in ATTENTION:
+        raise VisionZipError(f"unknown attention {str(attn_implementation)[:60]!r}; valid: {', '.join(ATTENTION)} "
+                             "(sdpa is fast everywhere)")
+    if attn_implementation == "sdpa" and not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        raise VisionZipError(f"attention sdpa needs torch 2 or newer (this is {torch.__version__}): "
+                             "pick attention eager, or upgrade torch")
+    if attn_implementation != "flash_attention_2":
+        return attn_implementation
+    if importlib.util.find_spec("flash_attn") is None:
+        raise VisionZipError("attention flash_attention_2 needs the flash-attn package, which is not installed: "
+                             "pick attention sdpa (about as fast), or install flash-attn "
+                             "(pip install flash-attn --no-build-isolation, CUDA GPUs only)")
+    if not torch.cuda.is_available():
+        raise VisionZipError("attention flash_attention_2 runs only on a CUDA GPU, and this torch sees none: "
+                             "pick attention sdpa")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise VisionZipError(f"attention flash_attention_2 runs in fp16 or bf16, not {str(dtype).split('.')[-1]}: "
+                             "pick dtype fp16 or bf16, or attention sdpa")
+    if not transformers.utils.is_flash_attn_2_available():
+        try:
+            version = importlib.metadata.version("flash_attn")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(version unknown)"
+        raise VisionZipError(f"flash-attn {version} is installed, but transformers {transformers.__version__} "
+                             "cannot use it (too old, or built for another torch or CUDA): pick attention sdpa, "
+                             "or reinstall flash-attn for this torch")
+    return attn_implementation
+
+
 def _from_pretrained(cls: Any, folder: str, what: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(folder)``, refusing a checkpoint whose weights do not all fit the model: a missing
     tensor would silently be random (a missing projector answers with noise), an unexpected one means another
@@ -194,6 +235,11 @@ def _from_pretrained(cls: Any, folder: str, what: str, **kwargs: Any) -> Any:
         if "size mismatch" in text or "ignore_mismatched_sizes" in text:
             raise VisionZipError(f"{folder}: some {what} weights have shapes that do not fit its config.json; "
                                  "download the checkpoint again") from e
+        attention = kwargs.get("attn_implementation")
+        if attention and attention != "eager" and any(
+                word in text.lower() for word in ("attn_implementation", "flash attention", "flashattention", "sdpa")):
+            raise VisionZipError(f"{folder}: the {what} model cannot use attention {attention} in transformers "
+                                 f"{transformers.__version__} ({_first_line(e)}); pick attention eager or sdpa") from e
         raise VisionZipError(f"{folder}: loading the {what} weights failed ({type(e).__name__}: "
                              f"{_first_line(e)}); check that the folder is one complete checkpoint") from e
     problems = []
@@ -224,11 +270,15 @@ def load_vlm(
     Args:
         device: "auto"/None (cuda > mps > cpu), "cuda", "cuda:1", "cpu", "mps".
         dtype: "auto"/None (fp16 on GPU, fp32 on CPU), "fp32", "fp16", "bf16".
-        attn_implementation: "sdpa" (default), "eager", or "flash_attention_2" where installed.
+        attn_implementation: "sdpa" (default), "eager", or "flash_attention_2" (flash-attn installed, a CUDA GPU,
+            fp16/bf16); checked before anything is read (:func:`check_attention`).
         quantization: None, "8bit" or "4bit" (bitsandbytes, CUDA only).
         allow_pickle: also accept pickled ``.bin`` weights (only for files you trust).
         allow_download: download a Hugging Face id that is not a local folder (off: never touch the network).
     """
+    device_ = pick_device(device)  # cheap checks first: nothing is read for a device, dtype or kernel it cannot use
+    dtype_ = pick_dtype(dtype, device_)
+    check_attention(attn_implementation, dtype_)
     folder = resolve_model_path(path_or_id, allow_download=allow_download)
     family, config = detect_family(folder)
     cls = getattr(transformers, family.class_name, None)
@@ -246,8 +296,6 @@ def load_vlm(
             "--allow-pickle on the command line)"
         )
     _check_files(folder, files)
-    device_ = pick_device(device)
-    dtype_ = pick_dtype(dtype, device_)
     kwargs: dict[str, Any] = dict(attn_implementation=attn_implementation, use_safetensors=has_safetensors,
                                   trust_remote_code=False)
     quant = _quantization_config(quantization, device_)
@@ -285,6 +333,9 @@ def load_tower(path: str | os.PathLike[str], *, device: str | torch.device | Non
                attn_implementation: str = "sdpa") -> VisionEncoder:
     """A bare vision tower from a transformers folder (config.json + safetensors + preprocessor_config.json)
     as a :class:`~comfy_visionzip.encoder.VisionEncoder` (for benches, heatmaps, the demo)."""
+    device_ = pick_device(device)
+    dtype_ = pick_dtype(dtype, device_)
+    check_attention(attn_implementation, dtype_)
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise VisionZipError(f"{folder}: no such tower folder")
@@ -304,8 +355,6 @@ def load_tower(path: str | os.PathLike[str], *, device: str | torch.device | Non
     processor = _read_json(folder, "preprocessor_config.json")
     if processor is None:
         raise VisionZipError(f"{folder}: no preprocessor_config.json (how images become pixels)")
-    device_ = pick_device(device)
-    dtype_ = pick_dtype(dtype, device_)
     cls = getattr(transformers, TOWER_CLASSES[model_type])
     kwargs = {"attn_implementation": attn_implementation, "use_safetensors": True,
               ("dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"): dtype_}

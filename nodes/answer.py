@@ -30,7 +30,9 @@ def _config(max_new_tokens, temperature, top_p, seed, stop="") -> GenerationConf
 
 
 class ChatState:
-    """A conversation plus the model handle that moves the model to the GPU for each turn."""
+    """A conversation plus the model handle it asks through. Between turns (in ComfyUI's cache of node outputs) the
+    conversation is parked: it holds no model (unloading the model frees it) and its KV cache waits on the CPU (no
+    VRAM held after the run); a follow-up brings both back, and the cache is reused."""
 
     def __init__(self, handle, chat: Chat) -> None:
         self.handle = handle
@@ -38,9 +40,14 @@ class ChatState:
 
     def ask(self, question: str, config: GenerationConfig, node_id: str | None = None) -> ChatState:
         branch = ChatState(self.handle, self.chat.fork())  # ComfyUI may reuse this state: never mutate it
-        with self.handle:
-            branch.chat.ask(question, config, on_text=_comfy.text_streamer(node_id),
-                            progress=_comfy.progress_callback(config.max_new_tokens))
+        with self.handle as vlm:
+            if branch.chat.parked:
+                branch.chat.resume(vlm)
+            try:
+                branch.chat.ask(question, config, on_text=_comfy.text_streamer(node_id),
+                                progress=_comfy.progress_callback(config.max_new_tokens))
+            finally:
+                branch.chat.park()
         return branch
 
     def transcript(self) -> str:
@@ -95,11 +102,11 @@ class VisionZipAnswer:
 
     def answer(self, model, tokens, question, max_new_tokens, temperature, top_p, seed, timestamps, stop="", system="",
                policy="fit", follow_up_reserve=256, unique_id=None):
-        with model as vlm:
+        config = _config(max_new_tokens, temperature, top_p, seed, stop)
+        with model as vlm:  # one use of the model for the whole node
             chat = Chat(vlm, tokens, timestamps=timestamps, system=system or None, policy=policy,
                         reserve=follow_up_reserve)
-        config = _config(max_new_tokens, temperature, top_p, seed, stop)
-        return _result(ChatState(model, chat).ask(question, config, unique_id))
+            return _result(ChatState(model, chat).ask(question, config, unique_id))
 
 
 class VisionZipChat:
@@ -167,8 +174,8 @@ class VisionZipLoadTokens:
             "required": {
                 "path": ("STRING", {"default": "",
                                     "tooltip": ("A .safetensors file from Save Tokens inside ComfyUI's output or "
-                                                "input folder (relative to the output folder). Empty: the file picked "
-                                                "below.")}),
+                                                "input folder (a relative path is looked for in the output "
+                                                "folder, then in the input folder). Empty: the file picked below.")}),
             },
             "optional": {
                 "model": (MODEL_TYPE, {"tooltip": "Check that the tokens were made with this model."}),

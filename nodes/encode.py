@@ -10,11 +10,19 @@ from ..comfy_visionzip.preprocess import model_view
 from ..comfy_visionzip.settings import Compression
 from ..comfy_visionzip.tokens import kept_count
 from ..comfy_visionzip.video import uniform_pick
-from ..comfy_visionzip.viz import attention_overlays, enlarge, mark_patch, temporal_notes, token_overlays, with_legend
+from ..comfy_visionzip.viz import (
+    LEGENDS,
+    attention_overlays,
+    enlarge,
+    mark_patch,
+    temporal_notes,
+    token_overlays,
+    with_legend,
+)
 from ..comfy_visionzip.zip import METHODS, split_tokens
 from . import _comfy
 from .model import MODEL_TYPE
-from .video import VIDEO_TYPE, unplanned
+from .video import VIDEO_TYPE, cap_note, unplanned, with_notes
 
 FEATURES_TYPE = "VISIONZIP_FEATURES"  # uncompressed select-layer outputs of a few frames
 TOKENS_TYPE = "VISIONZIP_TOKENS"  # CompressedVideo: what the answerer consumes
@@ -79,11 +87,13 @@ class VisionZipEncodeFrames:
     def encode(self, model, batch_size, images=None, video=None, timestamps=""):
         if (images is None) == (video is None):
             raise ValueError("connect exactly one of 'images' or 'video'")
+        capped = ""
         with model as vlm:
             encoder = vlm.video_encoder()
             if video is not None:
-                video, _plan = unplanned(video)
+                video, plan = unplanned(video)
                 total = len(video.plan()[0])
+                capped = cap_note(video) if plan is None else ""  # Frame Budget said what it was given
                 chunks = video.iter(chunk_size=batch_size)
             else:
                 times = _parse_times(timestamps)
@@ -94,7 +104,24 @@ class VisionZipEncodeFrames:
             features = encode_frames(encoder, chunks, batch_size=batch_size, progress=_comfy.progress_callback(total),
                                      total=total)
             label_tokens(vlm, features)
-            return (features,)
+        held = Features(features, model)
+        if capped:  # nothing caps silently: the node shows it (it has no text output)
+            return {"ui": {"text": [f"{total} frames encoded; {capped}"]}, "result": (held,)}
+        return (held,)
+
+
+class Features:
+    """Encode Frames' output: the encoded frames and the handle of the model that made them. It holds no model (the
+    encoder is asked of the handle when compressing), so ComfyUI's cache of it never keeps the model in memory."""
+
+    def __init__(self, encoded, handle) -> None:
+        encoded.encoder = None
+        self.encoded = encoded
+        self.handle = handle
+
+    @property
+    def views(self):
+        return self.encoded.views
 
 
 class VisionZipCompress:
@@ -111,8 +138,10 @@ class VisionZipCompress:
 
     def compress(self, features, method, dominant, contextual, tokens_per_frame):
         dominant, contextual = _counts(dominant, contextual, tokens_per_frame)
-        video = compress_encoded(features.encoder, features, dominant=dominant, contextual=contextual, method=method)
-        video.meta.update(features.meta)
+        with features.handle as vlm:
+            video = compress_encoded(vlm.video_encoder(), features.encoded, dominant=dominant, contextual=contextual,
+                                     method=method)
+        video.meta.update(features.encoded.meta)
         return {"ui": {"text": [video.summary()]}, "result": (video, video.summary())}
 
 
@@ -165,7 +194,8 @@ class VisionZipVideoToTokens:
         with model as vlm:
             tokens = compress_video(vlm, handle, compression=compression, batch_size=batch_size or None,
                                     progress=_comfy.progress_callback(total))
-        return {"ui": {"text": [tokens.summary()]}, "result": (tokens, tokens.summary())}
+        summary = with_notes(tokens.summary(), cap_note(handle) if plan is None else "")  # Frame Budget said it
+        return {"ui": {"text": [summary]}, "result": (tokens, summary)}
 
 
 class VisionZipAttentionHeatmap:
@@ -212,8 +242,12 @@ class VisionZipAttentionHeatmap:
         repeated, notes = temporal_notes(tokens, picks)
         kept = token_overlays(views, tokens.assignment[rows], tokens.grid, cls_token=tokens.cls_token,
                               kept=kept_count(tokens), repeated=repeated, notes=notes)
-        return (_image(with_legend(heat, "attention")),
-                _image(with_legend(kept, "tokens" if repeated is None else "temporal")))
+        kind = "tokens" if repeated is None else "temporal"
+        # the legends are drawn under each picture, and said on the node too: a preview of many pictures shows
+        # each one too small to read its band
+        legend = f"attention: {LEGENDS['attention']}\nkept_tokens: {LEGENDS[kind]}"
+        return {"ui": {"text": [legend]},
+                "result": (_image(with_legend(heat, "attention")), _image(with_legend(kept, kind)))}
 
 
 def _image(pictures) -> torch.Tensor:
@@ -257,7 +291,8 @@ class VisionZipPatchAttention:
         rows, cols = grid
         summary = (f"patch ({patch % cols}, {patch // cols}) of a {cols}x{rows} grid: its 10 most attended patches get "
                    + ", ".join(f"{share * 100:.0f}%" for share in top.tolist()) + " of its attention (frame by frame)")
-        return {"ui": {"text": [summary]}, "result": (_image(with_legend(heat, "patch")), summary)}
+        return {"ui": {"text": [f"{summary}\n{LEGENDS['patch']}"]},
+                "result": (_image(with_legend(heat, "patch")), summary)}
 
 
 NODE_CLASS_MAPPINGS = {

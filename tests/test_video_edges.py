@@ -84,7 +84,7 @@ def test_a_few_repeated_timestamps_lose_no_frame(tmp_path: Path, caplog: Logs) -
     with caplog.at_level(logging.WARNING):
         index = build_index(path)
     assert index.frame_count == 40 and index.duration == pytest.approx(1.6)
-    assert "1 of its 40 frames repeat another frame's timestamp" in approximate_warnings(caplog)[0]
+    assert "1 of its 40 frames repeats another frame's timestamp" in approximate_warnings(caplog)[0]
     drawn, indices, _ = numbers(path, every=3)
     assert drawn == indices == list(range(0, 40, 3))
 

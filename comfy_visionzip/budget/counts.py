@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from ..errors import VisionZipError
 from ..models.base import PromptVideo, VisionLanguageModel, VisualLayout
 from ..video import uniform_pick
+from ..words import counted
 
 POLICIES = ("fit", "strict")
 # tokens per image tried by tokens_per_frame="auto", most first: the paper's LLaVA-1.5 settings, then below
@@ -39,8 +40,8 @@ def frames_for_budget(token_budget: int, tokens_per_frame: int, *, reserved: int
     frames = usable // int(tokens_per_frame)
     if frames < 1:
         raise VisionZipError(
-            f"a budget of {token_budget} tokens ({reserved} reserved) cannot hold one frame of {tokens_per_frame} "
-            "tokens; raise the budget or compress harder (fewer tokens per frame)"
+            f"a budget of {counted(token_budget, 'token')} ({reserved} reserved) cannot hold one frame of "
+            f"{counted(tokens_per_frame, 'token')}; raise the budget or compress harder (fewer tokens per frame)"
         )
     if max_frames is not None:
         if isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral) or max_frames < 1:

@@ -16,6 +16,7 @@ from ..prompt import Message, PromptBuilder
 from ..settings import Compression
 from ..temporal import Temporal
 from ..video import FramesHandle, VideoHandle, uniform_pick
+from ..words import counted, frames_as_units, unit_name, units_of
 from ..zip import split_tokens
 from .counts import POLICIES, TOKEN_LADDER, cap_budget, check_int, context_length, fit_frames, thinned_prompt
 
@@ -41,6 +42,8 @@ class BudgetPlan:
     reasons: list[str] = field(default_factory=list)
     frames_per_unit: int = 1  # sampled frames per encoded frame (Qwen: a temporal patch of two)
     newlines: int = 0  # placeholders among visual_tokens that are newline tokens, not visual tokens
+    per_image: int = 0  # visual tokens each image keeps (0: per_frame, when it was not given)
+    crops: int = 1  # images per encoded frame (anyres: the whole frame + tiles)
 
     @property
     def method(self) -> str:
@@ -68,27 +71,49 @@ class BudgetPlan:
         return self.frames < self.asked_frames
 
     def summary(self) -> str:
+        """One line whose parts add up: frames (for Qwen: the temporal patches they make) x tokens each =
+        visual tokens (+ newline tokens), the prompt and the reserves of the budget, then why."""
         reserve = f" + answer {self.answer_tokens}"
         if self.follow_up_tokens:
             reserve += f" + follow-ups {self.follow_up_tokens}"
-        split = f" ({self.dominant}+{self.contextual} per image)" if self.method == "visionzip" else f" ({self.method})"
         unit = self.frames_per_unit
-        units = -(-self.frames // unit)
-        once = self.visual_tokens - units * self.per_frame
-        extra = f" + {once} closing newline" if once else ""
-        frames = f"{self.frames} frames" if unit == 1 else f"{self.frames} frames = {units} temporal patches of {unit}"
-        what = "tokens" if unit == 1 else "tokens each"
+        units = units_of(self.frames, unit)
+        frames = frames_as_units(self.frames, unit)
+        per_image = self.per_image or self.per_frame
+        each = f"{self.per_frame} {'token' if self.per_frame == 1 else 'tokens'} ({self._breakdown(per_image)})"
+        visual = units * self.crops * per_image  # visual tokens before the temporal stage
         if self.temporal is not None:
-            lines = f" + {self.newlines} newline{'s' if self.newlines != 1 else ''}" if self.newlines else ""
-            head = (f"{frames} x at most {self.per_frame} {what}{split}, "
-                    f"up to {self.visual_tokens - self.newlines} visual "
-                    f"tokens{lines} after the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
+            lines = f" + {counted(self.newlines, 'newline')}" if self.newlines else ""
+            head = (f"{frames} x at most {each}, up to {counted(self.visual_tokens - self.newlines, 'visual token')}"
+                    f"{lines} after the temporal stage; prompt at most {self.prompt_tokens}{reserve}")
         else:
-            head = (f"{frames} x {self.per_frame} {what}{split} = {units * self.per_frame} visual tokens"
-                    f"{extra}; prompt {self.prompt_tokens}{reserve}")
+            newlines = self.visual_tokens - visual
+            each_lines = self.per_frame - self.crops * per_image
+            lines = "" if not newlines else f" + {counted(newlines, 'closing newline')}" if not each_lines else \
+                f" + {counted(newlines, 'newline')}"
+            head = (f"{frames} x {each} = {counted(visual, 'visual token')}{lines}; "
+                    f"prompt {self.prompt_tokens}{reserve}")
         head = (f"{head} = {self.total_tokens} of {self.budget} tokens"
                 f"{' (the context)' if self.budget == self.context else f' (context {self.context})'}")
         return "; ".join([head, *self.reasons])
+
+    def _breakdown(self, per_image: int) -> str:
+        """What a frame's (or temporal patch's) tokens are: "54+10 per image", "5 images x 16 (14+2) + 1 newline",
+        "pool", or all of a small Qwen frame's."""
+        image = "image" if self.crops > 1 or self.frames_per_unit == 1 else unit_name(self.frames_per_unit)
+        asked = self.dominant + self.contextual
+        if self.method == "visionzip" and per_image < asked:  # Qwen's small frames keep every token
+            split = f"every token: a {image} of this size has only {per_image}, fewer than the " \
+                    f"{self.dominant}+{self.contextual} asked"
+        elif self.method == "visionzip":
+            split = f"{self.dominant}+{self.contextual}" + ("" if self.crops > 1 else f" per {image}")
+        else:
+            split = self.method
+        lines = self.per_frame - self.crops * per_image
+        if self.crops == 1 and not lines:
+            return split
+        shown = f"{self.crops} images x {per_image} ({split})" if self.crops > 1 else f"{per_image} ({split})"
+        return shown + (f" + {counted(lines, 'newline')}" if lines else "")
 
 
 def plan_budget(
@@ -174,7 +199,7 @@ def plan_budget(
         follow_reserve += builder.count(probe, convo) - before + max_new_tokens
     limit = budget - max_new_tokens - follow_reserve
     if limit < 1:
-        raise VisionZipError(f"the budget of {budget} tokens leaves no room for the video after reserving "
+        raise VisionZipError(f"the budget of {counted(budget, 'token')} leaves no room for the video after reserving "
                              f"{max_new_tokens} for the answer and {follow_reserve} for follow-ups")
 
     def picks(n: int) -> list[int]:
@@ -197,28 +222,32 @@ def plan_budget(
             break
     settings = settings.with_counts(d, c)
     if auto:
-        reasons.append(f"{layout.per_image} tokens per image ({d}+{c}): "
+        image = "image" if layout.crops > 1 else unit_name(layout.frames_per_unit)
+        reasons.append(f"{layout.per_image} tokens per {image} ({d}+{c}): "
                        + ("the most of " + "/".join(map(str, TOKEN_LADDER)) + " at which every asked frame fits"
                           if asked_count <= limit else "the fewest tried, and still too many frames"))
     frames = len(asked)
     if asked_count > limit:
         fitted = fit_frames(count, limit, len(asked))
-        numbers_ = (f"the asked {len(asked)} frames x {layout.per_frame} tokens make a prompt of {asked_count} tokens; "
+        numbers_ = (f"the asked {frames_as_units(len(asked), layout.frames_per_unit)} x "
+                    f"{counted(layout.per_frame, 'token')} make a prompt of {asked_count} tokens; "
                     f"with {max_new_tokens} for the answer"
                     f"{f' and {follow_reserve} for follow-ups' if follow_reserve else ''} "
                     f"that is {asked_count + budget - limit} > {budget}")
         if fitted == 0:
             asked_text = len(vlm.tokenizer(question.strip(), add_special_tokens=False)["input_ids"])
             if asked_text * 2 > limit:  # the question itself is what does not fit
-                raise VisionZipError(f"the question is {asked_text} tokens long ({question.strip()[:40]!r}...), and "
-                                     f"the prompt may use {limit} after the reserves: shorten the question")
+                raise VisionZipError(f"the question is {counted(asked_text, 'token')} long "
+                                     f"({question.strip()[:40]!r}...), and the prompt may use {limit} after the "
+                                     "reserves: shorten the question")
             raise VisionZipError(f"not even one frame fits: {numbers_}; raise the budget, use fewer tokens per frame "
                                  "or a smaller max_new_tokens")
         if policy == "strict":
-            raise VisionZipError(f"the plan does not fit: {numbers_}; ask for at most {fitted} frames "
+            raise VisionZipError(f"the plan does not fit: {numbers_}; ask for at most {counted(fitted, 'frame')} "
                                  "(num_frames / max_frames), fewer tokens per frame, or policy 'fit'")
         frames = fitted
-        reasons.append(f"fit: {numbers_}, so {fitted} of the {len(asked)} asked frames are kept, evenly spread")
+        reasons.append(f"fit: {numbers_}, so {fitted} of the {counted(len(asked), 'asked frame')} are kept, "
+                       "evenly spread")
     visual_budget = None
     if temporal_on is not None:
         frames, visual_budget, why = _temporal_plan(builder, first, layout, asked, asked_times, duration, frames,
@@ -238,7 +267,7 @@ def plan_budget(
         compression=settings, per_frame=layout.per_frame, visual_tokens=visual_tokens,
         prompt_tokens=prompt_tokens, answer_tokens=max_new_tokens, follow_up_tokens=follow_reserve, budget=budget,
         context=context, policy=policy, reasons=reasons, frames_per_unit=layout.frames_per_unit,
-        newlines=layout.besides_tokens(frames),
+        newlines=layout.besides_tokens(frames), per_image=layout.per_image, crops=layout.crops,
     )
 
 
@@ -261,6 +290,6 @@ def _temporal_plan(builder: PromptBuilder, first: list[Message], layout: VisualL
     most = layout.units(frames) * layout.crops * layout.per_image
     room = (f"room for {budget} of their at most {most} tokens: the threshold is tightened after encoding if the "
             "new ones do not fit" if budget < most else f"room for all their {most} tokens (nothing to tighten)")
-    why = (f"temporal: {frames} of the asked {len(asked)} frames kept ({fitted} fit without the stage; up to "
-           f"{expand:g}x as many); tokens repeating an earlier frame are dropped; {room}")
+    why = (f"temporal: {frames} of the {counted(len(asked), 'asked frame')} kept ({fitted} fit without the stage; "
+           f"up to {expand:g}x as many); tokens repeating an earlier frame are dropped; {room}")
     return frames, budget, why

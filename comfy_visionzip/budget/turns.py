@@ -13,6 +13,7 @@ from ..prompt import Message, PromptBuilder
 from ..temporal import thin
 from ..tokens import CompressedVideo
 from ..video import uniform_pick
+from ..words import counted, part_of
 from .counts import fit_frames
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,23 @@ def fit_turn(vlm: VisionLanguageModel, builder: PromptBuilder, video: Compressed
         return builder.count(compressed_prompt(vlm, thin(video, uniform_pick(frames, n))), messages) + keep
 
     fitted = fit_frames(count, context, frames)
+    unit = video.frames_per_unit
     room = f" and {reserve} for follow-ups" if reserve else ""
-    shown = f"{frames} frames x {per_frame} tokens"
+    shown = f"{video.frames_text()} x {counted(per_frame, 'token')}"
     if video.repeats is not None:  # the temporal stage: frames differ
-        shown = f"{frames} frames ({video.total_tokens} visual tokens after the temporal stage)"
+        shown = f"{video.frames_text()} ({counted(video.total_tokens, 'visual token')} after the temporal stage)"
     numbers_ = (f"{shown} make a prompt of {prompt_tokens} tokens, plus "
                 f"{answer_tokens} for the answer{room} = {need} > the context of {context}")
     if policy == "strict" or fitted == 0:
-        fix = (f"use at most {fitted} frames, fewer tokens per frame, or policy 'fit'" if fitted
+        most = f"at most {counted(fitted * unit, 'frame')}" + (
+            f" ({counted(fitted, 'temporal patch')})" if unit > 1 else "")
+        fix = (f"use {most}, fewer tokens per frame, or policy 'fit'" if fitted
                else "fewer tokens per frame, a shorter question or a smaller max_new_tokens")
         raise VisionZipError(f"the video does not fit: {numbers_}; {fix}")
     thinned = thin(video, uniform_pick(frames, fitted))
     prompt = count(fitted) - keep
-    note = (f"fitted to the context: {numbers_}; kept {fitted} of {frames} frames (evenly spread): "
+    kept = part_of(fitted, frames, thinned.sampled_frames, video.sampled_frames, unit)
+    note = (f"fitted to the context: {numbers_}; kept {kept}, evenly spread: "
             f"prompt {prompt} + answer {answer_tokens}{f' + follow-ups {reserve}' if reserve else ''} <= {context}")
     log.warning("%s", note)
     return TurnFit(thinned, note)

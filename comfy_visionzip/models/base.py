@@ -141,11 +141,13 @@ class VisionLanguageModel:
 class ChatView(Protocol):
     """What a family reads of a running chat (see :class:`~comfy_visionzip.answer.Chat`)."""
 
-    vlm: VisionLanguageModel
     family_state: dict[str, Any]  # what the family's chat_state() returned
     kind: str  # "image" or "video": how the video went into the template
     token_id: int  # the placeholder token id
     cache_kwarg: str  # the forward's name for the KV cache (and its output's)
+
+    @property
+    def vlm(self) -> VisionLanguageModel: ...
 
     @property
     def first_prompt_length(self) -> int | None: ...

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import VisionZipError
+from ..words import counted
 
 
 @dataclass
@@ -55,7 +56,7 @@ def first_prompt_positions(rope_owner: Any, cells: VideoCells, ids: list[int], k
             where.append(len(full))
             full.append(token)
     if seen != len(slots):
-        raise VisionZipError(f"the prompt holds {seen} visual tokens, the video {len(slots)}")
+        raise VisionZipError(f"the prompt holds {counted(seen, 'visual token')}, the video {len(slots)}")
     input_ids = torch.tensor([full])
     grid_thw = torch.tensor([[units, rows * cells.merge, cols * cells.merge]])
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

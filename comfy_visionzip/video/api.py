@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import VideoError, VisionZipError
+from ..words import counted
 from .backends import Reader, _resize, output_size, resolve_backend, target_size
 from .plan import check_plan_args, plan_frames
 from .probe import StreamIndex, get_index
@@ -360,9 +361,9 @@ def sample_video(
     need = len(indices) * height * width * 3
     if max_bytes is not None and need > max_bytes:
         fits = max(max_bytes // (height * width * 3), 1)
-        raise VideoError(index.source, f"the plan holds {len(indices)} frames of {width}x{height} "
+        raise VideoError(index.source, f"the plan holds {counted(len(indices), 'frame')} of {width}x{height} "
                                        f"({need / 2**30:.2f} GiB) in memory, over sample_video's cap of "
                                        f"{max_bytes / 2**30:.2f} GiB",
-                         f"ask for at most {fits} frames (num_frames / fps / max_frames), scale them with max_size, "
-                         "or stream them with iter_video")
+                         f"ask for at most {counted(fits, 'frame')} (num_frames / fps / max_frames), scale them "
+                         "with max_size, or stream them with iter_video")
     return next(iter(chunks))

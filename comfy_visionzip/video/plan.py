@@ -20,6 +20,7 @@ import numbers
 from collections.abc import Sequence
 
 from ..errors import VisionZipError
+from ..words import counted
 
 
 def _check_positive_int(name: str, value: object) -> int | None:
@@ -120,7 +121,7 @@ def plan_frames(
         times: Sequence[float] = [i / fps for i in range(frame_count)]
     else:
         if len(timestamps) != frame_count:
-            raise VisionZipError(f"{len(timestamps)} timestamps given for {frame_count} frames")
+            raise VisionZipError(f"{counted(len(timestamps), 'timestamp')} given for {counted(frame_count, 'frame')}")
         times = timestamps
 
     # Frames whose presentation time lies in [start, end).

@@ -31,6 +31,7 @@ from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
 from ..errors import VideoError, VideoNotFoundError, _display_path
+from ..words import counted
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,11 @@ def open_container(source: Any) -> InputContainer:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
-            raise VideoNotFoundError(path, "file not found",
-                                     "check the path; relative paths are from the current folder")
+            if os.path.islink(path):  # a link whose target is missing, or links that loop
+                raise VideoNotFoundError(path, "a link to no file (its target is missing, or the links loop)",
+                                         "give the video file itself")
+            relative = "" if os.path.isabs(path) else "; a relative path starts from the current folder"
+            raise VideoNotFoundError(path, "file not found", f"check the path{relative}")
         if os.path.isdir(path):
             raise VideoError(path, "is a folder, not a video file")
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -232,7 +236,8 @@ def build_index(source: Any) -> StreamIndex:
             order = np.arange(len(stamps))
             approximate = (f"{why}: frames are taken in decoding order and timed at "
                            f"{'an assumed ' if nominal is None else 'its nominal '}{float(assumed):g} fps "
-                           f"({len(stamps)} frames, {len(stamps) / float(assumed):.2f} s); times are approximate")
+                           f"({counted(len(stamps), 'frame')}, {len(stamps) / float(assumed):.2f} s); "
+                           "times are approximate")
             log.warning("%s: %s", _display(source), approximate)
         else:
             order = np.argsort(raw, kind="stable")
@@ -334,7 +339,8 @@ def _unusable_timestamps(raw: np.ndarray, is_key: np.ndarray, time_base: Fractio
     distinct = 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
     if distinct < n:
         return (f"its {n} frames carry only {distinct} distinct timestamp{'s' if distinct != 1 else ''}"
-                if distinct * 2 <= n else f"{n - distinct} of its {n} frames repeat another frame's timestamp")
+                if distinct * 2 <= n else f"{n - distinct} of its {n} frames "
+                f"{'repeats' if n - distinct == 1 else 'repeat'} another frame's timestamp")
     shift = int(np.max(np.abs(order - np.arange(n))))
     key_stamps = raw[is_key]
     if shift > REORDER_WINDOW or bool(np.any(np.diff(key_stamps) < 0)):
