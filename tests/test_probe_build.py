@@ -1,0 +1,178 @@
+"""The probe model's world and its training code, without the real weights: scenes are deterministic and their
+answers true, training prompts are the pack's own, packing several questions on one image changes no logit, and
+a tiny build goes end to end into a checkpoint the real loader and `ask` accept."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from comfy_visionzip import Chat, GenerationConfig, load_vlm
+from comfy_visionzip.__main__ import main
+from comfy_visionzip.probe import fidelity, scenes, train
+from comfy_visionzip.testing.tiny import CHAT_TEMPLATE, save_checkpoint
+
+
+def _photos(n: int = 6, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(f"noise {i}", rng.integers(0, 255, (90 + 10 * i, 160, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_scenes_are_the_same_from_the_same_seed_and_differ_from_another():
+    a, b, c = (scenes.World(_photos(), s) for s in (3, 3, 4))
+    for task in scenes.TASKS:
+        (sa, qa), (sb, qb) = a.item(task), b.item(task)
+        assert qa == qb and sa.things == sb.things
+        assert np.array_equal(a.make(sa), b.make(sb))
+    assert [c.item(t)[1] for t in scenes.TASKS] != [a.item(t)[1] for t in scenes.TASKS]
+
+
+def test_test_items_have_balanced_answers_and_true_labels():
+    world = scenes.World(_photos(), 0)
+    for task in scenes.TASKS:
+        answers = []
+        for _ in range(300):
+            scene, q = world.item(task)
+            answers.append(q.answer)
+            things = scene.things
+            for i, s in enumerate(things):  # never overlapping: every object is visible and countable
+                for t in things[i + 1:]:
+                    assert (s.x + s.side + scenes.GAP <= t.x or t.x + t.side + scenes.GAP <= s.x
+                            or s.y + s.side + scenes.GAP <= t.y or t.y + t.side + scenes.GAP <= s.y)
+            if task == "count":
+                assert q.answer == str(len(things))
+            if task == "colour":
+                shape = q.text.split()[-1].rstrip("?")
+                assert [t.colour for t in things if t.shape == shape] == [q.answer]
+            if task == "shape":
+                colour = q.text.split()[4]
+                assert [t.shape for t in things if t.colour == colour] == [q.answer]
+            if task == "presence":
+                colour, shape = q.text.rstrip("?").split()[-2:]
+                found = [t for t in things if (t.colour, t.shape) == (colour, shape)]
+                assert (q.answer == "yes") == bool(found) and all(t.size == "small" for t in found)
+            if task == "relation":
+                words = q.text.rstrip("?").split()
+                x = next(t for t in things if t.colour == words[2])
+                y = next(t for t in things if t.colour == words[-2])
+                axis = 0 if "left" in words else 1
+                assert (q.answer == "yes") == (x.centre[axis] < y.centre[axis])
+                assert abs(x.centre[axis] - y.centre[axis]) >= 28
+        counts = {a: answers.count(a) for a in scenes.ANSWERS[task]}
+        assert set(answers) == set(scenes.ANSWERS[task]), task
+        expected = len(answers) / len(counts)
+        assert all(abs(n - expected) < 0.35 * expected for n in counts.values()), (task, counts)
+
+
+def test_training_questions_are_true_for_their_scene():
+    world = scenes.World(_photos(), 1)
+    for _ in range(100):
+        scene, questions = world.training_scene()
+        by_text = {q.text: q.answer for q in questions}
+        assert by_text["How many objects are there?"] == str(len(scene.things))
+        assert by_text["What is the background?"] == scene.kind
+        for q in questions:
+            if q.task == "relation":
+                words = q.text.rstrip("?").split()
+                x = next(t for t in scene.things if t.colour == words[2])
+                y = next(t for t in scene.things if t.colour == words[-2])
+                axis = 0 if "left" in words else 1
+                assert (q.answer == "yes") == (x.centre[axis] < y.centre[axis])
+            if q.task == "presence":
+                colour, shape = q.text.rstrip("?").split()[-2:]
+                assert (q.answer == "yes") == any((t.colour, t.shape) == (colour, shape) for t in scene.things)
+
+
+def test_every_question_and_answer_is_in_the_probe_vocabulary():
+    tok = train.make_probe_tokenizer()
+    world = scenes.World(_photos(), 2)
+    for task in scenes.TASKS:
+        for _ in range(20):
+            _scene, q = world.item(task)
+            ids = tok(q.text + " " + q.answer, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, q
+
+
+def test_lattice_cells_cut_the_grid_into_the_asked_number_of_near_square_cells():
+    for cells in (4, 8, 13):
+        lattice = fidelity.lattice_cells(16, 16, cells)
+        assert sorted(set(lattice.tolist())) == list(range(cells))
+        sizes = torch.bincount(lattice)
+        assert sizes.min() >= 0.4 * sizes.max()
+
+
+def test_parse_takes_the_first_word():
+    assert fidelity.parse(" Red.") == "red"
+    assert fidelity.parse("3 objects") == "3"
+    assert fidelity.parse("") == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_tower(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tower")
+    torch.manual_seed(0)
+    config = tf.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=224)
+    tf.Dinov2Model(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(train.PREPROCESSOR))
+    return str(folder)
+
+
+TINY = train.Settings(train_images=48, val_per_task=2, epochs=1, batch=8, hidden=32, layers=2, heads=2,
+                      intermediate=64)
+
+
+def test_packed_questions_give_the_logits_of_separate_prompts(tiny_tower, tmp_path):
+    tok = train.make_probe_tokenizer()
+    model = train.make_model(tiny_tower, tok, TINY)
+    save_checkpoint(tmp_path / "m", model, tok, train.PREPROCESSOR, chat_template=CHAT_TEMPLATE)
+    vlm = load_vlm(tmp_path / "m", dtype="float32")
+    encoder = vlm.video_encoder()
+    world = scenes.World(_photos(), 0)
+    scene, questions = world.training_scene()
+    image = world.make(scene)
+    video = train.one_image_video(vlm, encoder, image)
+    prompts = train.Prompts(Chat(vlm, video))
+    features = train.encode_images(encoder, [image])
+    assert torch.allclose(features.float(), video.tokens.float(), atol=2e-3)
+    items = [[(q.task, prompts.suffix(q.text), prompts.answer(q.answer)) for q in questions[:4]]]
+    batch = train.pack(prompts, items)
+    model = vlm.model
+    with torch.no_grad():
+        packed = train.forward_packed(model, prompts, video.tokens.float(), batch)
+        for k, q in enumerate(questions[:4]):
+            chat = Chat(vlm, video)
+            ids = chat._ids([{"role": "user", "text": q.text}])
+            assert ids == prompts.prefix + prompts.suffix(q.text)  # training prompts are the pack's own
+            embeds = model.get_input_embeddings()(torch.tensor([ids]))
+            embeds[0, prompts.image_positions] = chat.visual
+            alone = model(inputs_embeds=embeds).logits[0, -1]
+            assert torch.allclose(packed[2 * k], alone, atol=1e-4)
+    # the loss sees only the answers and their ends of turn
+    assert batch["target"].tolist() == [t for _task, _s, a in items[0] for t in (a, prompts.eos)]
+
+
+def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_path, clip_factory, capsys):
+    folder = train.build_probe(cache=tmp_path, settings=TINY, tower=tiny_tower, photos=_photos())
+    assert folder == str(train.probe_folder(tmp_path)) and train.find_probe(tmp_path) == folder
+    record = json.loads((tmp_path / train.FOLDER / "PROBE.json").read_text())
+    assert record["format"] == train.FORMAT and record["settings"]["train_images"] == 48
+    assert set(record["validation"]["per_task"]) == set(scenes.TASKS)
+    assert not list(tmp_path.glob(".visionzip-probe-*"))  # no staging folder left behind
+    vlm = load_vlm(folder, dtype="float32")
+    assert vlm.family.model_type == "llava" and vlm.video_encoder().tokens_per_image == 257
+    world = scenes.World(_photos(), 9)
+    scene, q = world.item("colour")
+    video = train.one_image_video(vlm, vlm.video_encoder(), world.make(scene))
+    text = Chat(vlm, video).ask(q.text, GenerationConfig(max_new_tokens=2))
+    assert isinstance(text, str)
+    # built again: reused, not retrained
+    assert train.build_probe(cache=tmp_path, settings=TINY, tower=tiny_tower, photos=_photos()) == folder
+    clip = clip_factory("probe.mp4", frames=4)
+    assert main(["ask", clip, "What is the background?", "--model", folder, "--max-new-tokens", "2",
+                 "--frames", "2"]) == 0
+    assert "visual tokens in the prompt" in capsys.readouterr().out
