@@ -34,20 +34,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from comfy_visionzip import load_vlm  # noqa: E402
+from comfy_visionzip import EncodedImages, Temporal, load_vlm, split_tokens  # noqa: E402
+from comfy_visionzip.pipeline import compress_encoded, label_tokens  # noqa: E402
 from comfy_visionzip.probe import fidelity, footage, scenes  # noqa: E402
 from comfy_visionzip.probe.train import find_probe  # noqa: E402
+from comfy_visionzip.temporal import fit  # noqa: E402
 
 HEADLINE = 0.95  # a task is in the headline when full-token accuracy >= 95% of its ceiling
 
 
-def run(args: argparse.Namespace) -> dict:
-    folder = find_probe()
-    if folder is None:
-        sys.exit("no probe model: run `python -m comfy_visionzip train-probe` first")
-    torch.manual_seed(0)
-    vlm = load_vlm(folder, device="cpu", dtype="float32")
-    encoder = vlm.video_encoder()
+def run_images(args: argparse.Namespace, vlm, encoder, folder: str) -> dict:
     photos, clips = footage.test_photos(every=2)
     ks = [int(k) for k in args.ks.split(",")]
     conditions = ["full"] + [f"{m}@{k}" for k in ks for m in args.conditions.split(",")]
@@ -80,6 +76,94 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{done}/{len(items)} questions, {elapsed:.0f} s, about {elapsed / done * (len(items) - done):.0f} s "
                   "left", flush=True)
     return summarise(rows, conditions, tasks, ks, clips, args, seconds, time.perf_counter() - started, folder)
+
+
+VIDEO_CONDITIONS = {  # name -> (frames, method, tokens per frame, temporal budget)
+    "8 x full": (8, "full", None, None),
+    "80 x visionzip 25": (80, "visionzip", 25, None),
+    "80 x visionzip 64 + temporal": (80, "visionzip", 64, fidelity.VIDEO_BUDGET),
+    "80 x pool 25": (80, "pool", 25, None),
+    "80 x uniform 25": (80, "uniform", 25, None),
+}
+
+
+def stack(parts: list[EncodedImages]) -> EncodedImages:
+    return EncodedImages(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
+                         torch.cat([p.keys for p in parts]), parts[0].cls_token, parts[0].grid, 1,
+                         meta=dict(parts[0].meta))
+
+
+def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
+    """8 full frames against 80 compressed ones at one budget of visual tokens, on the event questions."""
+    sequences = fidelity.backgrounds(clips, args.seed)
+    frames_of = {}
+    for n, (_name, seq) in enumerate(sequences):
+        images = torch.from_numpy(np.stack([np.clip(f + 0.5, 0, 255).astype(np.uint8) for f in seq]))
+        encoded = encoder.encode(images, batch_size=args.batch)
+        frames_of[n] = [fidelity.single(encoded, t) for t in range(len(seq))]
+    items = fidelity.video_items(args.videos, len(sequences), args.seed)
+    rows = []
+    started = time.perf_counter()
+    width = encoder.width
+    with (Path(args.out) / "fidelity_video_answers.jsonl").open("w") as out:
+        for v, item in enumerate(items):
+            shown = fidelity.event_frames(item, sequences[item.background][1], seed=v)
+            seconds = sorted(shown)
+            encoded = encoder.encode(torch.from_numpy(np.stack([shown[t] for t in seconds])), batch_size=args.batch)
+            frames = list(frames_of[item.background])
+            for j, t in enumerate(seconds):
+                frames[t] = fidelity.single(encoded, j)
+            said: dict[str, dict[str, str]] = {}
+            for name, (count, method, k, budget) in VIDEO_CONDITIONS.items():
+                picked = fidelity.full_frames(count) if count < fidelity.VIDEO_SECONDS else \
+                    list(range(fidelity.VIDEO_SECONDS))
+                video_in = stack([frames[t] for t in picked])
+                video_in.timestamps, video_in.indices = [float(t) for t in picked], list(picked)
+                if method == "full":
+                    video = compress_encoded(encoder, video_in, dominant=0, contextual=0, method="full",
+                                             keep_maps=False)
+                else:
+                    dominant, contextual = split_tokens(k)
+                    video = compress_encoded(encoder, video_in, dominant=dominant, contextual=contextual,
+                                             method=method, keep_maps=False)
+                    if budget is not None:
+                        video = fit(video, Temporal(), budget, width=width)
+                label_tokens(vlm, video)
+                said[name] = {"tokens": int(video.total_tokens),
+                              **{q.task: fidelity.ask(vlm, video, q.text) for q in (item.when, item.order)}}
+            row = {"background": sequences[item.background][0], "when": [item.when.text, item.when.answer],
+                   "order": [item.order.text, item.order.answer], "said": said}
+            rows.append(row)
+            out.write(json.dumps(row) + "\n")
+            if (v + 1) % 20 == 0 or v + 1 == len(items):
+                elapsed = time.perf_counter() - started
+                print(f"video {v + 1}/{len(items)}, {elapsed:.0f} s, about "
+                      f"{elapsed / (v + 1) * (len(items) - v - 1):.0f} s left", flush=True)
+    return summarise_video(rows, [name for name, _seq in sequences], args)
+
+
+def summarise_video(rows: list[dict], sequences: list[str], args: argparse.Namespace) -> dict:
+    rng = np.random.default_rng(54321)
+    boot = rng.integers(0, len(rows), (args.boot, len(rows)))
+    right = {name: {"when": np.array([fidelity.when_right(r["said"][name]["when"], r["when"][1]) for r in rows],
+                                     dtype=float),
+                    "order": np.array([r["said"][name]["order"] == r["order"][1] for r in rows], dtype=float)}
+             for name in VIDEO_CONDITIONS}
+    spans = [int(r["when"][1].split("-")[1]) - int(r["when"][1].split("-")[0]) + 1 for r in rows]
+    chance = {"when": float(np.mean(spans)) / fidelity.VIDEO_SECONDS, "order": 0.5}
+    table = {}
+    for name in VIDEO_CONDITIONS:
+        entry = {"visual_tokens": [int(np.min([r["said"][name]["tokens"] for r in rows])),
+                                   int(np.max([r["said"][name]["tokens"] for r in rows]))]}
+        for task in ("when", "order"):
+            acc_b = right[name][task][boot].mean(1)
+            entry[task] = [round(float(right[name][task].mean()), 4),
+                           *np.round(np.percentile(acc_b, [2.5, 97.5]), 4).tolist()]
+        table[name] = entry
+    return {"videos": len(rows), "seconds_per_video": fidelity.VIDEO_SECONDS, "budget": fidelity.VIDEO_BUDGET,
+            "backgrounds": sequences, "chance": chance, "table": table,
+            "note": "when: right if the number said is a second the object is visible; order: which of the two "
+                    "named colours comes first"}
 
 
 def summarise(rows: list[dict], conditions: list[str], tasks: list[str], ks: list[int], clips: list[str],
@@ -184,7 +268,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-task", type=int, default=1000)
+    parser.add_argument("--per-task", type=int, default=1000, help="image questions per task (0: none)")
+    parser.add_argument("--videos", type=int, default=1000, help="test videos, a when and an order question each "
+                                                                   "(0: none)")
     parser.add_argument("--ks", default="25,49,81")
     parser.add_argument("--conditions", default=",".join(fidelity.CONDITIONS))
     parser.add_argument("--tasks", default=",".join(scenes.TASKS))
@@ -194,12 +280,40 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run(args)
+    folder = find_probe()
+    if folder is None:
+        sys.exit("no probe model: run `python -m comfy_visionzip train-probe` first")
+    torch.manual_seed(0)
+    vlm = load_vlm(folder, device="cpu", dtype="float32")
+    encoder = vlm.video_encoder()
     out = Path(args.out)
-    (out / "fidelity.json").write_text(json.dumps(result, indent=2))
-    (out / "fidelity.md").write_text(markdown(result))
-    plot(result, out / "fidelity.png")
-    print(markdown(result))
+    if args.videos:
+        video = run_video(args, vlm, encoder, footage.test_clips())
+        video["command"] = "python bench/bench_fidelity.py " + " ".join(sys.argv[1:])
+        (out / "fidelity_video.json").write_text(json.dumps(video, indent=2))
+        (out / "fidelity_video.md").write_text(video_markdown(video))
+        print(video_markdown(video))
+    if args.per_task:
+        result = run_images(args, vlm, encoder, folder)
+        (out / "fidelity.json").write_text(json.dumps(result, indent=2))
+        (out / "fidelity.md").write_text(markdown(result))
+        plot(result, out / "fidelity.png")
+        print(markdown(result))
+
+
+def video_markdown(result: dict) -> str:
+    out = ["# Fidelity on video: 8 full frames against 80 compressed frames at one budget\n",
+           f"`{result['command']}` ({result['videos']} videos of {result['seconds_per_video']} s, one frame per "
+           f"second; backgrounds {', '.join(result['backgrounds'])}; budget about {result['budget']} visual tokens; "
+           f"chance: when {result['chance']['when']:.3f}, order {result['chance']['order']:.2f})\n",
+           "| condition | visual tokens | when does X appear [95% CI] | which comes first [95% CI] |",
+           "|---|---|---|---|"]
+    for name, e in result["table"].items():
+        lo, hi = e["visual_tokens"]
+        tokens = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        out.append(f"| {name} | {tokens} | {e['when'][0]:.3f} [{e['when'][1]:.3f}, {e['when'][2]:.3f}] | "
+                   f"{e['order'][0]:.3f} [{e['order'][1]:.3f}, {e['order'][2]:.3f}] |")
+    return "\n".join(out) + "\n\n" + result["note"] + "\n"
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from PIL import Image as PILImage
 
 from .answer import Chat, GenerationConfig, Turn
 from .errors import VisionZipError
 from .models import VisionLanguageModel
 from .pipeline import compress_encoded, compress_video
+from .probe.scenes import Thing, draw
+from .probe.train import find_probe
 from .testing.synthetic import make_clip, read_frame_number
 from .testing.tiny import build_tiny
 from .tokens import CompressedVideo, kept_count
@@ -101,6 +104,7 @@ def run_demo(out: str | Path, say: Say) -> int:
     else:
         say("\n(real-world clip ../shared/media/flipping_a_pancake.mkv not found; skipped)")
     _demo_real_attention(say, str(real) if real is not None else generated_fallback(out_dir), out_dir)
+    _demo_probe(say, str(real) if real is not None else generated_fallback(out_dir), out_dir)
     say(f"\ndone in {time.perf_counter() - t0:.1f} s; outputs in {out_dir.resolve()}")
     return 0
 
@@ -197,3 +201,42 @@ def _demo_real_attention(say: Say, clip_path: str, out_dir: Path) -> None:
     say(f"\nreal pretrained DINOv2-S/14 ({folder}): on {Path(clip_path).name} the top 5% of patches "
           f"hold {top:.2f} of "
           f"the select layer's CLS attention (summed over heads); VisionZip keeps 22 + 4 of 257 tokens -> {target}")
+
+
+PROBE_QUESTIONS = (("What color is the triangle?", "red"), ("What shape is the blue object?", "circle"),
+                   ("How many objects are there?", "2"), ("Is the red object left of the blue object?", "yes"),
+                   ("Is there a yellow square?", "no"))
+
+
+def _demo_probe(say: Say, clip_path: str, out_dir: Path) -> None:
+    """The probe model (a small LLaVA trained here on the real DINOv2) answering about a frame of the clip with a
+    red triangle and a blue circle pasted on it, with full tokens and with VisionZip's 64, beside a random model."""
+    folder = find_probe()
+    if folder is None:
+        say("\nprobe model: not built, so every answer above comes from random weights "
+            "(python -m comfy_visionzip train-probe trains a small LLaVA on the real DINOv2 that answers questions "
+            "about shapes, in about 25 minutes on 2 CPU cores; then the demo asks it)")
+        return
+    frame = sample_video(clip_path, num_frames=1).frames[0].numpy()
+    h, w = frame.shape[:2]
+    side = min(h, w)
+    square = frame[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side]
+    base = np.asarray(PILImage.fromarray(square).resize((224, 224), PILImage.Resampling.BICUBIC), np.float32)
+    things = [Thing("red", "triangle", "large", 44, 40, 90), Thing("blue", "circle", "medium", 34, 150, 60)]
+    picture = np.clip(draw(base, things, np.random.default_rng(0)) + 0.5, 0, 255).astype(np.uint8)
+    path = save_png(picture, out_dir / "probe_question.png")
+    vlm = load_vlm(folder, device="cpu", dtype="fp32")
+    say(f"\nthe probe model ({Path(folder).name}: LLaVA-1.5 on the real DINOv2-S/14, trained by train-probe) about a "
+        f"frame of {Path(clip_path).name} with a red triangle and a blue circle pasted on it -> {path}")
+    with tempfile.TemporaryDirectory() as tmp:
+        random_vlm = load_vlm(build_tiny("llava", os.path.join(tmp, "tiny-llava"), image_size=112, patch=14),
+                              device="cpu")
+        random_video = compress_video(random_vlm, str(path), num_frames=1, dominant=14, contextual=3)
+        nonsense = Chat(random_vlm, random_video).ask(PROBE_QUESTIONS[0][0], GenerationConfig(max_new_tokens=4))
+    videos = {name: compress_video(vlm, str(path), num_frames=1, dominant=d, contextual=c, method=m)
+              for name, m, d, c in (("full (256)", "full", 0, 0), ("visionzip (54+10)", "visionzip", 54, 10))}
+    for question, truth in PROBE_QUESTIONS:
+        said = {name: Chat(vlm, v).ask(question, GenerationConfig(max_new_tokens=3)).strip()
+                for name, v in videos.items()}
+        say(f"  {question:<44} " + ", ".join(f"{name}: {a!r}" for name, a in said.items()) + f"  (true: {truth})")
+    say(f"  the random tiny LLaVA of the pipeline above, asked {PROBE_QUESTIONS[0][0]!r}: {nonsense.strip()!r}")

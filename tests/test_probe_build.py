@@ -4,6 +4,7 @@ a tiny build goes end to end into a checkpoint the real loader and `ask` accept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -139,21 +140,34 @@ def test_packed_questions_give_the_logits_of_separate_prompts(tiny_tower, tmp_pa
     prompts = train.Prompts(Chat(vlm, video))
     features = train.encode_images(encoder, [image])
     assert torch.allclose(features.float(), video.tokens.float(), atol=2e-3)
-    items = [[(q.task, prompts.suffix(q.text), prompts.answer(q.answer)) for q in questions[:4]]]
+    still = (0.0, 5.0, 10.0)
+    items = [prompts.item((0,), (0.0,), questions[:4]), prompts.item((0, 0, 0), still, questions[1:3])]
     batch = train.pack(prompts, items)
     model = vlm.model
     with torch.no_grad():
-        packed = train.forward_packed(model, prompts, video.tokens.float(), batch)
+        packed = train.forward_packed(model, video.tokens.float(), batch)
         for k, q in enumerate(questions[:4]):
             chat = Chat(vlm, video)
             ids = chat._ids([{"role": "user", "text": q.text}])
-            assert ids == prompts.prefix + prompts.suffix(q.text)  # training prompts are the pack's own
+            assert ids == prompts.prefix + list(prompts.suffix(q.text))  # training prompts are the pack's own
             embeds = model.get_input_embeddings()(torch.tensor([ids]))
             embeds[0, prompts.image_positions] = chat.visual
             alone = model(inputs_embeds=embeds).logits[0, -1]
             assert torch.allclose(packed[2 * k], alone, atol=1e-4)
+        # three frames of a still video at 0, 5 and 10 s: the frames' labels and placeholders as Chat renders them
+        prefix, visual = prompts.prefix_for(still)
+        assert len(visual) == 3 * 256 and len(prefix) > 3 * 256 + 3 * 5
+        for k, q in enumerate(questions[1:3]):
+            ids = prefix + list(prompts.suffix(q.text))
+            assert ids == prompts.ids(still, q.text)
+            embeds = model.get_input_embeddings()(torch.tensor([ids]))
+            embeds[0, visual] = train._part(model, "multi_modal_projector")(video.tokens.float()).repeat(3, 1, 1) \
+                .flatten(0, 1)
+            alone = model(inputs_embeds=embeds).logits[0, -1]
+            assert torch.allclose(packed[8 + 2 * k], alone, atol=1e-4)
     # the loss sees only the answers and their ends of turn
-    assert batch["target"].tolist() == [t for _task, _s, a in items[0] for t in (a, prompts.eos)]
+    assert batch["target"].tolist() == [t for item in items for _task, _s, a in item.questions
+                                        for t in (a, prompts.eos)]
 
 
 def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_path, clip_factory, capsys):
@@ -162,7 +176,8 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     record = json.loads((tmp_path / train.FOLDER / "PROBE.json").read_text())
     assert record["format"] == train.FORMAT and record["settings"]["train_images"] == 48
     assert set(record["validation"]["per_task"]) == set(scenes.TASKS)
-    assert not list(tmp_path.glob(".visionzip-probe-*"))  # no staging folder left behind
+    assert not [p for p in tmp_path.glob(".visionzip-probe-*") if p.is_dir()]  # no staging folder left behind
+    assert len(list(tmp_path.glob(".visionzip-probe-*-features-*.safetensors"))) == 1  # the tower's features, kept
     vlm = load_vlm(folder, dtype="float32")
     assert vlm.family.model_type == "llava" and vlm.video_encoder().tokens_per_image == 257
     world = scenes.World(_photos(), 9)
@@ -170,9 +185,46 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     video = train.one_image_video(vlm, vlm.video_encoder(), world.make(scene))
     text = Chat(vlm, video).ask(q.text, GenerationConfig(max_new_tokens=2))
     assert isinstance(text, str)
-    # built again: reused, not retrained
+    # built again: reused, not retrained; trained again with other training settings: the features are reused
     assert train.build_probe(cache=tmp_path, settings=TINY, tower=tiny_tower, photos=_photos()) == folder
+    said = []
+    other = dataclasses.replace(TINY, lr=1e-3)
+    train.build_probe(cache=tmp_path, settings=other, tower=tiny_tower, photos=_photos(), force=True, say=said.append)
+    assert any("reused from" in line for line in said) and not any("encoding" in line for line in said)
     clip = clip_factory("probe.mp4", frames=4)
     assert main(["ask", clip, "What is the background?", "--model", folder, "--max-new-tokens", "2",
                  "--frames", "2"]) == 0
     assert "visual tokens in the prompt" in capsys.readouterr().out
+
+
+def test_slideshow_video_questions_are_true_for_their_frames():
+    world = scenes.World(_photos(), 5)
+    made = [world.training_scene()[0] for _ in range(300)]
+    shows = train.Slideshows(made)
+    tok = train.make_probe_tokenizer()
+
+    class FakePrompts:  # the answer ids are the words themselves here
+        def item(self, frames, times, questions):
+            return train.Item(frames, times, tuple((q.task, (), q) for q in questions))
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        count = int(rng.integers(3, 9))
+        item = shows.item(FakePrompts(), count, rng)
+        (task, _suffix, q), = item.questions
+        seen.add(task)
+        assert len(item.frames) == len(item.times) == count and tok.unk_token_id not in tok(q.answer)["input_ids"]
+        things = [made[f].things for f in item.frames]
+        if task == "when":
+            colour, shape = q.text.split()[3:5]
+            showing = [k for k, ts in enumerate(things) if any((t.colour, t.shape) == (colour, shape) for t in ts)]
+            assert len(showing) == 1 and q.answer == str(int(item.times[showing[0]]))
+        else:
+            words = q.text.replace(",", "").rstrip("?").split()
+            c1, c2 = words[4], words[8]
+            first = [k for k, ts in enumerate(things) if any(t.colour == c1 for t in ts)]
+            second = [k for k, ts in enumerate(things) if any(t.colour == c2 for t in ts)]
+            assert len(first) == len(second) == 1 and first != second
+            assert q.answer == (c1 if first[0] < second[0] else c2)
+    assert seen == {"when", "order"}

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..answer import Chat, GenerationConfig
 from ..encoded import EncodedImages
@@ -35,7 +38,7 @@ from ..models.base import VisionLanguageModel
 from ..pipeline import compress_encoded, label_tokens
 from ..tokens import CompressedVideo
 from ..zip import split_tokens
-from . import scenes
+from . import footage, scenes
 
 CONDITIONS = ("visionzip", "dominant", "pool", "uniform", "random", "dominant+grid")
 TEST_SEED = 20_000  # test scenes come from this seed stream (training: the build seed, validation: +10000)
@@ -137,3 +140,102 @@ def ask(vlm: VisionLanguageModel, video: CompressedVideo, question: str) -> str:
     """The probe's answer word to ``question`` about ``video``, through Chat (greedy)."""
     chat = Chat(vlm, video)
     return parse(chat.ask(question, ANSWER))
+
+
+# ------------------------------------------------------------------------------------------- video
+
+VIDEO_SECONDS = 80  # test videos: 80 frames, one per second
+VIDEO_BUDGET = 2048  # visual tokens: 8 frames x 256 full tokens
+
+
+@dataclass(frozen=True)
+class Event:
+    """An object shown, in one place, from second ``start`` for ``duration`` seconds."""
+
+    thing: scenes.Thing
+    start: int
+    duration: int
+
+    def covers(self, second: int) -> bool:
+        return self.start <= second < self.start + self.duration
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """A test video (a background sequence and two events) and its two questions: when the first event's object
+    appears (right: any second it is visible) and which of the two comes first."""
+
+    background: int
+    events: tuple[Event, Event]
+    when: scenes.Question
+    order: scenes.Question
+
+
+def backgrounds(clips: Sequence[str], seed: int = 0) -> list[tuple[str, list[np.ndarray]]]:
+    """80-frame background sequences: each test clip's frames spread over 80 seconds (centre square, 224 px), and
+    two generated ones, drifting stripes and clouds fading into other clouds."""
+    rng = np.random.default_rng(TEST_SEED + 7 + seed)
+    out = []
+    for clip in clips:
+        frames = [f for _name, f in footage.frames_of(clip)]
+        picks = [round(t * (len(frames) - 1) / (VIDEO_SECONDS - 1)) for t in range(VIDEO_SECONDS)]
+        out.append((os.path.basename(clip), [_square(frames[i]) for i in picks]))
+    wide = scenes.texture("stripes", rng, width=scenes.SIZE + 2 * VIDEO_SECONDS)
+    out.append(("stripes", [wide[:, 2 * t: 2 * t + scenes.SIZE] for t in range(VIDEO_SECONDS)]))
+    a, b = scenes.texture("clouds", rng), scenes.texture("clouds", rng)
+    out.append(("clouds", [a + (b - a) * (t / (VIDEO_SECONDS - 1)) for t in range(VIDEO_SECONDS)]))
+    return out
+
+
+def _square(frame: np.ndarray) -> np.ndarray:
+    h, w = frame.shape[:2]
+    side = min(h, w)
+    crop = frame[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side]
+    return np.asarray(Image.fromarray(crop).resize((scenes.SIZE, scenes.SIZE), Image.Resampling.BILINEAR),
+                      np.float32)
+
+
+def video_items(count: int, sequences: int, seed: int = 0) -> list[VideoItem]:
+    """``count`` test videos: two events of different colours and shapes (2-4 s each, medium or large objects,
+    at least 3 s apart), on background sequences in turn; balanced: the asked object comes first half the time."""
+    rng = np.random.default_rng(TEST_SEED + 11 + seed)
+    out: list[VideoItem] = []
+    while len(out) < count:
+        c1, c2 = (str(c) for c in rng.permutation(list(scenes.COLOURS))[:2])
+        s1, s2 = (str(s) for s in rng.permutation(list(scenes.SHAPES))[:2])
+        d1, d2 = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+        a = int(rng.integers(0, VIDEO_SECONDS - d1))
+        b = int(rng.integers(0, VIDEO_SECONDS - d2))
+        if not (a + d1 + 3 <= b or b + d2 + 3 <= a):
+            continue
+        things: list[scenes.Thing] = []
+        one = scenes.place(things, c1, s1, str(rng.choice(["medium", "large"])), rng)
+        two = scenes.place(things, c2, s2, str(rng.choice(["medium", "large"])), rng)
+        if one is None or two is None:
+            continue
+        named = (c1, c2) if rng.uniform() < 0.5 else (c2, c1)
+        out.append(VideoItem(len(out) % sequences, (Event(one, a, d1), Event(two, b, d2)),
+                             scenes.Question("when", scenes.when_question(c1, s1), f"{a}-{a + d1 - 1}"),
+                             scenes.Question("order", scenes.order_question(*named), c1 if a < b else c2)))
+    return out
+
+
+def event_frames(item: VideoItem, sequence: list[np.ndarray], seed: int = 0) -> dict[int, np.ndarray]:
+    """The frames of ``item`` that show an object (second -> uint8 picture); the others are the background's."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for event in item.events:
+        for t in range(event.start, event.start + event.duration):
+            out[t] = np.clip(scenes.draw(sequence[t], [event.thing], rng) + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def when_right(said: str, answer: str) -> bool:
+    """A "when" answer is right when its number is a second the object is visible (answer "a-b": seconds a..b)."""
+    low, high = (int(x) for x in answer.split("-"))
+    return said.isdigit() and low <= int(said) <= high
+
+
+def full_frames(count: int = 8) -> list[int]:
+    """The seconds ``count`` evenly spread frames take from the video (the middle of each equal part)."""
+    return [int((k + 0.5) * VIDEO_SECONDS / count) for k in range(count)]

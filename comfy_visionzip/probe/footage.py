@@ -92,8 +92,14 @@ def training_photos(cache: str | os.PathLike[str] | None = None, every: int = 2)
 def test_photos(cache: str | os.PathLike[str] | None = None, every: int = 2,
                 shared: bool = True) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
     """Test backgrounds (never in training) and the clips they came from."""
+    names = test_clips(cache, shared)
+    return [f for n in names for f in frames_of(n, every)], [os.path.basename(n) for n in names]
+
+
+def test_clips(cache: str | os.PathLike[str] | None = None, shared: bool = True) -> list[str]:
+    """The test clips' paths (never in training): carphone, and the clip in ../shared/media where it is."""
     folder = fetch_clips(cache=cache)
     names = [str(folder / c) for c in TEST_CLIPS]
     if shared and SHARED_CLIP.is_file():
         names.append(str(SHARED_CLIP))
-    return [f for n in names for f in frames_of(n, every)], [os.path.basename(n) for n in names]
+    return names

@@ -47,11 +47,14 @@ KINDS = ("photo", "stripes", "checks", "clouds")
 LIGHT = ("dark", "bright")
 COUNTS = ("0", "1", "2", "3", "4")
 TASKS = ("colour", "shape", "count", "presence", "relation", "scene", "brightness")
+VIDEO_TASKS = ("when", "order")
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "presence": ("yes", "no"),
     "relation": ("yes", "no"), "scene": KINDS, "brightness": LIGHT,
+    "order": tuple(COLOURS),  # of the two colours the question names
 }
 CHANCE = {task: 1 / len(answers) for task, answers in ANSWERS.items()}
+CHANCE["order"] = 1 / 2  # the question names the two candidates
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,9 @@ def _mix(rng: np.random.Generator) -> np.ndarray:
     return c * rng.uniform(0.3, 0.7) + 128 * (1 - rng.uniform(0.3, 0.7))
 
 
-def texture(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A float (SIZE, SIZE, 3) background of a generated kind in 0..255."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+def texture(kind: str, rng: np.random.Generator, width: int = SIZE) -> np.ndarray:
+    """A float (SIZE, width, 3) background of a generated kind in 0..255."""
+    yy, xx = np.mgrid[0:SIZE, 0:width].astype(np.float32)
     a, b = _mix(rng), _mix(rng)
     if kind == "stripes":
         angle = rng.uniform(0, math.pi)
@@ -110,11 +113,11 @@ def texture(kind: str, rng: np.random.Generator) -> np.ndarray:
         v = -xx * math.sin(angle) + yy * math.cos(angle)
         t = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
     elif kind == "clouds":
-        t = np.zeros((SIZE, SIZE), np.float32)
+        t = np.zeros((SIZE, width), np.float32)
         for octave in range(3):
             n = int(rng.integers(3, 7)) * 2 ** octave
-            grid = rng.uniform(0, 1, (n, n)).astype(np.float32)
-            up = np.asarray(Image.fromarray(grid).resize((SIZE, SIZE), Image.Resampling.BICUBIC), np.float32)
+            grid = rng.uniform(0, 1, (n, n * width // SIZE)).astype(np.float32)
+            up = np.asarray(Image.fromarray(grid).resize((width, SIZE), Image.Resampling.BICUBIC), np.float32)
             t += up / 2 ** octave
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     else:
@@ -361,10 +364,19 @@ def questions_about(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return out
 
 
+def when_question(colour: str, shape: str) -> str:
+    return f"When does the {colour} {shape} appear?"
+
+
+def order_question(first: str, second: str) -> str:
+    return f"Which comes first, the {first} object or the {second} object?"
+
+
 def vocabulary() -> list[str]:
     """Every word the questions and answers use (the probe tokenizer's vocabulary adds the template's)."""
     words = {"What", "color", "is", "the", "?", "shape", "object", "How", "many", "objects", "are", "there", "Is",
-             "a", "left", "of", "above", "background", "picture", "dark", "or", "bright"}
+             "a", "left", "of", "above", "background", "picture", "dark", "or", "bright", "When", "does", "appear",
+             "Which", "comes", "first", ","}
     for answers in ANSWERS.values():
         words.update(answers)
     words.update(COLOURS)

@@ -23,6 +23,9 @@ How it trains, and why it fits a laptop CPU:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -39,9 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 import transformers as tf
+from safetensors.torch import load_file, save_file
 
 from ..answer import Chat
 from ..errors import VisionZipError
+from ..models.base import PromptVideo
 from ..pipeline import compress_frames, label_tokens
 from ..testing.tiny import CHAT_TEMPLATE, make_tokenizer, save_checkpoint
 from ..vlm import load_vlm
@@ -52,10 +57,12 @@ log = logging.getLogger(__name__)
 
 FOLDER = "visionzip-probe-llava-dinov2"
 FORMAT = "comfyui-visionzip/probe/1"
-PREPROCESSOR = {  # the whole picture squashed to 224 x 224 (no crop: an object at the border stays in view)
-    "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"height": 224, "width": 224},
-    "resample": 3, "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+PREPROCESSOR = {  # as LLaVA-1.5's CLIP: shortest side to 224, centre crop 224 (shapes keep their proportions; a wide
+    # frame loses its sides). The training pictures are 224 x 224, which this leaves as they are.
+    "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+    "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
 }
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":", "frame", "at", "s", ".", ",", "When", "does", "appear", "Which", "comes",
@@ -69,15 +76,19 @@ class Settings:
     seed: int = 0
     train_images: int = 6000
     val_per_task: int = 60
-    epochs: int = 3
+    epochs: int = 4
     batch: int = 16
-    questions: int = 8  # per image per step, at most
-    lr: float = 1e-3
+    questions: int = 16  # per image per step, at most
+    lr: float = 2e-3
     hidden: int = 192
-    layers: int = 3
+    layers: int = 4
     heads: int = 4
     intermediate: int = 512
     photo_every: int = 2  # every 2nd frame of the training clips is a background
+    still_share: float = 0.1  # items shown as a still video of 2-3 frames
+    video_share: float = 0.1  # items that are a video question about a slideshow of training pictures
+    video_frames: tuple[int, int] = (3, 6)  # frames of a slideshow, at least and at most
+    precision: str = "bf16"  # matrix products while encoding and training: bf16 (autocast) or fp32
 
 
 def probe_folder(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
@@ -126,36 +137,51 @@ def _part(model: Any, name: str) -> Any:
 # ------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class Batchable:
-    """Images as cached tower features and their questions as token ids."""
+@dataclass(frozen=True)
+class Item:
+    """One training sequence: frames (indices into the cached features) shown at ``times``, and questions about
+    them as (task, question's prompt ids, answer id)."""
 
-    features: torch.Tensor  # (N, K, D) float16: what the projector gets for each image (full tokens)
-    questions: list[list[tuple[str, list[int], int]]]  # per image: (task, prompt suffix ids, answer id)
+    frames: tuple[int, ...]
+    times: tuple[float, ...]
+    questions: tuple[tuple[str, tuple[int, ...], int], ...]
 
 
 class Prompts:
-    """The pack's own prompt for one image and a question, split into the shared part (up to the last visual
-    token) and the question's part; token ids of answers."""
+    """The pack's own prompts (the checkpoint's chat template through :class:`~comfy_visionzip.prompt.PromptBuilder`,
+    frame time labels, one placeholder per visual token), split into the visual part (up to the last visual token)
+    and the question's part; token ids of answers."""
 
     def __init__(self, chat: Any) -> None:
         self.chat = chat
+        self.builder = chat.prompt
         self.tokenizer = chat.vlm.tokenizer
-        ids = chat._ids([{"role": "user", "text": "What is the background?"}])
-        token = chat.prompt.token_id
-        last = max(i for i, t in enumerate(ids) if t == token)
-        self.prefix = ids[: last + 1]
-        self.image_positions = [i for i, t in enumerate(self.prefix) if t == token]
-        self._suffix: dict[str, list[int]] = {}
+        self.per_frame = int(chat.video.tokens_per_frame)
+        self.token = int(self.builder.token_id)
+        self.prefix, self.image_positions = self.prefix_for((0.0,))
+        self._suffix: dict[str, tuple[int, ...]] = {}
         self.eos = int(self.tokenizer.eos_token_id)
 
-    def suffix(self, question: str) -> list[int]:
+    def ids(self, times: tuple[float, ...], question: str) -> list[int]:
+        video = PromptVideo(len(times), len(times) * self.per_frame, times)
+        return list(self.builder.ids(video, [{"role": "user", "text": question}]))
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Prompts per build, a few hundred distinct time lists
+    def prefix_for(self, times: tuple[float, ...]) -> tuple[list[int], list[int]]:
+        """(prompt ids up to the last visual token, the visual tokens' positions) for frames at ``times``."""
+        ids = self.ids(times, "What is the background?")
+        last = max(i for i, t in enumerate(ids) if t == self.token)
+        prefix = ids[: last + 1]
+        return prefix, [i for i, t in enumerate(prefix) if t == self.token]
+
+    def suffix(self, question: str) -> tuple[int, ...]:
+        """The question's part of the prompt (the same after any number of frames)."""
         if question not in self._suffix:
-            ids = self.chat._ids([{"role": "user", "text": question}])
+            ids = self.ids((0.0,), question)
             if ids[: len(self.prefix)] != self.prefix:
                 raise VisionZipError("the chat template puts the question before the image; the probe cannot share "
                                      "the image between questions")
-            self._suffix[question] = ids[len(self.prefix):]
+            self._suffix[question] = tuple(ids[len(self.prefix):])
         return self._suffix[question]
 
     def answer(self, word: str) -> int:
@@ -164,16 +190,23 @@ class Prompts:
             raise VisionZipError(f"answer {word!r} is not one word of the probe's vocabulary")
         return int(ids[0])
 
+    def item(self, frames: tuple[int, ...], times: tuple[float, ...], questions: list[scenes.Question]) -> Item:
+        return Item(frames, times, tuple((q.task, self.suffix(q.text), self.answer(q.answer)) for q in questions))
 
-def pack(prompts: Prompts, items: list[list[tuple[str, list[int], int]]]) -> dict[str, torch.Tensor]:
-    """Sequences of [image prompt, q1 + answer + eos, q2 + answer + eos, ...] with positions restarting after the
-    image for each question and a mask letting each question see the image and itself only."""
-    P = len(prompts.prefix)
+
+def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
+    """Sequences of [frames' prompt, q1 + answer + eos, q2 + answer + eos, ...] with positions restarting after the
+    frames for each question and a mask letting each question see the frames and itself only."""
     rows = []
-    for questions in items:
-        ids, pos, seg, tgt_at, tgt = list(prompts.prefix), list(range(P)), [0] * P, [], []
-        for k, (_task, suffix, answer) in enumerate(questions, start=1):
-            part = suffix + [answer, prompts.eos]
+    img_rows: list[int] = []
+    img_cols: list[int] = []
+    frames: list[int] = []
+    for b, item in enumerate(items):
+        prefix, visual = prompts.prefix_for(item.times)
+        P = len(prefix)
+        ids, pos, seg, tgt_at, tgt = list(prefix), list(range(P)), [0] * P, [], []
+        for k, (_task, suffix, answer) in enumerate(item.questions, start=1):
+            part = [*suffix, answer, prompts.eos]
             start = len(ids)
             ids += part
             pos += list(range(P, P + len(part)))
@@ -182,6 +215,9 @@ def pack(prompts: Prompts, items: list[list[tuple[str, list[int], int]]]) -> dic
             tgt_at += [start + len(suffix) - 1, start + len(suffix)]
             tgt += [answer, prompts.eos]
         rows.append((ids, pos, seg, tgt_at, tgt))
+        img_rows += [b] * len(visual)
+        img_cols += visual
+        frames += item.frames
     L = max(len(r[0]) for r in rows)
     B = len(rows)
     ids_t = torch.full((B, L), int(prompts.tokenizer.pad_token_id), dtype=torch.long)
@@ -201,18 +237,18 @@ def pack(prompts: Prompts, items: list[list[tuple[str, list[int], int]]]) -> dic
     allowed = causal[None] & same & (seg_t[:, None, :] >= 0)
     allowed |= torch.eye(L, dtype=torch.bool)[None]  # padding rows see themselves (no empty softmax)
     return {"ids": ids_t, "positions": pos_t, "allowed": allowed, "at": torch.tensor(at),
-            "row": torch.tensor(row_of), "target": torch.tensor(target)}
+            "row": torch.tensor(row_of), "target": torch.tensor(target), "frames": torch.tensor(frames),
+            "image_rows": torch.tensor(img_rows), "image_cols": torch.tensor(img_cols)}
 
 
-def forward_packed(model: Any, prompts: Prompts, features: torch.Tensor,
-                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits at the answer positions of a packed batch ((targets, vocab))."""
+def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits at the answer positions of a packed batch ((targets, vocab)); ``features`` (N, K, D) are all the
+    cached frames, the batch names which it shows."""
     embed = model.get_input_embeddings()
-    inputs = embed(batch["ids"])
-    projected = _part(model, "multi_modal_projector")(features.to(inputs.dtype))  # (B, K, D_text)
-    image = torch.tensor(prompts.image_positions)
-    inputs = inputs.clone()
-    inputs[:, image] = projected
+    inputs = embed(batch["ids"]).clone()
+    shown = features[batch["frames"]].to(inputs.dtype)  # (frames, K, D_vision)
+    projected = _part(model, "multi_modal_projector")(shown).flatten(0, 1)  # (frames * K, D_text)
+    inputs[batch["image_rows"], batch["image_cols"]] = projected.to(inputs.dtype)
     mask = torch.zeros(batch["allowed"].shape, dtype=inputs.dtype)
     mask.masked_fill_(~batch["allowed"], torch.finfo(inputs.dtype).min)
     hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask[:, None], position_ids=batch["positions"],
@@ -239,14 +275,16 @@ def _task_balanced(questions: list[scenes.Question], most: int, rng: np.random.G
 
 
 def encode_images(encoder: Any, images: list[np.ndarray], *, progress: Callable[[int, int], None] | None = None,
-                  batch: int = 32) -> torch.Tensor:
-    """Full visual tokens of uint8 images through the pack's encoder and "full" compressor (float16, CPU)."""
+                  batch: int = 32, settings: Settings | None = None) -> torch.Tensor:
+    """Full visual tokens of uint8 images through the pack's encoder and "full" compressor (float16, CPU), the
+    tower's products in ``settings.precision``."""
     out = []
     for i in range(0, len(images), batch):
         frames = torch.from_numpy(np.stack(images[i: i + batch]))
-        video = compress_frames(encoder, [frames], method="full", keep_maps=False, batch_size=batch,
-                                prefetch_depth=0)
-        out.append(video.tokens.to(torch.float16))
+        with _precision(settings):
+            video = compress_frames(encoder, [frames], method="full", keep_maps=False, batch_size=batch,
+                                    prefetch_depth=0)
+        out.append(video.tokens.float().to(torch.float16))
         if progress is not None:
             progress(min(i + batch, len(images)), len(images))
     return torch.cat(out)
@@ -282,25 +320,33 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
         vlm = load_vlm(str(staging), device="cpu", dtype="float32")
         encoder = vlm.video_encoder()
         world = scenes.World(photos, settings.seed)
-        images, asked = [], []
+        images, asked, made = [], [], []
         for _ in range(settings.train_images):
             scene, questions = world.training_scene()
             images.append(world.make(scene))
             asked.append(questions)
+            made.append(scene)
         val_world = scenes.World(photos, settings.seed + 10_000)
         val_items = [val_world.item(task) for task in scenes.TASKS for _ in range(settings.val_per_task)]
         val_images = [val_world.make(s) for s, _q in val_items]
-        say(f"encoding {len(images) + len(val_images)} images with the frozen tower (once)")
         t = time.perf_counter()
-        feats = encode_images(encoder, images + val_images,
-                              progress=(lambda d, n: progress("encode", d, n)) if progress else None)
+        store = _feature_file(folder, settings, tower)
+        feats = _cached_features(store, len(images) + len(val_images))
+        if feats is None:
+            say(f"encoding {len(images) + len(val_images)} images with the frozen tower (once; kept in {store.name})")
+            feats = encode_images(encoder, images + val_images, settings=settings,
+                                  progress=(lambda d, n: progress("encode", d, n)) if progress else None)
+            save_file({"features": feats.contiguous()}, str(store))
+        else:
+            say(f"the frozen tower's features of these {len(feats)} images: reused from {store.name}")
         encode_seconds = time.perf_counter() - t
         train_feats, val_feats = feats[: len(images)], feats[len(images):]
         frame0 = one_image_video(vlm, encoder, images[0])
         prompts = Prompts(Chat(vlm, frame0))
         model = vlm.model
         _standardise_projector(model, train_feats)
-        history = _train(model, prompts, train_feats, asked, settings, progress)
+        shows = Slideshows(made) if settings.video_share > 0 else None
+        history = _train(model, prompts, train_feats, asked, settings, progress, shows)
         accuracy = evaluate(model, prompts, val_feats, [(q.task, q.text, q.answer) for _s, q in val_items])
         model.eval()
         model.save_pretrained(staging)
@@ -337,6 +383,37 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
     return str(folder)
 
 
+def _feature_file(folder: Path, settings: Settings, tower: str) -> Path:
+    """Where the tower's features of a build's images are kept (what makes the images and how they are encoded
+    name the file, so a build with other training settings reuses them)."""
+    key = {"format": FORMAT, "seed": settings.seed, "images": settings.train_images, "val": settings.val_per_task,
+           "photos": settings.photo_every, "precision": settings.precision, "tower": _tower_identity(tower)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return folder.parent / f".{folder.name}-features-{digest}.safetensors"
+
+
+def _tower_identity(tower: str) -> str:
+    path = Path(tower) / "model.safetensors"
+    return f"{Path(tower).name}:{path.stat().st_size if path.is_file() else 0}"
+
+
+def _cached_features(path: Path, count: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        features = load_file(str(path))["features"]
+    except Exception:  # noqa: BLE001 - a cut-short or foreign file is encoded again
+        return None
+    return features if features.shape[0] == count else None
+
+
+def _precision(settings: Settings | None) -> Any:
+    """bfloat16 matrix products on the CPU where asked (about 2x faster here; the weights stay float32)."""
+    if settings is not None and settings.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def one_image_video(vlm: Any, encoder: Any, image: np.ndarray) -> Any:
     """One image as a 1-frame compressed video (full tokens): what the pack's Chat gets for a picture."""
     frames = torch.from_numpy(image[None])
@@ -356,8 +433,81 @@ def _standardise_projector(model: Any, features: torch.Tensor) -> None:
         linear.weight.copy_(weight)
 
 
+def _times(count: int, rng: np.random.Generator) -> tuple[float, ...]:
+    """Frame times as a sampled video has them: a start and a step in whole or half seconds."""
+    start = float(rng.integers(0, 120)) if rng.uniform() < 0.7 else 0.0
+    step = float(rng.choice([0.5, 1.0, 2.0, 5.0, 10.0]))
+    return tuple(start + k * step for k in range(count))
+
+
+def _sample_item(prompts: Prompts, index: int, asked: list[scenes.Question], settings: Settings,
+                 rng: np.random.Generator, shows: Slideshows | None = None) -> Item:
+    """Questions about image ``index`` shown as a picture (at 0 s, or one frame of a video at some time), or,
+    now and then, as a still video (the same frame 2-3 times): the answers are the picture's either way; or
+    (``video_share`` of the items) a video question about a slideshow of training pictures."""
+    if shows is not None and rng.uniform() < settings.video_share:
+        low, high = settings.video_frames
+        try:
+            return shows.item(prompts, int(rng.integers(low, high + 1)), rng)
+        except LookupError:
+            pass
+    questions = _task_balanced(list(asked), settings.questions, rng)
+    draw = rng.uniform()
+    if draw < settings.still_share:
+        count = int(rng.integers(2, 4))
+        return prompts.item((index,) * count, _times(count, rng), questions)
+    times = (0.0,) if draw < 0.7 else _times(1, rng)
+    return prompts.item((index,), times, questions)
+
+
+class Slideshows:
+    """Video questions on sequences of training pictures (no extra encoding): "When does the {colour} {shape}
+    appear?" about a sequence in which exactly one frame shows it (the answer: that frame's time, whole seconds),
+    and "Which comes first, the {c1} object or the {c2} object?" about one frame with a c1 object and a later or
+    earlier one with a c2 object (no other frame shows either colour)."""
+
+    def __init__(self, made: list[scenes.Scene]) -> None:
+        self.combos = [[(t.colour, t.shape) for t in sc.things] for sc in made]
+        self.colours = [[t.colour for t in sc.things] for sc in made]
+        self.once: dict[tuple[str, str], list[int]] = {}
+        for i, combos in enumerate(self.combos):
+            for combo in set(combos):
+                if combos.count(combo) == 1:
+                    self.once.setdefault(combo, []).append(i)
+
+    def _other(self, rng: np.random.Generator, bad: Callable[[int], bool]) -> int:
+        for _ in range(20 * len(self.combos)):
+            i = int(rng.integers(len(self.combos)))
+            if not bad(i):
+                return i
+        raise LookupError("no training picture fits")  # only with very few pictures: the caller asks otherwise
+
+    def item(self, prompts: Prompts, count: int, rng: np.random.Generator) -> Item:
+        start = float(rng.integers(0, 60))
+        step = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0]))
+        times = tuple(start + k * step for k in range(count))
+        if rng.uniform() < 0.5:
+            combos = sorted(self.once)
+            colour, shape = combos[int(rng.integers(len(combos)))]
+            frames = [self._other(rng, lambda i: (colour, shape) in self.combos[i]) for _ in range(count)]
+            at = int(rng.integers(count))
+            pool = self.once[(colour, shape)]
+            frames[at] = pool[int(rng.integers(len(pool)))]
+            question = scenes.Question("when", scenes.when_question(colour, shape), str(int(times[at])))
+        else:
+            c1, c2 = (str(c) for c in rng.permutation(list(scenes.COLOURS))[:2])
+            frames = [self._other(rng, lambda i: c1 in self.colours[i] or c2 in self.colours[i]) for _ in range(count)]
+            a, b = (int(k) for k in rng.permutation(count)[:2])
+            frames[a] = self._other(rng, lambda i: self.colours[i].count(c1) != 1 or c2 in self.colours[i])
+            frames[b] = self._other(rng, lambda i: self.colours[i].count(c2) != 1 or c1 in self.colours[i])
+            named = (c1, c2) if rng.uniform() < 0.5 else (c2, c1)
+            question = scenes.Question("order", scenes.order_question(*named), c1 if a < b else c2)
+        return prompts.item(tuple(frames), times, [question])
+
+
 def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[list[scenes.Question]],
-           settings: Settings, progress: Callable[[str, int, int], None] | None) -> list[float]:
+           settings: Settings, progress: Callable[[str, int, int], None] | None,
+           shows: Slideshows | None = None) -> list[float]:
     rng = np.random.default_rng(settings.seed + 1)
     for p in _part(model, "vision_tower").parameters():
         p.requires_grad_(False)
@@ -374,12 +524,10 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
         order = rng.permutation(n)
         for i in range(0, n, settings.batch):
             idx = order[i: i + settings.batch]
-            items = []
-            for j in idx:
-                qs = _task_balanced(list(asked[j]), settings.questions, rng)
-                items.append([(q.task, prompts.suffix(q.text), prompts.answer(q.answer)) for q in qs])
+            items = [_sample_item(prompts, int(j), asked[j], settings, rng, shows) for j in idx]
             batch = pack(prompts, items)
-            logits = forward_packed(model, prompts, features[torch.as_tensor(idx)].float(), batch)
+            with _precision(settings):
+                logits = forward_packed(model, features, batch).float()
             loss = torch.nn.functional.cross_entropy(logits, batch["target"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -404,8 +552,9 @@ def evaluate(model: Any, prompts: Prompts, features: torch.Tensor, items: list[t
     right: dict[str, list[bool]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i: i + batch]
-        packed = pack(prompts, [[(t, prompts.suffix(q), prompts.answer(a))] for t, q, a in chunk])
-        logits = forward_packed(model, prompts, features[i: i + batch].float(), packed)[0::2]
+        packed = pack(prompts, [Item((i + k,), (0.0,), ((t, prompts.suffix(q), prompts.answer(a)),))
+                                for k, (t, q, a) in enumerate(chunk)])
+        logits = forward_packed(model, features, packed)[0::2]
         for (task, _q, answer), row in zip(chunk, logits.argmax(-1).tolist()):
             right.setdefault(task, []).append(row == prompts.answer(answer))
     return {task: round(float(np.mean(v)), 4) for task, v in right.items()}
