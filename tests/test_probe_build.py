@@ -175,6 +175,9 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     assert folder == str(train.probe_folder(tmp_path)) and train.find_probe(tmp_path) == folder
     record = json.loads((tmp_path / train.FOLDER / "PROBE.json").read_text())
     assert record["format"] == train.FORMAT and record["settings"]["train_images"] == 48
+    # one folder for the whole supported range: transformers 4.x cannot name 5.x's "TokenizersBackend"
+    assert json.loads((tmp_path / train.FOLDER / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     assert set(record["validation"]["per_task"]) == set(scenes.TASKS)
     assert not [p for p in tmp_path.glob(".visionzip-probe-*") if p.is_dir()]  # no staging folder left behind
     assert len(list(tmp_path.glob(".visionzip-probe-*-features-*.safetensors"))) == 1  # the tower's features, kept
@@ -228,3 +231,14 @@ def test_slideshow_video_questions_are_true_for_their_frames():
             assert len(first) == len(second) == 1 and first != second
             assert q.answer == (c1 if first[0] < second[0] else c2)
     assert seen == {"when", "order"}
+
+
+def test_patch_words_name_the_patches_an_object_covers():
+    thing = scenes.Thing("red", "square", "medium", 28, 14, 28)  # exactly patches (2..3, 1..2)
+    words = train.patch_words(scenes.Scene("clouds", "dark", [thing]), {"red": 7}, {"square": 9})
+    colour, shape = words.view(2, 16, 16)
+    assert (colour == 7).nonzero().tolist() == [[2, 1], [2, 2], [3, 1], [3, 2]]
+    assert (shape[colour == 7] == 9).all() and (shape[colour != 7] == -100).all()
+    small = scenes.Thing("blue", "circle", "small", 14, 20, 20)  # covers parts of four patches, none by half
+    named = train.patch_words(scenes.Scene("clouds", "dark", [small]), {"blue": 1}, {"circle": 2}).view(2, 16, 16)
+    assert (named[0] == 1).nonzero().tolist() == [[1, 1]] and named[1, 1, 1] == 2  # its centre's patch

@@ -165,6 +165,7 @@ def save_checkpoint(folder: str | os.PathLike[str], model: Any, tokenizer: Any, 
     os.makedirs(folder, exist_ok=True)
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    _portable_tokenizer_config(folder)
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump(image_processor, f, indent=2)
     if video_processor is not None:
@@ -173,6 +174,18 @@ def save_checkpoint(folder: str | os.PathLike[str], model: Any, tokenizer: Any, 
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(chat_template)
     return folder
+
+
+def _portable_tokenizer_config(folder: str) -> None:
+    """transformers 5 names its tokenizer class ``TokenizersBackend``, which 4.x does not know; both load the same
+    tokenizer.json as ``PreTrainedTokenizerFast``, so the folder says that (one folder for the whole range)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------- Qwen families
