@@ -9,8 +9,9 @@ Encoder: the real DINOv2-S/14 (224 px: CLS + 256 patches, layer 10 as VisionZip 
 54 + 10 tokens per frame, frames at 1 fps (the real clip, 10 s long: 3 fps, reported per minute).
 Clips (``comfy_visionzip.testing.synthetic.scene_frames``, 60 s at 30 fps, 320x180, H.264; nobody tuned the
 stage on them): static (nothing moves), slow (a square crosses the frame once), fast (the camera pans
-1/8 of the frame a frame), cuts (4 static shots). Writes bench/results/temporal.{json,md,png}; the
-accuracy table at a fixed token budget is made by bench/bench_fidelity.py (--temporal).
+1/8 of the frame a frame), cuts (4 static shots). Writes bench/results/temporal.{json,md,png}; answers
+with and without the stage at one token budget come from bench/bench_fidelity.py's video part (the probe
+model: 80 frames x 64 tokens thinned by the stage to the budget).
 """
 
 from __future__ import annotations

@@ -233,8 +233,8 @@ def _demo_probe(say: Say, clip_path: str, out_dir: Path) -> None:
                               device="cpu")
         random_video = compress_video(random_vlm, str(path), num_frames=1, dominant=14, contextual=3)
         nonsense = Chat(random_vlm, random_video).ask(PROBE_QUESTIONS[0][0], GenerationConfig(max_new_tokens=4))
-    videos = {name: compress_video(vlm, str(path), num_frames=1, dominant=d, contextual=c, method=m)
-              for name, m, d, c in (("full (256)", "full", 0, 0), ("visionzip (54+10)", "visionzip", 54, 10))}
+    videos = {name: compress_video(vlm, str(path), num_frames=1, method=m)
+              for name, m in (("full (256)", "full"), ("visionzip (54+10)", "visionzip"))}
     for question, truth in PROBE_QUESTIONS:
         said = {name: Chat(vlm, v).ask(question, GenerationConfig(max_new_tokens=3)).strip()
                 for name, v in videos.items()}

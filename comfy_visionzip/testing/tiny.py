@@ -177,12 +177,13 @@ def save_checkpoint(folder: str | os.PathLike[str], model: Any, tokenizer: Any, 
 
 
 def _portable_tokenizer_config(folder: str) -> None:
-    """transformers 5 names its tokenizer class ``TokenizersBackend``, which 4.x does not know; both load the same
-    tokenizer.json as ``PreTrainedTokenizerFast``, so the folder says that (one folder for the whole range)."""
+    """transformers 5 names its tokenizer class ``TokenizersBackend``, which 4.x does not know (and 4.x writes
+    ``PreTrainedTokenizer``); both load the same tokenizer.json as ``PreTrainedTokenizerFast``, so the folder says
+    that (one folder for the whole supported range)."""
     path = os.path.join(folder, "tokenizer_config.json")
     with open(path) as f:
         config = json.load(f)
-    if config.get("tokenizer_class") == "TokenizersBackend":
+    if config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizer"):  # 5.x; 4.x writes the latter
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         with open(path, "w") as f:
             json.dump(config, f, indent=2)
