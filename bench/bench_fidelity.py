@@ -16,12 +16,13 @@ ceiling (1: every answer is determined by the picture); retention, chance-correc
 (acc - chance) / (full - chance), with paired bootstrap 95% intervals (questions resampled within a task);
 the headline average is over the tasks the model answers with full tokens at >= 95% of the ceiling.
 
-Writes bench/results/fidelity.json / .md / .png and fidelity_answers.jsonl (every question and answer).
+Writes bench/results/fidelity.json / .md / .png and fidelity_answers.jsonl.gz (every question and answer).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import sys
@@ -49,11 +50,11 @@ def run_images(args: argparse.Namespace, vlm, encoder, folder: str) -> dict:
     conditions = ["full"] + [f"{m}@{k}" for k in ks for m in args.conditions.split(",")]
     tasks = args.tasks.split(",")
     items = list(fidelity.test_items(photos, args.per_task, args.seed, tasks))
-    answers_path = Path(args.out) / "fidelity_answers.jsonl"
+    answers_path = Path(args.out) / "fidelity_answers.jsonl.gz"
     rows = []
     started = time.perf_counter()
     seconds = {c: 0.0 for c in conditions}
-    with answers_path.open("w") as out:
+    with gzip.open(answers_path, "wt") as out:
         for i in range(0, len(items), args.batch):
             chunk = items[i: i + args.batch]
             frames = torch.from_numpy(np.stack([image for _s, _q, image in chunk]))
@@ -105,7 +106,7 @@ def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
     rows = []
     started = time.perf_counter()
     width = encoder.width
-    with (Path(args.out) / "fidelity_video_answers.jsonl").open("w") as out:
+    with gzip.open(Path(args.out) / "fidelity_video_answers.jsonl.gz", "wt") as out:
         for v, item in enumerate(items):
             shown = fidelity.event_frames(item, sequences[item.background][1], seed=v)
             seconds = sorted(shown)

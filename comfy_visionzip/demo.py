@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from PIL import Image as PILImage
 
 from .answer import Chat, GenerationConfig, Turn
 from .errors import VisionZipError
 from .models import VisionLanguageModel
 from .pipeline import compress_encoded, compress_video
+from .probe.fidelity import square
 from .probe.scenes import Thing, draw
 from .probe.train import find_probe
 from .testing.synthetic import make_clip, read_frame_number
@@ -217,11 +217,7 @@ def _demo_probe(say: Say, clip_path: str, out_dir: Path) -> None:
             "(python -m comfy_visionzip train-probe trains a small LLaVA on the real DINOv2 that answers questions "
             "about shapes, in about 25 minutes on 2 CPU cores; then the demo asks it)")
         return
-    frame = sample_video(clip_path, num_frames=1).frames[0].numpy()
-    h, w = frame.shape[:2]
-    side = min(h, w)
-    square = frame[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side]
-    base = np.asarray(PILImage.fromarray(square).resize((224, 224), PILImage.Resampling.BICUBIC), np.float32)
+    base = square(sample_video(clip_path, num_frames=1).frames[0].numpy())
     things = [Thing("red", "triangle", "large", 44, 40, 90), Thing("blue", "circle", "medium", 34, 150, 60)]
     picture = np.clip(draw(base, things, np.random.default_rng(0)) + 0.5, 0, 255).astype(np.uint8)
     path = save_png(picture, out_dir / "probe_question.png")

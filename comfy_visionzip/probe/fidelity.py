@@ -179,7 +179,7 @@ def backgrounds(clips: Sequence[str], seed: int = 0) -> list[tuple[str, list[np.
     for clip in clips:
         frames = [f for _name, f in footage.frames_of(clip)]
         picks = [round(t * (len(frames) - 1) / (VIDEO_SECONDS - 1)) for t in range(VIDEO_SECONDS)]
-        out.append((os.path.basename(clip), [_square(frames[i]) for i in picks]))
+        out.append((os.path.basename(clip), [square(frames[i]) for i in picks]))
     wide = scenes.texture("stripes", rng, width=scenes.SIZE + 2 * VIDEO_SECONDS)
     out.append(("stripes", [wide[:, 2 * t: 2 * t + scenes.SIZE] for t in range(VIDEO_SECONDS)]))
     a, b = scenes.texture("clouds", rng), scenes.texture("clouds", rng)
@@ -187,7 +187,8 @@ def backgrounds(clips: Sequence[str], seed: int = 0) -> list[tuple[str, list[np.
     return out
 
 
-def _square(frame: np.ndarray) -> np.ndarray:
+def square(frame: np.ndarray) -> np.ndarray:
+    """The centre square of a uint8 frame, resized to the probe's 224 px (float 0..255)."""
     h, w = frame.shape[:2]
     side = min(h, w)
     crop = frame[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side]
