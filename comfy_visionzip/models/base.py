@@ -97,6 +97,9 @@ class VisionLanguageModel:
     dtype: torch.dtype
     quantized: bool = False  # loaded in 8 or 4 bits (bitsandbytes): it cannot be moved between devices
     _encoders: dict[str, Encoder] = field(default_factory=dict, repr=False)
+    adapter: Any = None  # a projector adapter in use (comfy_visionzip.adapter.Adapter), else None
+    adapter_module: Any = field(default=None, repr=False)  # its projector (a tuned copy of the model's own)
+    _adapter_identity: dict[str, Any] | None = field(default=None, repr=False)
 
     can_answer = True  # it has a language model (a bare tower does not)
 
@@ -111,8 +114,15 @@ class VisionLanguageModel:
         target = pick_device(device)
         if target != self.device:
             self.model.to(target)
+            if self.adapter_module is not None:
+                self.adapter_module.to(target)
             self.device = target
         return self
+
+    @property
+    def projector(self) -> Any:
+        """The projector visual tokens go through: an adapter's tuned one when one is applied, else the model's."""
+        return self.adapter_module if self.adapter_module is not None else self.inner.multi_modal_projector
 
     @property
     def name(self) -> str:
@@ -131,7 +141,7 @@ class VisionLanguageModel:
         same family with another tower or settings, are refused with what differs.
         """
         return {"family": self.family.model_type, "vision_hidden": self.family.token_width(self),
-                **self.video_encoder().identity()}
+                **self.video_encoder().identity(), "adapter": self.adapter.id if self.adapter is not None else None}
 
     def check_tokens(self, video: CompressedVideo) -> None:
         """Refuse tokens this model cannot use, naming what differs."""
@@ -199,7 +209,7 @@ class FamilyModule:
     def project(self, vlm: VisionLanguageModel, video: CompressedVideo) -> torch.Tensor:
         """(N, D_text): the video's tokens through the model's projector, arranged in prompt order."""
         tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
-        projected = vlm.inner.multi_modal_projector(tokens)  # (frames, K, D_text)
+        projected = vlm.projector(tokens)  # (frames, K, D_text)
         return self.arrange(vlm, projected, method=video.method, crops=video.crops,
                             frame_size=video.meta.get("frame_size"), keep=video.keep)
 
@@ -223,7 +233,7 @@ class FamilyModule:
         with torch.inference_mode():
             per_image = int(encoder.zip(dummy, dominant, contextual, method).tokens.shape[1])
             one = torch.zeros(1, 1, width, dtype=vlm.dtype, device=vlm.device)
-            text_width = int(vlm.inner.multi_modal_projector(one).shape[-1])
+            text_width = int(vlm.projector(one).shape[-1])
 
             def count(frames: int) -> int:
                 zeros = torch.zeros(frames, crops * per_image, text_width, dtype=vlm.dtype, device=vlm.device)

@@ -1,0 +1,169 @@
+"""Projector adapters and their label-free tuning (comfy_visionzip.tune / .adapter) on tiny random checkpoints:
+the file and what it records, that it changes the projection and nothing else, refusals (another model, tokens
+made with another adapter, writing into the checkpoint), resuming, the distillation loss itself, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_visionzip import compress_video, load_vlm
+from comfy_visionzip.__main__ import main
+from comfy_visionzip.adapter import apply_adapter, read_adapter
+from comfy_visionzip.errors import VisionZipError
+from comfy_visionzip.projection import project
+from comfy_visionzip.tune import TuneSettings, distill_loss, tune_projector
+
+QUICK = TuneSettings(tokens_per_frame=8, steps=6, frames_per_video=4, answer_tokens=4, batch=2, lr=1e-2,
+                     prompts=("Describe this image in detail.", "What is happening here?"))
+
+
+def _folder_hash(folder: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pics") / "shapes.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model_dir, clip_factory, picture, tmp_path_factory):
+    model = tiny_model_dir("llava")
+    before = _folder_hash(model)
+    vlm = load_vlm(model, dtype="float32")
+    out = tmp_path_factory.mktemp("adapters") / "a.safetensors"
+    said: list[str] = []
+    result = tune_projector(vlm, [clip_factory("tune.mp4", frames=12), picture], out, settings=QUICK, say=said.append)
+    return model, before, result, said
+
+
+def test_tuning_writes_an_adapter_that_says_what_it_is_for_and_leaves_the_checkpoint_alone(tuned):
+    model, before, result, said = tuned
+    assert _folder_hash(model) == before  # the checkpoint folder is only read
+    adapter = read_adapter(result.path)
+    assert adapter.tuned_for == {"method": "visionzip", "dominant": 7, "contextual": 1, "tokens_per_frame": 8}
+    assert adapter.model["family"] == "llava" and len(adapter.model["projector"]) == 24
+    assert adapter.data["files"] == ["tune-" + Path(adapter.data["files"][0]).name.split("tune-")[1], "shapes.png"]
+    # 4 frames of the clip + 1 picture, 2 prompts each: 10 teacher answers
+    assert adapter.data["samples"] == 10 and result.steps == 6 == adapter.settings["steps"]
+    assert set(adapter.weights) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert not list(Path(result.path).parent.glob(".*.work"))  # the work folder is gone once the adapter is written
+    assert any("adapter written" in line for line in said)
+
+
+def test_an_adapter_changes_the_projection_and_can_be_taken_off(tuned, clip_factory):
+    model, _before, result, _said = tuned
+    vlm = load_vlm(model, dtype="float32")
+    clip = clip_factory("tune.mp4", frames=12)
+    video = compress_video(vlm, clip, num_frames=2, dominant=7, contextual=1)
+    own = project(vlm, video)
+    own_weights = {k: v.clone() for k, v in vlm.inner.multi_modal_projector.state_dict().items()}
+    apply_adapter(vlm, result.path)
+    with pytest.raises(VisionZipError, match="projector adapter none vs"):  # tokens made without the adapter
+        project(vlm, video)
+    video_tuned = compress_video(vlm, clip, num_frames=2, dominant=7, contextual=1)
+    assert video_tuned.meta["adapter"] == vlm.adapter.id
+    changed = project(vlm, video_tuned)
+    assert changed.shape == own.shape and not torch.allclose(changed, own)
+    for k, v in vlm.inner.multi_modal_projector.state_dict().items():  # the model's own projector is untouched
+        assert torch.equal(v, own_weights[k])
+    apply_adapter(vlm, None)
+    assert torch.allclose(project(vlm, video), own)
+
+
+def test_load_vlm_takes_an_adapter_and_another_model_refuses_it(tuned, tiny_model_dir, tmp_path):
+    model, _before, result, _said = tuned
+    vlm = load_vlm(model, dtype="float32", adapter=result.path)
+    assert vlm.adapter is not None and vlm.token_identity()["adapter"] == vlm.adapter.id
+    with pytest.raises(VisionZipError, match="was tuned for .*not for"):
+        load_vlm(tiny_model_dir("llava_next"), dtype="float32", adapter=result.path)
+    with pytest.raises(VisionZipError, match="no such file"):
+        load_vlm(model, adapter=str(tmp_path / "nothing.safetensors"))
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(VisionZipError, match="not a VisionZip projector adapter"):
+        load_vlm(model, adapter=str(foreign))
+
+
+def test_bad_requests_are_refused_before_any_work(tiny_model_dir, clip_factory, tmp_path):
+    model = tiny_model_dir("llava")
+    vlm = load_vlm(model, dtype="float32")
+    clip = clip_factory("tune.mp4", frames=12)
+    with pytest.raises(VisionZipError, match="into the model's folder"):
+        tune_projector(vlm, [clip], Path(model) / "a.safetensors", settings=QUICK)
+    with pytest.raises(VisionZipError, match="no such file"):
+        tune_projector(vlm, [str(tmp_path / "missing.mp4")], tmp_path / "a.safetensors", settings=QUICK)
+    with pytest.raises(VisionZipError, match="ends in .safetensors"):
+        tune_projector(vlm, [clip], tmp_path / "a.bin", settings=QUICK)
+    with pytest.raises(VisionZipError, match="tokens_per_frame"):
+        TuneSettings(tokens_per_frame=0).check()
+    with pytest.raises(VisionZipError, match="method"):
+        TuneSettings(method="full").check()
+    qwen = load_vlm(tiny_model_dir("qwen2_5_vl"), dtype="float32")
+    with pytest.raises(VisionZipError, match="merger"):
+        tune_projector(qwen, [clip], tmp_path / "q.safetensors", settings=QUICK)
+
+
+def test_an_interrupted_tuning_resumes_where_it_stopped(tiny_model_dir, clip_factory, tmp_path):
+    vlm = load_vlm(tiny_model_dir("llava"), dtype="float32")
+    clip = clip_factory("tune.mp4", frames=12)
+    out = tmp_path / "r.safetensors"
+    settings = TuneSettings(**{**QUICK.__dict__, "steps": 5})
+
+    def stop_at_three(stage: str, done: int, total: int) -> None:
+        if stage == "train" and done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_projector(vlm, [clip], out, settings=settings, progress=stop_at_three)
+    assert not out.exists() and (tmp_path / ".r.safetensors.work" / "state.safetensors").is_file()
+    said: list[str] = []
+    result = tune_projector(vlm, [clip], out, settings=settings, say=said.append)
+    assert "resuming: the teacher's" in said[0] and any("resuming at step 3" in line for line in said)
+    assert result.steps == 5 and len(result.history) == 5
+
+
+def test_distill_loss_is_the_kl_divergence_and_zero_when_the_student_agrees():
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 11)
+    p = torch.softmax(teacher, -1)
+    top = p.topk(11, -1)
+    probs = torch.cat([top.values, torch.zeros(3, 1)], -1)
+    assert float(distill_loss(teacher, top.indices, probs, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(3, 11)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student, -1), p, reduction="batchmean")
+    assert float(distill_loss(student, top.indices, probs, 1.0)) == pytest.approx(float(expected), rel=1e-4)
+    # top-k with the rest in one bucket: still >= 0, and 0 when the student matches the teacher
+    top3 = p.topk(3, -1)
+    bucket = torch.cat([top3.values, 1 - top3.values.sum(-1, keepdim=True)], -1)
+    assert float(distill_loss(teacher, top3.indices, bucket, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(distill_loss(student, top3.indices, bucket, 1.0)) > 0
+
+
+def test_the_command_line_tunes_and_asks_with_the_adapter(tiny_model_dir, clip_factory, tmp_path, capsys):
+    model = tiny_model_dir("llava")
+    clip = clip_factory("tune.mp4", frames=12)
+    out = tmp_path / "cli.safetensors"
+    assert main(["tune-projector", model, clip, "--tokens-per-frame", "8", "--steps", "2", "--frames-per-video",
+                 "2", "--answer-tokens", "3", "--out", str(out)]) == 0
+    assert out.is_file() and "--adapter" in capsys.readouterr().out
+    assert main(["ask", clip, "What is it?", "--model", model, "--adapter", str(out), "--tokens-per-frame", "8",
+                 "--frames", "2", "--max-new-tokens", "2"]) == 0
+    assert "adapter: cli.safetensors (tuned for visionzip 8 tokens per frame" in capsys.readouterr().out
+    assert main(["tune-projector", model, str(tmp_path / "none.mp4"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "none.mp4: file not found" in capsys.readouterr().err
