@@ -266,7 +266,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_projector(args: argparse.Namespace) -> int:
-    prompts = DEFAULT_PROMPTS
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
     if args.prompts:
         try:
             with open(args.prompts, encoding="utf-8") as f:

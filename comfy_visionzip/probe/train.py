@@ -598,8 +598,8 @@ class Slideshows:
             # for 1-3 frames) at random places
             frames = [self._pick(self.empty if rng.uniform() < 0.8 else None, rng) for _ in range(count)]
             for _event in range(int(rng.integers(2, 5))):
-                at, hold, shown = int(rng.integers(count)), int(rng.integers(1, 4)), self._pick(self.events, rng)
-                frames[at: at + hold] = [shown] * len(frames[at: at + hold])
+                at, hold, event = int(rng.integers(count)), int(rng.integers(1, 4)), self._pick(self.events, rng)
+                frames[at: at + hold] = [event] * len(frames[at: at + hold])
             start = float(rng.integers(0, 60))
             step = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0]))
             times = tuple(start + k * step for k in range(count))
@@ -662,7 +662,8 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
         if settings.naming > 0:
             loss = loss + settings.naming * _naming_loss(visual.float(), batch, words, settings)
             if settings.name_last and settings.naming_layer > 0 and words is not None:
-                loss = loss + settings.naming * _naming_loss(last.float(), batch, words[:, :2], settings, times=False)
+                named_last = _naming_loss(last.float(), batch, words[:, :2], settings, with_times=False)
+                loss = loss + settings.naming * named_last
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -680,18 +681,18 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
 
 
 def _naming_loss(visual: torch.Tensor, batch: dict[str, torch.Tensor], words: torch.Tensor | None,
-                 settings: Settings, times: bool = True) -> torch.Tensor:
+                 settings: Settings, with_times: bool = True) -> torch.Tensor:
     """Mean cross-entropy of the words each visual token should name: its object's colour, shape (and place) from
     ``words`` ((N, rows, K) per cached frame, -100 where nothing), and in a video its frame's time."""
     targets = []
     if words is not None:
         named = words[batch["frames"]]  # (frames, rows, K)
         targets += [named[:, k].flatten() for k in range(named.shape[1])]
-    if settings.name_times and times:
+    if settings.name_times and with_times:
         per_frame = visual.shape[0] // max(1, len(batch["frames"]))
-        times = batch["frame_times"].repeat_interleave(per_frame)
-        if bool((times >= 0).any()):
-            targets.append(times)
+        frame_times = batch["frame_times"].repeat_interleave(per_frame)
+        if bool((frame_times >= 0).any()):
+            targets.append(frame_times)
     losses = [torch.nn.functional.cross_entropy(visual, t, ignore_index=-100) for t in targets
               if bool((t >= 0).any())]
     return torch.stack(losses).mean() if losses else visual.sum() * 0
