@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .adapter import adapter_note
 from .answer import Chat, GenerationConfig
 from .budget import plan_budget
 from .demo import run_demo
@@ -112,6 +113,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         times["sample + encode + zip"] = time.perf_counter() - t
         if args.save_tokens:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
+    note = adapter_note(vlm, video.method, video.dominant, video.contextual)
+    if note:
+        print(f"note: {note}")
     chat = Chat(vlm, video, timestamps=not args.no_timestamps, policy=args.policy, context=args.context)
     times["project"] = chat.project_seconds
     placeholders = int(chat.visual.shape[0])

@@ -194,3 +194,21 @@ def apply_adapter(vlm: Any, adapter: Adapter | str | os.PathLike[str] | None) ->
     vlm.adapter = adapter
     vlm.adapter_module = tuned.to(vlm.device)
     return vlm
+
+
+def adapter_note(vlm: Any, method: str, dominant: int, contextual: int) -> str:
+    """A line when ``vlm``'s adapter was tuned for other compression settings than these ("" when it fits or there
+    is none): it still runs, but a projector tuned for 25 tokens per frame may answer worse at 64 than the
+    model's own."""
+    adapter = getattr(vlm, "adapter", None)
+    if adapter is None:
+        return ""
+    t = adapter.tuned_for
+    if (t.get("method"), t.get("dominant"), t.get("contextual")) == (method, dominant, contextual):
+        return ""
+    used = f"{method} {dominant}+{contextual}" if method == "visionzip" else f"{method} {dominant + contextual}"
+    if method == "full":
+        used = "full (every token)"
+    return (f"adapter {adapter.name} was tuned for {t.get('method')} {t.get('dominant')}+{t.get('contextual')} "
+            f"({t.get('tokens_per_frame')} tokens per frame), these tokens are {used}: answers may be worse than "
+            "with the model's own projector (tune an adapter for these settings, or take it off)")

@@ -253,8 +253,10 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         for video in (full, small):
             video.timestamps = list(times)
             label_tokens(vlm, video)
+        teacher, student_chat = Chat(vlm, full), Chat(vlm, small)  # projected once per clip, forked per prompt
+        builder = student_chat.prompt
         for prompt in settings.prompts:
-            chat = Chat(vlm, full)
+            chat = teacher.fork()
             chat.ask(prompt, config)
             turn = chat.turns[0]
             prompt_len = turn.prefill_tokens + turn.cached_tokens
@@ -262,8 +264,6 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
             if turn.new_tokens < settings.answer_tokens:  # it stopped by itself: the student learns to stop too
                 answer = answer + [_eos(vlm)]
             teacher_ids = chat.conversation_ids[:prompt_len] + answer
-            student_chat = Chat(vlm, small)
-            builder = student_chat.prompt
             student_prompt = builder.ids(student_chat.prompt_video(), [{"role": "user", "text": prompt}])
             suffix = 0
             if settings.positions == "all":  # the text after the last visual token, the same on both sides
@@ -360,7 +360,10 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
                              "no videos or images to tune on")
     target = check_output(vlm, out)
     dominant, contextual = settings.counts
-    vlm.family.layout(vlm, method=settings.method, dominant=dominant, contextual=contextual, frame_size=None)
+    spec = vlm.video_encoder().preprocess_spec  # the counts checked against the tower before any work (an anyres
+    # model counts its tiles for a frame size: any size will do for the check)
+    vlm.family.layout(vlm, method=settings.method, dominant=dominant, contextual=contextual,
+                      frame_size=(spec.tile, spec.tile) if spec.pinpoints else None)
     identity = model_identity(vlm)
     started = time.monotonic()
     work = _work_folder(target)

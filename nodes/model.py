@@ -242,7 +242,8 @@ class VisionZipLoadVLM:
                                    dtype=dtype if dtype != "auto" else _auto_dtype(target),
                                    attn_implementation=attention,
                                    quantization=None if quantization == "none" else quantization, adapter=tuned)
-        handle = ModelHandle((source, dtype, quantization, attention, target, tuned), loader, keep_loaded)
+        # the key ends with the device (ModelHandle reads it there): the adapter goes before it
+        handle = ModelHandle((source, dtype, quantization, attention, tuned, target), loader, keep_loaded)
         handle.load()  # now: a problem shows on this node, and ComfyUI sees the model from the start
         return (handle,)
 

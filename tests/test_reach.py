@@ -344,6 +344,7 @@ def test_load_vlm_takes_an_adapter_from_the_adapter_folder_only(comfy, tiny_mode
 
     handle = load("mine.safetensors")
     assert handle.vlm.adapter is not None and handle.vlm.adapter.name == "mine.safetensors"
+    assert handle.target_device == "cpu"  # ComfyUI's model management is handed the device, not the adapter
     assert load("none").vlm.adapter is None  # another entry: the model's own projector
     for name in ("../../outside/elsewhere.safetensors", str(comfy.outside / "elsewhere.safetensors"), "x.safetensors"):
         with pytest.raises(ValueError) as error:

@@ -164,6 +164,25 @@ def test_the_command_line_tunes_and_asks_with_the_adapter(tiny_model_dir, clip_f
     assert out.is_file() and "--adapter" in capsys.readouterr().out
     assert main(["ask", clip, "What is it?", "--model", model, "--adapter", str(out), "--tokens-per-frame", "8",
                  "--frames", "2", "--max-new-tokens", "2"]) == 0
-    assert "adapter: cli.safetensors (tuned for visionzip 8 tokens per frame" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "adapter: cli.safetensors (tuned for visionzip 8 tokens per frame" in said and "note:" not in said
+    assert main(["ask", clip, "What is it?", "--model", model, "--adapter", str(out), "--tokens-per-frame", "16",
+                 "--frames", "2", "--max-new-tokens", "2"]) == 0  # it runs, and says the adapter was made for 8
+    assert ("note: adapter cli.safetensors was tuned for visionzip 7+1 (8 tokens per frame), these tokens are "
+            "visionzip 14+2: answers may be worse") in capsys.readouterr().out
     assert main(["tune-projector", model, str(tmp_path / "none.mp4"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "none.mp4: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "video_llava", "llava_next_video"])
+def test_every_llava_family_tunes_and_uses_an_adapter(family, tiny_model_dir, clip_factory, tmp_path):
+    vlm = load_vlm(tiny_model_dir(family), dtype="float32")
+    clip = clip_factory("tune.mp4", frames=12)
+    settings = TuneSettings(**{**QUICK.__dict__, "steps": 2, "frames_per_video": 2})
+    result = tune_projector(vlm, [clip], tmp_path / "f.safetensors", settings=settings)
+    assert result.steps == 2 and read_adapter(result.path).model["family"] == vlm.family.model_type
+    video = compress_video(vlm, clip, num_frames=2, dominant=7, contextual=1)
+    own = project(vlm, video)
+    apply_adapter(vlm, result.path)
+    tuned = project(vlm, compress_video(vlm, clip, num_frames=2, dominant=7, contextual=1))
+    assert tuned.shape == own.shape and not torch.allclose(tuned, own)  # newline tokens and tiles arranged alike
