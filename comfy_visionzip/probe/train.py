@@ -97,7 +97,7 @@ class Settings:
     precision: str = "bf16"  # matrix products while encoding and training: bf16 (autocast) or fp32
     naming: float = 0.5  # weight of the naming loss at the visual tokens (each object patch names its object)
     naming_layer: int = 1  # the decoder layer whose output names everything (1: the first; 0: the last)
-    name_last: bool = True  # the last layer's output also names the object's colour and shape
+    name_last: bool = False  # the last layer's output also names the object's colour and shape (measured: no better)
     name_places: bool = True  # object patches also name their object's column and row (words col0.. row0..)
     name_times: bool = True  # in a video, every visual token also names its frame's time (a number word)
 
