@@ -76,18 +76,23 @@ MODEL_FOLDER = "visionzip"  # ComfyUI/models/visionzip/<checkpoint folder>
 EXTRA_MODEL_FOLDERS = ("LLM", "llava")  # where other packs put VLMs; listed too when present
 
 
-def model_roots() -> list[str]:
-    """Folders holding checkpoint folders: ComfyUI/models/visionzip (registered on first use), models/LLM, ..."""
+def _registered(name: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The existing folders of ComfyUI's model folder kind ``name`` (ComfyUI/models/<name>, registered on first use;
+    extra_model_paths.yaml may add more), then models/<each of extra>; [] outside ComfyUI."""
     try:
         import folder_paths
     except ImportError:
         return []
-    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, default)
-    roots = list(folder_paths.get_folder_paths(MODEL_FOLDER))
-    roots += [os.path.join(folder_paths.models_dir, name) for name in EXTRA_MODEL_FOLDERS]
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+    roots = list(folder_paths.get_folder_paths(name))
+    roots += [os.path.join(folder_paths.models_dir, other) for other in extra]
     return [r for r in dict.fromkeys(roots) if os.path.isdir(r)]
+
+
+def model_roots() -> list[str]:
+    """Folders holding checkpoint folders: ComfyUI/models/visionzip (registered on first use), models/LLM, ..."""
+    return _registered(MODEL_FOLDER, EXTRA_MODEL_FOLDERS)
 
 
 def list_model_folders() -> list[str]:
@@ -451,14 +456,7 @@ ADAPTER_FOLDER = "visionzip_adapters"  # ComfyUI/models/visionzip_adapters/<file
 
 def adapter_roots() -> list[str]:
     """Folders holding projector adapters: ComfyUI/models/visionzip_adapters (registered on first use)."""
-    try:
-        import folder_paths
-    except ImportError:
-        return []
-    default = os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)
-    if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(ADAPTER_FOLDER, default)
-    return [r for r in dict.fromkeys(folder_paths.get_folder_paths(ADAPTER_FOLDER)) if os.path.isdir(r)]
+    return _registered(ADAPTER_FOLDER)
 
 
 def list_adapters() -> list[str]:
