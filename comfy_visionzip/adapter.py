@@ -169,11 +169,14 @@ def check_adapter(vlm: Any, adapter: Adapter) -> None:
         differences.append(f"family {theirs.get('family')} vs {mine['family']}")
     if theirs.get("shapes") != mine["shapes"]:
         differences.append("projector shapes differ")
-    elif theirs.get("projector") != mine["projector"]:
-        differences.append("the projector weights differ (another checkpoint, or another version of it)")
     if differences:
         raise VisionZipError(f"adapter {adapter.name} was tuned for {theirs.get('model', 'another model')}, not for "
                              f"{vlm.name}: {'; '.join(differences)}; tune an adapter for this model")
+    if theirs.get("projector") != mine["projector"]:  # the same kind of model: another checkpoint or another build
+        raise VisionZipError(f"adapter {adapter.name} does not fit {vlm.name}: it was tuned on a checkpoint of the "
+                             f"same kind whose projector weights differ (another checkpoint, or another build or "
+                             f"version of this one; its folder was named {theirs.get('model', '?')!r}); tune an "
+                             "adapter for this model")
     if set(adapter.weights) != set(mine["shapes"]):
         raise VisionZipError(f"adapter {adapter.name}: its tensors do not match the projector's; tune it again")
 

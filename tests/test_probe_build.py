@@ -71,8 +71,7 @@ def test_test_items_have_balanced_answers_and_true_labels():
 
 def test_training_questions_are_true_for_their_scene():
     world = scenes.World(_photos(), 1)
-    near: list[bool] = []
-    for _ in range(300):
+    for _ in range(100):
         scene, questions = world.training_scene()
         by_text = {q.text: q.answer for q in questions}
         assert by_text["How many objects are there?"] == str(len(scene.things))
@@ -87,20 +86,6 @@ def test_training_questions_are_true_for_their_scene():
             if q.task == "presence":
                 colour, shape = q.text.rstrip("?").split()[-2:]
                 assert (q.answer == "yes") == any((t.colour, t.shape) == (colour, shape) for t in scene.things)
-                if q.answer == "no" and scene.things:
-                    near.append(any(t.colour == colour or t.shape == shape for t in scene.things))
-    assert 0.7 < np.mean(near) < 0.95  # a "no" is mostly a near miss: the colour or the shape is there
-
-
-def test_which_training_questions_are_asked_never_changes_the_training_pictures():
-    a, b = scenes.World(_photos(), 1), scenes.World(_photos(), 1)
-    b.asking = np.random.default_rng(99)  # other questions
-    differ = []
-    for _ in range(20):
-        (sa, qa), (sb, qb) = a.training_scene(), b.training_scene()
-        assert sa.things == sb.things and np.array_equal(a.make(sa), b.make(sb))
-        differ.append(qa != qb)
-    assert any(differ)  # the questions did change
 
 
 def test_every_question_and_answer_is_in_the_probe_vocabulary():
@@ -193,7 +178,7 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     # one folder for the whole supported range: transformers 4.x cannot name 5.x's "TokenizersBackend"
     assert json.loads((tmp_path / train.FOLDER / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast"
-    assert set(record["validation"]["per_task"]) == set(scenes.TASKS) | set(scenes.VIDEO_TASKS)
+    assert set(record["validation"]["per_task"]) == set(scenes.TASKS)
     assert not [p for p in tmp_path.glob(".visionzip-probe-*") if p.is_dir()]  # no staging folder left behind
     assert len(list(tmp_path.glob(".visionzip-probe-*-features-*.safetensors"))) == 1  # the tower's features, kept
     vlm = load_vlm(folder, dtype="float32")
@@ -226,34 +211,26 @@ def test_slideshow_video_questions_are_true_for_their_frames():
             return train.Item(frames, times, tuple((q.task, (), q) for q in questions))
 
     rng = np.random.default_rng(0)
-    seen: dict[str, int] = {"when": 0, "order": 0}
-    held = 0
+    seen = set()
     for _ in range(200):
         count = int(rng.integers(3, 9))
-        item = shows.item(FakePrompts(), count, rng, most=6)
-        assert len(item.frames) == len(item.times) == count and 1 <= len(item.questions) <= 6
-        held += any(a == b for a, b in zip(item.frames, item.frames[1:]))
+        item = shows.item(FakePrompts(), count, rng)
+        (task, _suffix, q), = item.questions
+        seen.add(task)
+        assert len(item.frames) == len(item.times) == count and tok.unk_token_id not in tok(q.answer)["input_ids"]
         things = [made[f].things for f in item.frames]
-        for task, _suffix, q in item.questions:
-            seen[task] += 1
-            assert tok.unk_token_id not in tok(q.answer)["input_ids"]
-            if task == "when":
-                colour, shape = q.text.split()[3:5]
-                showing = [k for k, ts in enumerate(things) if any((t.colour, t.shape) == (colour, shape) for t in ts)]
-                assert showing == list(range(showing[0], showing[-1] + 1))  # one run of frames
-                assert all(sum((t.colour, t.shape) == (colour, shape) for t in things[k]) == 1 for k in showing)
-                assert q.answer == str(int(item.times[showing[0]]))
-            else:
-                words = q.text.replace(",", "").rstrip("?").split()
-                c1, c2 = words[4], words[8]
-                first = [k for k, ts in enumerate(things) if any(t.colour == c1 for t in ts)]
-                second = [k for k, ts in enumerate(things) if any(t.colour == c2 for t in ts)]
-                for run in (first, second):
-                    assert run == list(range(run[0], run[-1] + 1))
-                assert not set(first) & set(second)
-                assert q.answer == (c1 if first[0] < second[0] else c2)
-    assert seen["when"] > 300 and seen["order"] > 120  # questions of both kinds, often several per slideshow
-    assert held > 50  # a picture held for several frames, as an object stays in a video
+        if task == "when":
+            colour, shape = q.text.split()[3:5]
+            showing = [k for k, ts in enumerate(things) if any((t.colour, t.shape) == (colour, shape) for t in ts)]
+            assert len(showing) == 1 and q.answer == str(int(item.times[showing[0]]))
+        else:
+            words = q.text.replace(",", "").rstrip("?").split()
+            c1, c2 = words[4], words[8]
+            first = [k for k, ts in enumerate(things) if any(t.colour == c1 for t in ts)]
+            second = [k for k, ts in enumerate(things) if any(t.colour == c2 for t in ts)]
+            assert len(first) == len(second) == 1 and first != second
+            assert q.answer == (c1 if first[0] < second[0] else c2)
+    assert seen == {"when", "order"}
 
 
 def test_patch_words_name_the_patches_an_object_covers():
@@ -265,31 +242,3 @@ def test_patch_words_name_the_patches_an_object_covers():
     small = scenes.Thing("blue", "circle", "small", 14, 20, 20)  # covers parts of four patches, none by half
     named = train.patch_words(scenes.Scene("clouds", "dark", [small]), {"blue": 1}, {"circle": 2}).view(2, 16, 16)
     assert (named[0] == 1).nonzero().tolist() == [[1, 1]] and named[1, 1, 1] == 2  # its centre's patch
-    places = list(range(100, 132))  # col0..col15, row0..row15
-    placed = train.patch_words(scenes.Scene("clouds", "dark", [thing]), {"red": 7}, {"square": 9},
-                               place_ids=places).view(4, 16, 16)
-    # the centre (28, 42) is in column 2 and row 3 of 16: every patch of the object says so
-    assert (placed[2][colour == 7] == 102).all() and (placed[3][colour == 7] == 116 + 3).all()
-    assert (placed[2][colour != 7] == -100).all()
-
-
-def test_a_video_in_a_packed_batch_names_its_frames_times():
-    tok = train.make_probe_tokenizer()
-
-    class FakePrompts:
-        tokenizer = tok
-        eos = tok.eos_token_id
-
-        def prefix_for(self, times):
-            return [1] * (3 * len(times)), [3 * k + 2 for k in range(len(times))]  # one visual token a frame
-
-        def number(self, value):
-            return tok.convert_tokens_to_ids(str(value))
-
-    items = [train.Item((0, 1, 2), (4.0, 6.0, 8.0), (("when", (5,), 9),)),
-             train.Item((3,), (0.0,), (("colour", (5,), 9),)),  # a picture: no time to name
-             train.Item((4, 5), (0.5, 1.0), (("when", (5,), 9),))]  # not whole seconds: not named
-    batch = train.pack(FakePrompts(), items)
-    number = tok.convert_tokens_to_ids
-    assert batch["frame_times"].tolist() == [number("4"), number("6"), number("8"), -100, -100, -100]
-    assert batch["frames"].tolist() == [0, 1, 2, 3, 4, 5]

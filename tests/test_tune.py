@@ -92,6 +92,13 @@ def test_load_vlm_takes_an_adapter_and_another_model_refuses_it(tuned, tiny_mode
         load_vlm(tiny_model_dir("llava_next"), dtype="float32", adapter=result.path)
     with pytest.raises(VisionZipError, match="no such file"):
         load_vlm(model, adapter=str(tmp_path / "nothing.safetensors"))
+    # the same kind of model, other weights (another build of the same checkpoint): refused, saying so
+    from comfy_visionzip.testing.tiny import build_tiny
+
+    rebuilt = build_tiny("llava", tmp_path / "llava-other-seed", seed=1)
+    with pytest.raises(VisionZipError, match=r"does not fit llava-other-seed: .*projector weights differ .*another "
+                                             r"build or version of this one; its folder was named 'llava'"):
+        load_vlm(rebuilt, dtype="float32", adapter=result.path)
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
 

@@ -208,8 +208,6 @@ class World:
             raise ValueError("no photo frames to draw backgrounds from")
         self.photos = list(photos)
         self.rng = np.random.default_rng(seed)
-        self.asking = np.random.default_rng([seed, 1])  # training questions: their own stream, so that changing
-        # which questions are asked never changes the pictures
 
     def background(self, kind: str, light: str) -> tuple[np.ndarray, str]:
         rng = self.rng
@@ -325,7 +323,7 @@ class World:
             scene = self._scene(self.random_objects(int(rng.integers(0, 5))))
             if scene is not None:
                 break
-        return scene, questions_about(scene, self.asking)
+        return scene, questions_about(scene, rng)
 
     def make(self, scene: Scene) -> np.ndarray:
         base, scene.source = self.background(scene.kind, scene.light)
@@ -351,11 +349,7 @@ def questions_about(scene: Scene, rng: np.random.Generator) -> list[Question]:
         t = things[int(rng.integers(len(things)))]
         out.append(Question("presence", f"Is there a {t.colour} {t.shape}?", "yes"))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    # mostly a near miss (an absent pair sharing its colour or its shape with an object shown), so that "no" is
-    # learned as "not this colour and this shape together", not "no such colour" or "no such shape"
-    near = [(c, s) for c, s in absent if any(t.colour == c or t.shape == s for t in things)]
-    pool = near if near and rng.uniform() < 0.75 else absent
-    c, s = pool[int(rng.integers(len(pool)))]
+    c, s = absent[int(rng.integers(len(absent)))]
     out.append(Question("presence", f"Is there a {c} {s}?", "no"))
     unique = [t for t in things if sum(u.colour == t.colour for u in things) == 1]
     for i, a in enumerate(unique):

@@ -62,7 +62,7 @@ from . import footage, scenes
 log = logging.getLogger(__name__)
 
 FOLDER = "visionzip-probe-llava-dinov2"
-FORMAT = "comfyui-visionzip/probe/2"
+FORMAT = "comfyui-visionzip/probe/1"
 PREPROCESSOR = {  # as LLaVA-1.5's CLIP: shortest side to 224, centre crop 224 (shapes keep their proportions; a wide
     # frame loses its sides). The training pictures are 224 x 224, which this leaves as they are.
     "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
@@ -92,14 +92,10 @@ class Settings:
     intermediate: int = 512
     photo_every: int = 2  # every 2nd frame of the training clips is a background
     still_share: float = 0.1  # items shown as a still video of 2-3 frames
-    video_share: float = 0.15  # steps of video questions about slideshows of training pictures
-    video_frames: tuple[int, int] = (3, 8)  # frames of a slideshow, at least and at most
+    video_share: float = 0.1  # items that are a video question about a slideshow of training pictures
+    video_frames: tuple[int, int] = (3, 6)  # frames of a slideshow, at least and at most
     precision: str = "bf16"  # matrix products while encoding and training: bf16 (autocast) or fp32
     naming: float = 0.5  # weight of the naming loss at the visual tokens (each object patch names its object)
-    naming_layer: int = 1  # the decoder layer whose output names everything (1: the first; 0: the last)
-    name_last: bool = False  # the last layer's output also names the object's colour and shape (measured: no better)
-    name_places: bool = True  # object patches also name their object's column and row (words col0.. row0..)
-    name_times: bool = True  # in a video, every visual token also names its frame's time (a number word)
 
 
 def probe_folder(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
@@ -113,14 +109,8 @@ def find_probe(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> st
     return str(folder) if (folder / "PROBE.json").is_file() and (folder / "config.json").is_file() else None
 
 
-GRID_WORDS = 16  # place words: col0..col15, row0..row15 (a finer grid is named on this one)
-PLACE_WORDS = [f"col{i}" for i in range(GRID_WORDS)] + [f"row{i}" for i in range(GRID_WORDS)]
-
-
 def make_probe_tokenizer() -> tf.PreTrainedTokenizerFast:
-    """Special tokens, the template's and the questions' words, 0-999, and the internal place words the naming
-    loss uses (never in a prompt or an answer)."""
-    words = list(dict.fromkeys(TEMPLATE_WORDS + scenes.vocabulary() + [str(n) for n in range(1000)] + PLACE_WORDS))
+    words = list(dict.fromkeys(TEMPLATE_WORDS + scenes.vocabulary() + [str(n) for n in range(1000)]))
     return make_tokenizer(len(SPECIAL) + len(words), special=SPECIAL, words=words)
 
 
@@ -201,10 +191,6 @@ class Prompts:
             self._suffix[question] = tuple(ids[len(self.prefix):])
         return self._suffix[question]
 
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one Prompts per build
-    def number(self, value: int) -> int:
-        return self.answer(str(value))
-
     def answer(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
@@ -222,7 +208,6 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
     img_rows: list[int] = []
     img_cols: list[int] = []
     frames: list[int] = []
-    times: list[int] = []
     for b, item in enumerate(items):
         prefix, visual = prompts.prefix_for(item.times)
         P = len(prefix)
@@ -240,9 +225,6 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
         img_rows += [b] * len(visual)
         img_cols += visual
         frames += item.frames
-        # a video's frames at whole seconds: the number word of each frame's time (what its label says)
-        whole = len(item.times) > 1 and all(float(t).is_integer() and 0 <= t < 1000 for t in item.times)
-        times += [prompts.number(int(t)) if whole else -100 for t in item.times]
     L = max(len(r[0]) for r in rows)
     B = len(rows)
     ids_t = torch.full((B, L), int(prompts.tokenizer.pad_token_id), dtype=torch.long)
@@ -263,17 +245,14 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
     allowed |= torch.eye(L, dtype=torch.bool)[None]  # padding rows see themselves (no empty softmax)
     return {"ids": ids_t, "positions": pos_t, "allowed": allowed, "at": torch.tensor(at),
             "row": torch.tensor(row_of), "target": torch.tensor(target), "frames": torch.tensor(frames),
-            "frame_times": torch.tensor(times, dtype=torch.long),
             "image_rows": torch.tensor(img_rows), "image_cols": torch.tensor(img_cols)}
 
 
 def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Tensor],
-                   visual_logits: bool = False, naming_layer: int = 0) -> Any:
+                   visual_logits: bool = False) -> Any:
     """Logits at the answer positions of a packed batch ((targets, vocab)); ``features`` (N, K, D) are all the
-    cached frames, the batch names which it shows. With ``visual_logits``, also word logits at every visual
-    token ((frames * K, vocab), in the batch's frame order) read from the output of decoder layer
-    ``naming_layer`` (1 = the first; 0 = the last) through the final norm and the output head, and (a third
-    value) those of the last layer."""
+    cached frames, the batch names which it shows. With ``visual_logits``, also the language model's word
+    logits at every visual token ((frames * K, vocab), in the batch's frame order)."""
     embed = model.get_input_embeddings()
     inputs = embed(batch["ids"]).clone()
     shown = features[batch["frames"]].to(inputs.dtype)  # (frames, K, D_vision)
@@ -281,42 +260,30 @@ def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Te
     inputs[batch["image_rows"], batch["image_cols"]] = projected.to(inputs.dtype)
     mask = torch.zeros(batch["allowed"].shape, dtype=inputs.dtype)
     mask.masked_fill_(~batch["allowed"], torch.finfo(inputs.dtype).min)
-    decoder = model.get_decoder()
-    inner = naming_layer > 0 and visual_logits
-    out = decoder(inputs_embeds=inputs, attention_mask=mask[:, None], position_ids=batch["positions"],
-                  use_cache=False, output_hidden_states=inner)
-    hidden = out.last_hidden_state
+    hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask[:, None], position_ids=batch["positions"],
+                                 use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     answers = head(hidden[batch["row"], batch["at"]])
     if not visual_logits:
         return answers
-    named = decoder.norm(out.hidden_states[naming_layer]) if inner else hidden
-    at = (batch["image_rows"], batch["image_cols"])
-    return answers, head(named[at]), head(hidden[at])
+    return answers, head(hidden[batch["image_rows"], batch["image_cols"]])
 
 
 def patch_words(scene: scenes.Scene, colour_ids: dict[str, int], shape_ids: dict[str, int],
-                grid: int = 16, patch: int = 14, place_ids: list[int] | None = None) -> torch.Tensor:
+                grid: int = 16, patch: int = 14) -> torch.Tensor:
     """(2, grid * grid) word ids naming what each patch shows: its object's colour and shape (-100: background),
     a patch belonging to an object when the object's box covers at least half of it, and always the patch of
-    the object's centre (a small object covers no patch by half). With ``place_ids`` (the words col0..colN-1,
-    row0..rowN-1), two more rows: the column and the row of the object's centre (4, grid * grid)."""
-    size = grid * patch
-    out = torch.full((4 if place_ids else 2, grid, grid), -100, dtype=torch.long)
+    the object's centre (a small object covers no patch by half)."""
+    out = torch.full((2, grid, grid), -100, dtype=torch.long)
     for t in scene.things:
-        cx, cy = t.x + t.side / 2, t.y + t.side / 2
-        words = [colour_ids[t.colour], shape_ids[t.shape]]
-        if place_ids:
-            n = len(place_ids) // 2
-            words += [place_ids[min(n - 1, int(cx * n / size))], place_ids[n + min(n - 1, int(cy * n / size))]]
         for r in range(t.y // patch, min(grid, (t.y + t.side - 1) // patch + 1)):
             for c in range(t.x // patch, min(grid, (t.x + t.side - 1) // patch + 1)):
                 h = min(t.y + t.side, (r + 1) * patch) - max(t.y, r * patch)
                 w = min(t.x + t.side, (c + 1) * patch) - max(t.x, c * patch)
                 if h * w * 2 >= patch * patch:
-                    out[:, r, c] = torch.tensor(words)
-        r, c = min(grid - 1, int(cy) // patch), min(grid - 1, int(cx) // patch)
-        out[:, r, c] = torch.tensor(words)  # a small object: its centre's patch
+                    out[0, r, c], out[1, r, c] = colour_ids[t.colour], shape_ids[t.shape]
+        r, c = min(grid - 1, int(t.y + t.side / 2) // patch), min(grid - 1, int(t.x + t.side / 2) // patch)
+        out[0, r, c], out[1, r, c] = colour_ids[t.colour], shape_ids[t.shape]  # a small object: its centre's patch
     return out.flatten(1)
 
 
@@ -412,13 +379,10 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
         colour_ids = {c: prompts.answer(c) for c in scenes.COLOURS}
         shape_ids = {t: prompts.answer(t) for t in scenes.SHAPES}
         rows, cols = encoder.grid
-        places = [prompts.answer(w) for w in PLACE_WORDS] if settings.name_places else None
-        words = torch.stack([patch_words(sc, colour_ids, shape_ids, rows, place_ids=places) for sc in made]) \
+        words = torch.stack([patch_words(sc, colour_ids, shape_ids, rows) for sc in made]) \
             if settings.naming > 0 and rows * cols == train_feats.shape[1] else None
         history = _train(model, prompts, train_feats, asked, settings, progress, shows, words)
-        val_videos = _validation_videos(prompts, [sc for sc, _q in val_items], settings) if shows else None
-        accuracy = evaluate(model, prompts, val_feats, [(q.task, q.text, q.answer) for _s, q in val_items],
-                            videos=val_videos)
+        accuracy = evaluate(model, prompts, val_feats, [(q.task, q.text, q.answer) for _s, q in val_items])
         model.eval()
         model.save_pretrained(staging)
         record = {
@@ -452,22 +416,6 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
     say(f"probe model written to {folder} in {time.perf_counter() - started:.0f} s; validation accuracy: "
         + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     return str(folder)
-
-
-def _validation_videos(prompts: Prompts, made: list[scenes.Scene], settings: Settings) -> list[Item]:
-    """Slideshows of the held-out pictures, one question each, as many per video task as pictures per task."""
-    shows, rng = Slideshows(made), np.random.default_rng(settings.seed + 20_000)
-    low, high = settings.video_frames
-    out: dict[str, list[Item]] = {"when": [], "order": []}
-    for _ in range(50 * settings.val_per_task):
-        if min(len(v) for v in out.values()) >= settings.val_per_task:
-            break
-        try:
-            item = shows.item(prompts, int(rng.integers(low, high + 1)), rng, 1)
-        except LookupError:
-            break
-        out[item.questions[0][0]].append(item)
-    return [i for items in out.values() for i in items[: settings.val_per_task]]
 
 
 def _feature_file(folder: Path, settings: Settings, tower: str) -> Path:
@@ -560,68 +508,48 @@ def _schedule(n: int, settings: Settings, rng: np.random.Generator, videos: bool
 
 
 class Slideshows:
-    """Video questions on sequences of training pictures (no extra encoding). A slideshow is ``count`` pictures,
-    mostly without objects, with two to four events (a picture of one object held for 1-3 frames in a row, as
-    an object stays a while in a video); it asks every question its frames determine: "When does the {colour}
-    {shape} appear?" for an object shown in one run of consecutive frames, once in each (the answer: the run's
-    first frame's time, whole seconds), and "Which comes first, the {c1} object or the {c2} object?" for two
-    colours each shown in one run of frames, once in each, the runs apart."""
+    """Video questions on sequences of training pictures (no extra encoding): "When does the {colour} {shape}
+    appear?" about a sequence in which exactly one frame shows it (the answer: that frame's time, whole seconds),
+    and "Which comes first, the {c1} object or the {c2} object?" about one frame with a c1 object and a later or
+    earlier one with a c2 object (no other frame shows either colour)."""
 
     def __init__(self, made: list[scenes.Scene]) -> None:
-        self.things = [[(t.colour, t.shape) for t in sc.things] for sc in made]
-        self.empty = [i for i, things in enumerate(self.things) if not things] or list(range(len(made)))
-        self.events = [i for i, things in enumerate(self.things) if len(things) == 1] or list(range(len(made)))
+        self.combos = [[(t.colour, t.shape) for t in sc.things] for sc in made]
+        self.colours = [[t.colour for t in sc.things] for sc in made]
+        self.once: dict[tuple[str, str], list[int]] = {}
+        for i, combos in enumerate(self.combos):
+            for combo in set(combos):
+                if combos.count(combo) == 1:
+                    self.once.setdefault(combo, []).append(i)
 
-    @staticmethod
-    def _runs(frames: list[list[tuple[str, str]]],
-              key: Callable[[tuple[str, str]], Any]) -> dict[Any, tuple[int, int]]:
-        """Keys shown in exactly one run of consecutive frames, once in each frame of it -> the run's first and
-        last frame."""
-        where: dict[Any, list[int]] = {}
-        bad: set[Any] = set()
-        for k, things in enumerate(frames):
-            keys = [key(t) for t in things]
-            for value in set(keys):
-                where.setdefault(value, []).append(k)
-                if keys.count(value) != 1:
-                    bad.add(value)
-        return {v: (ks[0], ks[-1]) for v, ks in where.items()
-                if v not in bad and ks == list(range(ks[0], ks[-1] + 1))}
+    def _other(self, rng: np.random.Generator, bad: Callable[[int], bool]) -> int:
+        for _ in range(20 * len(self.combos)):
+            i = int(rng.integers(len(self.combos)))
+            if not bad(i):
+                return i
+        raise LookupError("no training picture fits")  # only with very few pictures: the caller asks otherwise
 
-    def _pick(self, pool: list[int] | None, rng: np.random.Generator) -> int:
-        return int(rng.integers(len(self.things))) if pool is None else pool[int(rng.integers(len(pool)))]
-
-    def item(self, prompts: Prompts, count: int, rng: np.random.Generator, most: int = 1) -> Item:
-        """A slideshow of ``count`` frames and up to ``most`` of its questions (the two kinds in turn)."""
-        for _ in range(100):
-            # as in a video: mostly frames without objects, and a few events (a picture of one object held
-            # for 1-3 frames) at random places
-            frames = [self._pick(self.empty if rng.uniform() < 0.8 else None, rng) for _ in range(count)]
-            for _event in range(int(rng.integers(2, 5))):
-                at, hold, event = int(rng.integers(count)), int(rng.integers(1, 4)), self._pick(self.events, rng)
-                frames[at: at + hold] = [event] * len(frames[at: at + hold])
-            start = float(rng.integers(0, 60))
-            step = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0]))
-            times = tuple(start + k * step for k in range(count))
-            shown = [self.things[f] for f in frames]
-            when = [scenes.Question("when", scenes.when_question(c, s), str(int(times[k])))
-                    for (c, s), (k, _last) in sorted(self._runs(shown, lambda t: t).items())]
-            colours = sorted(self._runs(shown, lambda t: t[0]).items())
-            order = []
-            for i, (c1, (a1, b1)) in enumerate(colours):
-                for c2, (a2, b2) in colours[i + 1:]:
-                    if b1 < a2 or b2 < a1:  # the two runs apart
-                        named = (c1, c2) if rng.uniform() < 0.5 else (c2, c1)
-                        order.append(scenes.Question("order", scenes.order_question(*named), c1 if a1 < a2 else c2))
-            if when or order:
-                break
+    def item(self, prompts: Prompts, count: int, rng: np.random.Generator) -> Item:
+        start = float(rng.integers(0, 60))
+        step = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0]))
+        times = tuple(start + k * step for k in range(count))
+        if rng.uniform() < 0.5:
+            combos = sorted(self.once)
+            colour, shape = combos[int(rng.integers(len(combos)))]
+            frames = [self._other(rng, lambda i: (colour, shape) in self.combos[i]) for _ in range(count)]
+            at = int(rng.integers(count))
+            pool = self.once[(colour, shape)]
+            frames[at] = pool[int(rng.integers(len(pool)))]
+            question = scenes.Question("when", scenes.when_question(colour, shape), str(int(times[at])))
         else:
-            raise LookupError("no training slideshow determines a question")  # only with objectless pictures
-        rng.shuffle(when)
-        rng.shuffle(order)
-        one, two = (when, order) if rng.uniform() < 0.5 else (order, when)  # the kinds in turn, either first
-        questions = [q for pair in zip(one, two) for q in pair] + one[len(two):] + two[len(one):]
-        return prompts.item(tuple(frames), times, questions[: max(1, most)])
+            c1, c2 = (str(c) for c in rng.permutation(list(scenes.COLOURS))[:2])
+            frames = [self._other(rng, lambda i: c1 in self.colours[i] or c2 in self.colours[i]) for _ in range(count)]
+            a, b = (int(k) for k in rng.permutation(count)[:2])
+            frames[a] = self._other(rng, lambda i: self.colours[i].count(c1) != 1 or c2 in self.colours[i])
+            frames[b] = self._other(rng, lambda i: self.colours[i].count(c2) != 1 or c1 in self.colours[i])
+            named = (c1, c2) if rng.uniform() < 0.5 else (c2, c1)
+            question = scenes.Question("order", scenes.order_question(*named), c1 if a < b else c2)
+        return prompts.item(tuple(frames), times, [question])
 
 
 def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[list[scenes.Question]],
@@ -647,7 +575,7 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
             items = []
             for _ in range(int(what)):
                 try:
-                    items.append(shows.item(prompts, count, rng, settings.questions))
+                    items.append(shows.item(prompts, count, rng))
                 except LookupError:  # too few pictures for this question (tiny builds)
                     continue
             if not items:
@@ -656,14 +584,14 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
             items = [_picture_item(prompts, int(j), asked[j], settings, rng, count) for j in what]
         batch = pack(prompts, items)
         with _precision(settings):
-            logits, visual, last = forward_packed(model, features, batch, visual_logits=True,
-                                                  naming_layer=settings.naming_layer)
+            logits, visual = forward_packed(model, features, batch, visual_logits=True)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["target"])
-        if settings.naming > 0:
-            loss = loss + settings.naming * _naming_loss(visual.float(), batch, words, settings)
-            if settings.name_last and settings.naming_layer > 0 and words is not None:
-                named_last = _naming_loss(last.float(), batch, words[:, :2], settings, with_times=False)
-                loss = loss + settings.naming * named_last
+        if words is not None and settings.naming > 0:  # each object patch names its object's colour and shape
+            named = words[batch["frames"]]  # (frames, 2, K)
+            visual = visual.float()
+            loss = loss + settings.naming * (
+                torch.nn.functional.cross_entropy(visual, named[:, 0].flatten(), ignore_index=-100)
+                + torch.nn.functional.cross_entropy(visual, named[:, 1].flatten(), ignore_index=-100)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -680,38 +608,16 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
     return history
 
 
-def _naming_loss(visual: torch.Tensor, batch: dict[str, torch.Tensor], words: torch.Tensor | None,
-                 settings: Settings, with_times: bool = True) -> torch.Tensor:
-    """Mean cross-entropy of the words each visual token should name: its object's colour, shape (and place) from
-    ``words`` ((N, rows, K) per cached frame, -100 where nothing), and in a video its frame's time."""
-    targets = []
-    if words is not None:
-        named = words[batch["frames"]]  # (frames, rows, K)
-        targets += [named[:, k].flatten() for k in range(named.shape[1])]
-    if settings.name_times and with_times:
-        per_frame = visual.shape[0] // max(1, len(batch["frames"]))
-        frame_times = batch["frame_times"].repeat_interleave(per_frame)
-        if bool((frame_times >= 0).any()):
-            targets.append(frame_times)
-    losses = [torch.nn.functional.cross_entropy(visual, t, ignore_index=-100) for t in targets
-              if bool((t >= 0).any())]
-    return torch.stack(losses).mean() if losses else visual.sum() * 0
-
-
 @torch.no_grad()
 def evaluate(model: Any, prompts: Prompts, features: torch.Tensor, items: list[tuple[str, str, str]],
-             batch: int = 32, videos: list[Item] | None = None) -> dict[str, float]:
-    """Teacher-forced accuracy of the answer word (the word the model ranks first) per task: of ``items``
-    (task, question, answer) about ``features[i]`` as a picture, and of ``videos`` (items over those features)."""
-    packed_items = [Item((i,), (0.0,), ((t, prompts.suffix(q), prompts.answer(a)),))
-                    for i, (t, q, a) in enumerate(items)]
+             batch: int = 32) -> dict[str, float]:
+    """Teacher-forced accuracy of the answer word (the word the model ranks first) per task."""
     right: dict[str, list[bool]] = {}
-    model.eval()
-    for group, size in ((packed_items, batch), (videos or [], 4)):
-        for i in range(0, len(group), size):
-            chunk = group[i: i + size]
-            logits = forward_packed(model, features, pack(prompts, chunk))[0::2]
-            asked = [(task, answer) for item in chunk for task, _s, answer in item.questions]
-            for (task, answer), row in zip(asked, logits.argmax(-1).tolist()):
-                right.setdefault(task, []).append(row == answer)
+    for i in range(0, len(items), batch):
+        chunk = items[i: i + batch]
+        packed = pack(prompts, [Item((i + k,), (0.0,), ((t, prompts.suffix(q), prompts.answer(a)),))
+                                for k, (t, q, a) in enumerate(chunk)])
+        logits = forward_packed(model, features, packed)[0::2]
+        for (task, _q, answer), row in zip(chunk, logits.argmax(-1).tolist()):
+            right.setdefault(task, []).append(row == prompts.answer(answer))
     return {task: round(float(np.mean(v)), 4) for task, v in right.items()}
