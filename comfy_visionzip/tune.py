@@ -46,10 +46,9 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import Adapter, model_identity, projector_of, supports
 from .answer import Chat, GenerationConfig
-from .encoded import EncodedImages
 from .errors import VisionZipError
 from .pipeline import compress_encoded, label_tokens
-from .tokens import CompressedVideo
+from .prompt import placeholder
 from .video import sample_video
 from .zip import split_tokens
 
@@ -385,8 +384,7 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         _save_samples(samples_file, samples)
     else:
         say(f"resuming: the teacher's {len(samples)} answers reused")
-    template = _template_video(vlm, settings)
-    token_id = Chat(vlm, template).prompt.token_id
+    _kind, token_id, _text = placeholder(vlm)  # the LLaVA families' placeholder (what the prompts were built with)
     rng = np.random.default_rng(settings.seed)
     order = rng.permutation(len(samples))
     held = [samples[i] for i in order[: int(len(samples) * settings.held_out)]] if len(samples) >= 10 else []
@@ -452,22 +450,6 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
     say(f"adapter written to {target.name} after {step} steps in {seconds / 60:.1f} min"
         + (f"; held-out distillation loss {before:.4f} -> {after:.4f}" if before is not None else ""))
     return TuneResult(adapter, path, step, seconds, before, after, history)
-
-
-def _template_video(vlm: Any, settings: TuneSettings) -> CompressedVideo:
-    """A compressed video of zeros with the tuned method's settings (what the student's layout follows)."""
-    encoder = vlm.video_encoder()
-    dominant, contextual = settings.counts
-    seq = encoder.tokens_per_image
-    patches = seq - 1 if encoder.cls_token else seq
-    dummy = EncodedImages(torch.zeros(1, seq, encoder.width, dtype=encoder.dtype, device=encoder.device),
-                          torch.zeros(1, patches, device=encoder.device), torch.zeros(1, seq, 8, device=encoder.device),
-                          encoder.cls_token, encoder.grid)
-    dummy.timestamps, dummy.indices = [0.0], [0]
-    video = compress_encoded(encoder, dummy, dominant=dominant, contextual=contextual, method=settings.method,
-                             keep_maps=False)
-    label_tokens(vlm, video)
-    return video
 
 
 def _held_loss(student: _Student, held: list[Sample], token_id: int, settings: TuneSettings,
