@@ -18,6 +18,11 @@ What exactly is distilled, and why:
     what a dataset says), so no labels are needed; the prompts are generic (``DEFAULT_PROMPTS``) or the
     user's own questions (answers never needed).
 
+Supervised tuning (a control, and for users who have answers): ``labels={file: [(question, answer), ...]}``
+makes those files' samples the given questions with the given answers as one-hot targets (the same loss is
+then the answers' cross-entropy; no teacher runs for them). A labelled file is one sample of its
+``frames_per_video`` frames (its answers are about the whole file).
+
 Memory: frames are encoded one sample at a time; the full tokens live only while the teacher answers, then
 only the compressed tokens and the teacher's top-k targets are kept (and written to the work folder, so an
 interrupted tuning resumes without asking the teacher again). The checkpoint folder is only read.
@@ -224,21 +229,32 @@ def distill_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_probs:
 # ------------------------------------------------------------------------------------------- the teacher
 
 
+def _answer_ids(vlm: Any, answer: str) -> list[int]:
+    ids = vlm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise VisionZipError(f"the answer {answer!r} has no tokens: give a non-empty answer")
+    return [int(i) for i in ids] + [_eos(vlm)]
+
+
 def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
                      progress: Callable[[str, int, int], None] | None,
-                     deadline: float) -> list[Sample]:
+                     deadline: float, labels: dict[str, list[tuple[str, str]]] | None = None) -> list[Sample]:
     encoder = vlm.video_encoder()
     dominant, contextual = settings.counts
     config = GenerationConfig(max_new_tokens=settings.answer_tokens, temperature=0.0)
+    labels = labels or {}
     samples: list[Sample] = []
     clips = []
     for path in sources:
         frames, times = source_frames(path, settings.frames_per_video)
+        if path in labels:  # labelled: one sample of the whole file, asked its own questions
+            clips.append((frames, times, labels[path]))
+            continue
         for i in range(0, len(frames), settings.frames_per_sample):
-            clips.append((frames[i: i + settings.frames_per_sample], times[i: i + settings.frames_per_sample]))
-    total = len(clips) * len(settings.prompts)
+            clips.append((frames[i: i + settings.frames_per_sample], times[i: i + settings.frames_per_sample], None))
+    total = sum(len(qa) if qa is not None else len(settings.prompts) for *_x, qa in clips)
     done = 0
-    for frames, times in clips:
+    for frames, times, qa in clips:
         if time.monotonic() > deadline and samples:
             log.info("time is up while the teacher answers: %d samples", len(samples))
             break
@@ -252,8 +268,22 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         for video in (full, small):
             video.timestamps = list(times)
             label_tokens(vlm, video)
-        teacher, student_chat = Chat(vlm, full), Chat(vlm, small)  # projected once per clip, forked per prompt
+        student_chat = Chat(vlm, small)
         builder = student_chat.prompt
+        size = small.meta.get("frame_size")
+        frame_size = [int(x) for x in size] if size else None
+        if qa is not None:
+            for question, answer in qa:
+                ids = _answer_ids(vlm, answer)
+                student_prompt = builder.ids(student_chat.prompt_video(), [{"role": "user", "text": question}])
+                samples.append(Sample(small.tokens.to(torch.float16), list(times), list(student_prompt), ids, 0,
+                                      torch.tensor(ids)[:, None], torch.tensor([[1.0, 0.0]] * len(ids)),
+                                      int(small.crops), frame_size))
+                done += 1
+                if progress is not None:
+                    progress("teacher", done, total)
+            continue
+        teacher = Chat(vlm, full)  # projected once per clip, forked per prompt
         for prompt in settings.prompts:
             chat = teacher.fork()
             chat.ask(prompt, config)
@@ -273,10 +303,8 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
                 logits = vlm.model(inputs_embeds=emb, use_cache=False).logits[0].float()
             start = prompt_len - 1 - suffix
             top_ids, top_probs = _targets(logits[start: len(teacher_ids) - 1], settings.top_k, settings.temperature)
-            size = small.meta.get("frame_size")
             samples.append(Sample(small.tokens.to(torch.float16), list(times), list(student_prompt), answer, suffix,
-                                  top_ids.cpu(), top_probs.cpu(), int(small.crops),
-                                  [int(x) for x in size] if size else None))
+                                  top_ids.cpu(), top_probs.cpu(), int(small.crops), frame_size))
             done += 1
             if progress is not None:
                 progress("teacher", done, total)
@@ -341,12 +369,14 @@ def check_output(vlm: Any, out: str | os.PathLike[str]) -> Path:
 def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
                    settings: TuneSettings | None = None, resume: bool = True,
                    progress: Callable[[str, int, int], None] | None = None,
-                   say: Callable[[str], object] | None = None) -> TuneResult:
+                   say: Callable[[str], object] | None = None,
+                   labels: dict[str, Sequence[tuple[str, str]]] | None = None) -> TuneResult:
     """Tune ``vlm``'s projector for ``settings.method`` at ``settings.tokens_per_frame`` on ``sources`` (video or
     image files) by self-distillation, and write the adapter to ``out`` (see the module's docstring).
 
     ``progress(stage, done, total)`` reports "teacher" (prompts answered) and "train" (steps; total is an
     estimate while the time limit decides); raising from it stops (what was done is kept for ``resume``).
+    ``labels`` (file -> [(question, answer)]) tunes those files on the given answers instead of the teacher's.
     """
     settings = settings or TuneSettings()
     settings.check()
@@ -358,6 +388,10 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         raise VisionZipError(f"no such file: {', '.join(missing[:3])}" if missing else
                              "no videos or images to tune on")
     target = check_output(vlm, out)
+    given = {os.fspath(k): [(str(q), str(a)) for q, a in v] for k, v in (labels or {}).items()}
+    unknown = [os.path.basename(k) for k in given if k not in paths]
+    if unknown:
+        raise VisionZipError(f"labels for files that are not tuned on: {', '.join(unknown[:3])}")
     dominant, contextual = settings.counts
     spec = vlm.video_encoder().preprocess_spec  # the counts checked against the tower before any work (an anyres
     # model counts its tiles for a frame size: any size will do for the check)
@@ -366,7 +400,7 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
     identity = model_identity(vlm)
     started = time.monotonic()
     work = _work_folder(target)
-    plan = {"model": identity, "sources": _sources_key(paths),
+    plan = {"model": identity, "sources": _sources_key(paths), "labels": sorted(given.items()),
             "settings": {k: v for k, v in asdict(settings).items() if k not in ("minutes", "steps")}}
     plan_key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=list).encode()).hexdigest()[:16]
     state_file, samples_file = work / "state.safetensors", work / "samples.safetensors"
@@ -378,9 +412,11 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
     deadline = started + settings.minutes * 60 - used
     samples = _load_samples(samples_file) if resume and samples_file.is_file() else None
     if samples is None:
-        say(f"the teacher (full tokens) answers {len(settings.prompts)} prompts about the frames of "
-            f"{len(paths)} file(s)")
-        samples = _teacher_samples(vlm, paths, settings, progress, deadline)
+        free = len(paths) - len(given)
+        say(f"the teacher (full tokens) answers {len(settings.prompts)} prompts about the frames of {free} file(s)"
+            + (f"; {len(given)} labelled file(s) bring their own answers" if given else "") if free else
+            f"{len(given)} labelled file(s): tuning on their answers (no teacher)")
+        samples = _teacher_samples(vlm, paths, settings, progress, deadline, given)
         _save_samples(samples_file, samples)
     else:
         say(f"resuming: the teacher's {len(samples)} answers reused")
@@ -440,6 +476,7 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         tuned_for={"method": settings.method, "dominant": dominant, "contextual": contextual,
                    "tokens_per_frame": settings.tokens_per_frame},
         data={"files": [p[0] for p in plan["sources"]], "samples": len(samples), "prompts": list(settings.prompts),
+              "labelled_files": len(given),
               "frames_per_video": settings.frames_per_video, "frames_per_sample": settings.frames_per_sample},
         settings={"positions": settings.positions, "temperature": settings.temperature, "top_k": settings.top_k,
                   "lr": settings.lr, "batch": settings.batch, "steps": step, "seconds": round(seconds, 1),

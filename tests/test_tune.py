@@ -145,6 +145,23 @@ def test_an_interrupted_tuning_resumes_where_it_stopped(tiny_model_dir, clip_fac
     assert result.steps == 5 and len(result.history) == 5
 
 
+def test_supervised_tuning_learns_the_given_answers_without_a_teacher(tiny_model_dir, picture, tmp_path):
+    vlm = load_vlm(tiny_model_dir("llava"), dtype="float32")
+    labels = {picture: [("What is this?", "a cat"), ("Where?", "here")]}
+    said: list[str] = []
+    settings = TuneSettings(**{**QUICK.__dict__, "steps": 30, "batch": 2, "lr": 0.1})
+    result = tune_projector(vlm, [picture], tmp_path / "s.safetensors", settings=settings, labels=labels,
+                            say=said.append)
+    assert said[0] == "1 labelled file(s): tuning on their answers (no teacher)"
+    assert result.adapter.data["labelled_files"] == 1 and result.adapter.data["samples"] == 2
+    # the answers' cross-entropy goes down as the projector learns them (slowly: in a tiny random model the
+    # pictures barely move the logits)
+    assert np.mean(result.history[-5:]) < np.mean(result.history[:5]), result.history
+    with pytest.raises(VisionZipError, match="labels for files that are not tuned on: other.png"):
+        tune_projector(vlm, [picture], tmp_path / "t.safetensors", settings=settings,
+                       labels={str(tmp_path / "other.png"): [("q", "a")]})
+
+
 def test_distill_loss_is_the_kl_divergence_and_zero_when_the_student_agrees():
     torch.manual_seed(0)
     teacher = torch.randn(3, 11)
@@ -160,6 +177,12 @@ def test_distill_loss_is_the_kl_divergence_and_zero_when_the_student_agrees():
     bucket = torch.cat([top3.values, 1 - top3.values.sum(-1, keepdim=True)], -1)
     assert float(distill_loss(teacher, top3.indices, bucket, 1.0)) == pytest.approx(0.0, abs=1e-5)
     assert float(distill_loss(student, top3.indices, bucket, 1.0)) > 0
+    # a one-hot target (what labelled tuning stores: the answer id, probability 1, nothing in the rest) is the
+    # cross-entropy of the answer
+    answer = torch.tensor([4, 0, 9])
+    one_hot = torch.tensor([[1.0, 0.0]] * 3)
+    assert float(distill_loss(student, answer[:, None], one_hot, 1.0)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(student, answer)), rel=1e-4)
 
 
 def test_the_command_line_tunes_and_asks_with_the_adapter(tiny_model_dir, clip_factory, tmp_path, capsys):
