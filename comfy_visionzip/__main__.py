@@ -42,6 +42,7 @@ from .tune import DEFAULT_PROMPTS, TuneSettings, tune_projector
 from .tune import METHODS as TUNE_METHODS
 from .video import VideoHandle, iter_video, uniform_pick
 from .video.backends import letterbox
+from .video.plan import SEEKS
 from .viz import contact_sheet, save_png
 from .vlm import load_vlm
 from .weights import fetch_weights
@@ -104,7 +105,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                            compression=compression, max_new_tokens=args.max_new_tokens,
                            follow_ups=args.follow_up, timestamps=not args.no_timestamps, context=args.context,
                            num_frames=num_frames, fps=args.fps, every=args.every, max_frames=args.max_frames,
-                           start=args.start, end=args.end)
+                           start=args.start, end=args.end, seek=args.seek, workers=args.decode_workers)
         times["plan"] = time.perf_counter() - t
         print(f"plan: {plan.summary()}")
         t = time.perf_counter()
@@ -209,7 +210,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     given = any(v is not None for v in (args.num_frames, args.fps, args.every))
     handle = VideoHandle(args.video, num_frames=args.num_frames if given else DEFAULT_FRAMES, fps=args.fps,
                          every=args.every, start=args.start, end=args.end, max_frames=args.max_frames,
-                         backend=args.backend, max_size=args.max_size)
+                         backend=args.backend, max_size=args.max_size, seek=args.seek, workers=args.decode_workers)
     indices, timestamps = handle.plan()
     index = handle.index()
     shown = ", ".join(f"{t:.2f}" for t in timestamps[:12]) + (" ..." if len(indices) > 12 else "")
@@ -218,6 +219,8 @@ def cmd_frames(args: argparse.Namespace) -> int:
     print(f"  {'':<28} indices {indices[:12]}{' ...' if len(indices) > 12 else ''}")
     if index.approximate:
         print(f"  {'':<28} times are approximate: the video has no usable timestamps")
+    if handle.seek_note():
+        print(f"  {'':<28} {handle.seek_note()}")
     picks = [indices[p] for p in uniform_pick(len(indices), SHEET_FRAMES)]
     t = time.perf_counter()
     tiles, labels = [], []
@@ -231,7 +234,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
         fit = max(16, round(max(width, height) * min(TILE_WIDTH / width, tile_h / height)))
         max_size, cover = (fit if args.max_size is None else min(args.max_size, fit)), None
     for chunk in iter_video(args.video, frames=picks, backend=args.backend, max_size=max_size, cover=cover,
-                            chunk_size=16):
+                            chunk_size=16, workers=args.decode_workers):
         frames = chunk.frames
         if boxed:
             frames = torch.stack([torch.from_numpy(letterbox(f.numpy(), tile_h, TILE_WIDTH)) for f in frames])
@@ -334,6 +337,7 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     ask.add_argument("--start", type=float, default=0.0, help="seconds")
     ask.add_argument("--end", type=float, default=None, help="seconds")
     ask.add_argument("--max-frames", type=int, default=None)
+    _decode_options(ask)
     ask.add_argument("--budget", type=int, default=None,
                      help="tokens the whole prompt + answer may use (default and 0: the model's context); alone, "
                           "as many frames as fit, spread over the video")
@@ -454,9 +458,27 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     frames.add_argument("--max-frames", type=int, default=None)
     frames.add_argument("--max-size", type=int, default=None, help="longer side in pixels")
     frames.add_argument("--backend", default="auto", help="auto, pyav, decord or opencv")
+    _decode_options(frames)
     frames.add_argument("--out", default=None, help="write a contact sheet PNG here")
     frames.set_defaults(func=cmd_frames)
     return parser
+
+
+def _workers_arg(value: str) -> int | None:
+    try:
+        return int(value) or None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of decode processes (0: chosen for you), not {value!r}") from None
+
+
+def _decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seek", choices=SEEKS, default="exact",
+                        help="exact (default): every planned frame decoded exactly; keyframe: a keyframe within half "
+                             "the sampling interval serves a planned frame (much faster on sparse plans of long "
+                             "videos; each frame keeps its own true time)")
+    parser.add_argument("--decode-workers", type=_workers_arg, default=None, metavar="N",
+                        help="decode processes (default and 0: one per core when the plan decodes enough frames; "
+                             "1: decode in this process)")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m comfy_visionzip") -> int:

@@ -244,7 +244,7 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
     config = GenerationConfig(max_new_tokens=settings.answer_tokens, temperature=0.0)
     labels = labels or {}
     samples: list[Sample] = []
-    clips = []
+    clips: list[tuple[torch.Tensor, list[float], list[tuple[str, str]] | None]] = []
     for path in sources:
         frames, times = source_frames(path, settings.frames_per_video)
         if path in labels:  # labelled: one sample of the whole file, asked its own questions
@@ -273,8 +273,8 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         size = small.meta.get("frame_size")
         frame_size = [int(x) for x in size] if size else None
         if qa is not None:
-            for question, answer in qa:
-                ids = _answer_ids(vlm, answer)
+            for question, reply in qa:
+                ids = _answer_ids(vlm, reply)
                 student_prompt = builder.ids(student_chat.prompt_video(), [{"role": "user", "text": question}])
                 samples.append(Sample(small.tokens.to(torch.float16), list(times), list(student_prompt), ids, 0,
                                       torch.tensor(ids)[:, None], torch.tensor([[1.0, 0.0]] * len(ids)),

@@ -7,7 +7,7 @@ import os
 
 from ..comfy_visionzip import VideoHandle, frames_for_budget, plan_budget, sample_video
 from ..comfy_visionzip.budget import POLICIES, BudgetPlan, cap_budget, context_length
-from ..comfy_visionzip.video import BACKENDS, FramesHandle, uniform_pick
+from ..comfy_visionzip.video import BACKENDS, SEEKS, FramesHandle, uniform_pick
 from . import _comfy
 
 CATEGORY = "VisionZip/video"
@@ -130,6 +130,14 @@ class VisionZipLoadVideo:
                 "interval": ("FLOAT", {"default": 60.0, "min": 0.001, "max": 1e6, "step": 0.5,
                                        "tooltip": ("mode interval: seconds between frames (60 = one frame a minute; "
                                                    "0.5 = two a second).")}),
+                "seek": (list(SEEKS), {"default": "exact",
+                                       "tooltip": ("exact: every planned frame decoded exactly. keyframe: a keyframe "
+                                                   "within half the sampling interval serves a planned frame (far "
+                                                   "faster for a few frames of a long video; each frame keeps its "
+                                                   "own true time, and Frame Budget says how many moved).")}),
+                "decode_workers": ("INT", {"default": 0, "min": 0, "max": 64,
+                                           "tooltip": ("Decode processes for long plans: 0 = chosen from the plan and "
+                                                       "the CPU cores; 1 = decode inside ComfyUI's process.")}),
             },
         }
 
@@ -176,7 +184,7 @@ class VisionZipLoadVideo:
         return True
 
     def load(self, video, mode, num_frames, fps, every, start, end, max_frames, max_size, preview_frames, backend,
-             path="", video_input=None, interval=60.0):
+             path="", video_input=None, interval=60.0, seek="exact", decode_workers=0):
         source = self._source(video, path, video_input)
         if isinstance(source, str) and not source:
             raise ValueError("no video given: upload or pick a file in Load Video's 'video' list, type a path, "
@@ -191,11 +199,12 @@ class VisionZipLoadVideo:
             keep = indices if not preview_frames else [indices[i] for i in uniform_pick(len(indices), preview_frames)]
             preview = handle.frames[keep].float() / 255
             return (preview, _format_timestamps([times[indices.index(k)] for k in keep]), handle, len(indices))
-        handle = VideoHandle(source, backend=backend, max_size=max_size or None, **plan)
+        handle = VideoHandle(source, backend=backend, max_size=max_size or None, seek=seek,
+                             workers=decode_workers or None, **plan)
         indices, _times = handle.plan()
         keep = indices if not preview_frames else [indices[i] for i in uniform_pick(len(indices), preview_frames)]
         preview = sample_video(source, frames=keep, backend=backend, max_size=handle.max_size,
-                               progress=_comfy.progress_callback(len(keep)))
+                               progress=_comfy.progress_callback(len(keep)), workers=handle.workers)
         return (preview.to_image(), _format_timestamps(preview.timestamps), handle, len(indices))
 
 

@@ -155,3 +155,17 @@ def test_load_vlm_with_nothing_picked_says_so(pack):
         node().load(model="", dtype="auto", device="cpu", quantization="none", attention="sdpa", keep_loaded=True)
     message = node.VALIDATE_INPUTS(model="llava-missing")
     assert "'llava-missing' is not in ComfyUI/models/visionzip" in message
+
+
+def test_load_video_keyframe_seek_and_decode_workers(pack, clip_factory):
+    path = clip_factory("sparse.mp4", frames=600, size=(96, 64), options={"g": "50", "bf": "2"})
+    node = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"]()
+    kwargs = dict(video="", mode="num_frames", num_frames=9, fps=1.0, every=1, start=0.0, end=0.0, max_frames=0,
+                  max_size=0, preview_frames=0, backend="auto", path=path)
+    _image, exact, handle, _count = node.load(**kwargs)
+    assert handle.seek == "exact" and handle.workers is None  # a workflow saved before these inputs: as before
+    image, snapped, handle, count = node.load(**kwargs, seek="keyframe", decode_workers=2)
+    assert handle.seek == "keyframe" and handle.workers == 2 and count == 9 and image.shape[0] == 9
+    assert snapped.split(", ")[1] == "1.667" and exact.split(", ")[1] == "2.500"  # frame 50 (a keyframe), not 75
+    optional = pack.NODE_CLASS_MAPPINGS["VisionZipLoadVideo"].INPUT_TYPES()["optional"]
+    assert optional["seek"][0] == ["exact", "keyframe"] and optional["decode_workers"][1]["default"] == 0

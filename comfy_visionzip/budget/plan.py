@@ -258,6 +258,9 @@ def plan_budget(
     chosen_times = list(video_of(frames).timestamps)
     thinned = source if frames == len(asked) else source.pick(chosen)
     visual_tokens = layout.total(frames)
+    note = source.seek_note(chosen) if isinstance(source, VideoHandle) else ""
+    if note:
+        reasons.append(note)
     if visual_budget is not None:  # the temporal stage: at most what is new, within the room
         settings = settings.with_temporal_budget(visual_budget)
         most = min(visual_tokens, visual_budget + layout.besides_tokens(frames))

@@ -2,11 +2,12 @@
 
 from .api import FramesHandle, VideoClip, VideoHandle, iter_video, sample_video
 from .backends import BACKENDS, resolve_backend
-from .plan import check_plan_args, plan_frames, uniform_pick
+from .plan import SEEKS, check_plan_args, plan_frames, uniform_pick
 from .probe import StreamIndex, build_index, get_index
 
 __all__ = [
     "BACKENDS",
+    "SEEKS",
     "FramesHandle",
     "StreamIndex",
     "VideoClip",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -15,8 +16,9 @@ import torch
 from ..errors import VideoError, VisionZipError
 from ..words import counted
 from .backends import Reader, _resize, output_size, resolve_backend, target_size
-from .plan import check_plan_args, plan_frames
+from .plan import check_plan_args, check_seek, plan_frames, snap_to_keyframes
 from .probe import StreamIndex, get_index
+from .workers import check_workers, parallel_reader
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,16 @@ class VideoHandle:
     max_size: int | None = None
     cover: tuple[int, int] | None = None
     picks: tuple[int, ...] | None = None
+    seek: str = "exact"
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        check_seek(self.seek)
+        check_workers(self.workers)
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("num_frames", "fps", "every", "start", "end", "max_frames", "backend",
-                                               "max_size", "cover")}
+                                               "max_size", "cover", "seek", "workers")}
 
     def index(self) -> StreamIndex:
         return get_index(self.source)
@@ -88,6 +96,21 @@ class VideoHandle:
         """The same video with these frames (source frame numbers) instead of the plan."""
         return dataclasses.replace(self, picks=tuple(int(i) for i in indices))
 
+    def seek_note(self, indices: Sequence[int] | None = None) -> str:
+        """With ``seek="keyframe"``: how many of ``indices`` (default: the plan) a keyframe serves instead of the
+        planned frame, and how far they moved at most; "" otherwise."""
+        if self.seek != "keyframe":
+            return ""
+        index = self.index()
+        moves = _snaps(index, self.options())
+        shown = list(indices) if indices is not None else self.plan()[0]
+        ts = index.timestamps
+        shifts = [abs(float(ts[k]) - float(ts[f])) for f, k in moves.items() if k in set(shown)]
+        if not shifts:
+            return f"seek keyframe: none of the {counted(len(shown), 'frame')} has a keyframe near enough"
+        return (f"seek keyframe: {len(shifts)} of {counted(len(shown), 'frame')} served by a nearby keyframe "
+                f"(moved at most {max(shifts):.2f} s; times are the keyframes' own)")
+
     def duration(self) -> float:
         return float(self.index().duration)
 
@@ -98,7 +121,7 @@ class VideoHandle:
     def iter(self, chunk_size: int = 32, progress: Progress | None = None) -> Iterator[VideoClip]:
         if self.picks is not None:
             return iter_video(self.source, frames=list(self.picks), backend=self.backend, max_size=self.max_size,
-                              cover=self.cover, chunk_size=chunk_size, progress=progress)
+                              cover=self.cover, chunk_size=chunk_size, progress=progress, workers=self.workers)
         return iter_video(self.source, chunk_size=chunk_size, progress=progress, **self.options())
 
 
@@ -155,6 +178,23 @@ class FramesHandle:
 
 
 def _plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
+    """The plan's frames; with ``seek="keyframe"``, those a nearby keyframe serves replaced by it."""
+    planned = _exact_plan(index, options)
+    if options.get("seek", "exact") != "keyframe":
+        return planned
+    moves = _snaps(index, options, planned)
+    return sorted(moves.get(i, i) for i in planned)
+
+
+def _snaps(index: StreamIndex, options: dict[str, Any], planned: list[int] | None = None) -> dict[int, int]:
+    planned = _exact_plan(index, options) if planned is None else planned
+    if not index.has_pts:  # times are estimates: a keyframe's nearness cannot be judged; decode exactly
+        return {}
+    return snap_to_keyframes(index.timestamps.tolist(), index.keyframes.tolist(), planned,
+                             start=options.get("start", 0.0) or 0.0, end=options.get("end"))
+
+
+def _exact_plan(index: StreamIndex, options: dict[str, Any]) -> list[int]:
     try:
         return plan_frames(
             index.frame_count,
@@ -202,16 +242,19 @@ def iter_video(
     chunk_size: int = 32,
     progress: Progress | None = None,
     cover: tuple[int, int] | None = None,
+    seek: str = "exact",
+    workers: int | None = None,
 ) -> Iterator[VideoClip]:
     """Sample frames like :func:`sample_video`, yielding :class:`VideoClip` chunks of <= ``chunk_size`` frames.
 
     Only one chunk of decoded frames is held at a time, so a 1-hour video at 1 fps streams in bounded
     memory. Arguments are validated (and the file probed) before the first chunk is requested.
     ``cover=(height, width)`` scales frames down while decoding so that they still cover that box.
+    ``seek`` and ``workers``: see :func:`sample_video`.
     """
     return _start(path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames, backend=backend,
                   every=every, max_size=max_size, frames=frames, chunk_size=chunk_size, progress=progress,
-                  cover=cover)[0]
+                  cover=cover, seek=seek, workers=workers)[0]
 
 
 def _start(
@@ -229,9 +272,13 @@ def _start(
     chunk_size: int,
     progress: Progress | None,
     cover: tuple[int, int] | None,
+    seek: str = "exact",
+    workers: int | None = None,
 ) -> tuple[Iterator[VideoClip], StreamIndex, list[int], tuple[int, int]]:
     """(chunk iterator, index, planned indices, output (height, width)); everything checked, nothing decoded."""
     check_plan_args(num_frames=num_frames, target_fps=fps, every=every, start=start, end=end, max_frames=max_frames)
+    check_seek(seek)
+    check_workers(workers)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise VisionZipError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chosen = resolve_backend(backend)
@@ -246,9 +293,12 @@ def _start(
         indices = _explicit(index, frames, num_frames=num_frames, fps=fps, every=every, max_frames=max_frames)
     else:
         indices = _plan(index, {"num_frames": num_frames, "fps": fps, "every": every, "start": start, "end": end,
-                                "max_frames": max_frames})
+                                "max_frames": max_frames, "seek": seek})
     t2 = time.perf_counter()
-    chunks = _iter_chunks(index, indices, chosen.name, chosen.read, size, chunk_size, progress,
+    read = chosen.read
+    if chosen.name == "pyav":
+        read = parallel_reader(index, indices, workers)
+    chunks = _iter_chunks(index, indices, chosen.name, read, size, chunk_size, progress,
                           {"probe": t1 - t0, "plan": t2 - t1})
     return chunks, index, indices, output_size(index, max_size, cover)
 
@@ -287,25 +337,27 @@ def _iter_chunks(
         return clip
 
     last = -1
-    for position, rgb in read(index, indices, size):
-        if position == last:
-            continue  # an undecodable frame was replaced by the next one, which is also planned
-        last = position
-        if buf is None or filled == buf.shape[0]:
-            rows = min(chunk_size, total - done) if total > done else 1
-            buf, filled = torch.empty((rows, *rgb.shape), dtype=torch.uint8), 0
-        if rgb.shape != tuple(buf.shape[1:]):  # the stream changed resolution mid-way: match the first frames
-            rgb = _resize(rgb, (buf.shape[2], buf.shape[1]))
-        buf[filled] = torch.from_numpy(np.ascontiguousarray(rgb))
-        filled += 1
-        buf_idx.append(position)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-        if filled == buf.shape[0]:
-            yield flush(buf)
-            buf = None
-            t_start = time.perf_counter()
+    # closed at once when the consumer stops or raises (Cancel): decode workers must not outlive it
+    with contextlib.closing(read(index, indices, size)) as decoded:  # type: ignore[type-var]
+        for position, rgb in decoded:
+            if position == last:
+                continue  # an undecodable frame was replaced by the next one, which is also planned
+            last = position
+            if buf is None or filled == buf.shape[0]:
+                rows = min(chunk_size, total - done) if total > done else 1
+                buf, filled = torch.empty((rows, *rgb.shape), dtype=torch.uint8), 0
+            if rgb.shape != tuple(buf.shape[1:]):  # the stream changed resolution mid-way: match the first frames
+                rgb = _resize(rgb, (buf.shape[2], buf.shape[1]))
+            buf[filled] = torch.from_numpy(np.ascontiguousarray(rgb))
+            filled += 1
+            buf_idx.append(position)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if filled == buf.shape[0]:
+                yield flush(buf)
+                buf = None
+                t_start = time.perf_counter()
     if buf is not None and filled:
         yield flush(buf)
     elif done == 0:
@@ -327,6 +379,8 @@ def sample_video(
     progress: Progress | None = None,
     cover: tuple[int, int] | None = None,
     max_bytes: int | None = SAMPLE_MAX_BYTES,
+    seek: str = "exact",
+    workers: int | None = None,
 ) -> VideoClip:
     """Decode the planned frames of a video file (or file object) into one :class:`VideoClip`.
 
@@ -349,6 +403,11 @@ def sample_video(
         progress: ``progress(done, total)`` after each frame; raise from it to cancel.
         cover: (height, width): scale frames down while decoding, keeping them at least this big.
         max_bytes: refuse plans whose frames would take more memory than this (None: no cap).
+        seek: "exact" (default) decodes every planned frame exactly; "keyframe" serves a planned frame with a
+            keyframe within half the sampling interval around it (one frame decoded instead of everything from
+            the keyframe before it), keeping the keyframe's own index and timestamp; see ``snap_to_keyframes``.
+        workers: decode worker processes for the PyAV backend (None: chosen from the plan and the cores, see
+            ``workers.py``; 1: decode in this process).
 
     Raises:
         VideoError (a ValueError) naming the file and the problem; VisionZipError for bad options.
@@ -357,7 +416,8 @@ def sample_video(
         raise VisionZipError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     chunks, index, indices, (height, width) = _start(
         path, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames, backend=backend,
-        every=every, max_size=max_size, frames=frames, chunk_size=1 << 30, progress=progress, cover=cover)
+        every=every, max_size=max_size, frames=frames, chunk_size=1 << 30, progress=progress, cover=cover, seek=seek,
+        workers=workers)
     need = len(indices) * height * width * 3
     if max_bytes is not None and need > max_bytes:
         fits = max(max_bytes // (height * width * 3), 1)

@@ -5,7 +5,7 @@ and yields ``(position, rgb)`` with ``rgb`` a uint8 ``[H, W, 3]`` array in displ
 (built with PyAV, see ``probe.py``) is the single source of truth for what "frame i" is, so every
 backend returns the same frames for the same plan.
 
-Hazards handled here (each measured on real files):
+Hazards handled here (each measured on real files; the PyAV loop itself is in ``decode.py``):
   - decord can hang on MPEG-TS and similar containers, counts MP4 edit-list pre-roll as frames, and
     its seeks return wrong frames on HEVC and open-GOP H.264: it is only used on containers in
     ``DECORD_SAFE_FORMATS``, reads in order from the start, and its frames are matched to ours by
@@ -24,14 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import av
 import numpy as np
 import torch
-from av.container import InputContainer
-from av.video.frame import VideoFrame
-from av.video.stream import VideoStream
 
 from ..errors import VideoError, VisionZipError
+from .decode import DecodeError, PlannedReader
+from .decode import orient as _orient
 from .probe import StreamIndex, open_container
 
 log = logging.getLogger(__name__)
@@ -79,12 +77,6 @@ def output_size(index: StreamIndex, max_size: int | None, cover: tuple[int, int]
     return (width, height) if index.rotation in (90, 270) else (height, width)
 
 
-def _orient(rgb: np.ndarray, rotation: int) -> np.ndarray:
-    if rotation == 0:
-        return rgb
-    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))  # np.rot90 turns counter-clockwise
-
-
 def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-downscale an RGB uint8 array to (width, height)."""
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
@@ -106,98 +98,18 @@ def letterbox(rgb: np.ndarray, height: int, width: int, fill: int = 24) -> np.nd
 # ----------------------------------------------------------------------------------------------- PyAV
 
 
-def _decoded_frames(container: InputContainer, stream: VideoStream, index: StreamIndex,
-                    counter: list[int]) -> Iterator[VideoFrame]:
-    """Decoded frames after the current position, errors in single packets skipped (logged)."""
-    for packet in container.demux(stream):
-        try:
-            frames = packet.decode()
-        except av.error.FFmpegError as e:  # a corrupt packet: skip it, keep going
-            counter[0] += 1
-            if counter[0] <= 3:
-                log.warning("%s: skipping an undecodable packet at pts %s: %s", index.source, packet.pts, e)
-            continue
-        yield from frames
-
-
-def read_pyav(index: StreamIndex, frames: Sequence[int],
-              size: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
-    targets = sorted(set(frames))
-    if not targets:
-        return
-    # rgb24, scaled (area) to ``size`` when given; None leaves PyAV's defaults (keep the size)
-    width, height = size if size is not None else (None, None)
-    interpolation = "AREA" if size is not None else None
-    bad_packets = [0]
-    pts_list = index.pts
-    container: InputContainer | None = None
+def read_pyav(index: StreamIndex, frames: Sequence[int], size: tuple[int, int] | None, *,
+              skip: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """The planned frames, frame-exactly (see ``decode.py``); ``skip``: let the decoder drop what no planned
+    frame needs."""
+    reader = PlannedReader(lambda: open_container(index.source), index.stream_index, index.pts, index.keyframes,
+                           index.has_pts, index.rotation, size, source=str(index.source), skip=skip)
     try:
-        ti = 0  # next target to produce
-        pos = -1  # presentation position of the latest decoded frame
-        frame_iter: Iterator[VideoFrame] | None = None
-        backoff = 0  # how many keyframes further back than needed the next seek goes (after an overshoot)
-        while ti < len(targets):
-            target = targets[ti]
-            key = index.keyframe_at_or_before(target)
-            if frame_iter is None or (index.has_pts and key > pos + 1):
-                # (Re)start decoding at a keyframe: the first time, after an overshoot, or when a keyframe
-                # lies between the last decoded frame and the next target (a sparse plan: skip the gap).
-                k = int(np.searchsorted(index.keyframes, key)) - backoff
-                seek_pos = int(index.keyframes[k]) if k > 0 and index.has_pts else 0
-                if seek_pos == 0 or container is None:
-                    # From the very start: reopen rather than seek (some demuxers, e.g. MPEG-TS, land late).
-                    if container is not None:
-                        container.close()
-                    container = open_container(index.source)
-                    found = container.streams[index.stream_index]
-                    if not isinstance(found, VideoStream):  # the index was made from this stream: the file changed
-                        raise VideoError(index.source, f"stream {index.stream_index} is not a video stream",
-                                         "the file changed after it was indexed")
-                    stream = found
-                    stream.thread_type = "AUTO"
-                if seek_pos > 0:
-                    container.seek(int(pts_list[seek_pos]), stream=stream, backward=True, any_frame=False)
-                    stream.codec_context.flush_buffers()
-                frame_iter = _decoded_frames(container, stream, index, bad_packets)
-                fresh = True
-                counted = -1  # streams without timestamps are always read from the start, in order
-            for frame in frame_iter:
-                if index.has_pts and frame.pts is not None:
-                    p = int(np.searchsorted(pts_list, frame.pts))
-                    if p >= len(pts_list) or pts_list[p] != frame.pts:
-                        continue  # a frame the index does not know (should not happen); ignore it
-                else:
-                    counted += 1
-                    p = counted
-                if fresh and p > target and seek_pos > 0:
-                    backoff += 1  # the demuxer landed after the wanted frame: start further back
-                    frame_iter = None
-                    break
-                fresh = False
-                pos = max(pos, p)
-                if p < target:
-                    continue
-                if p > target:  # frames in between were undecodable (corrupt data)
-                    log.warning("%s: frame %d could not be decoded; returning frame %d instead",
-                                index.source, target, p)
-                backoff = 0
-                rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation)
-                yield p, _orient(rgb.to_ndarray(), index.rotation)
-                while ti < len(targets) and targets[ti] <= p:
-                    ti += 1
-                break
-            else:
-                if fresh and seek_pos > 0:
-                    backoff += 1  # the seek landed past every frame (seen with MPEG-TS): start further back
-                    frame_iter = None
-                    continue
-                if ti < len(targets):  # the stream ended before the remaining targets
-                    log.warning("%s: frames %d..%d could not be decoded (is the file truncated?)",
-                                index.source, targets[ti], targets[-1])
-                return
+        yield from reader.read(frames)
+    except DecodeError as e:
+        raise VideoError(index.source, e.problem, e.hint) from None
     finally:
-        if container is not None:
-            container.close()
+        reader.close()
 
 
 # --------------------------------------------------------------------------------------------- decord

@@ -168,3 +168,49 @@ def _nearest_to_ticks(times: Sequence[float], first: int, last: int, period: flo
             picks.append(j)
         k += 1
     return picks
+
+
+SEEKS = ("exact", "keyframe")
+
+
+def check_seek(seek: object) -> str:
+    if seek not in SEEKS:
+        raise VisionZipError(f"seek must be 'exact' (every planned frame decoded exactly) or 'keyframe' (a keyframe "
+                             f"near a planned frame serves it), got {seek!r}")
+    return str(seek)
+
+
+def snap_to_keyframes(times: Sequence[float], keyframes: Sequence[int], planned: Sequence[int],
+                      start: float = 0.0, end: float | None = None) -> dict[int, int]:
+    """Which planned frames a keyframe serves: ``{planned frame: keyframe}``.
+
+    A planned frame is served by its nearest keyframe when that keyframe lies within half the sampling interval
+    around it (half the distance to the nearer of its planned neighbours; for a one-frame plan, half the range),
+    inside [start, end), and is not planned or serving another frame already. So snapped frames keep their order
+    and stay distinct, each moves by less than half a step of the plan, and a keyframe's decode (one frame, no
+    GOP before it) replaces the decode of everything from the keyframe before the planned frame up to it.
+    """
+    plan = sorted(planned)
+    if not plan or len(keyframes) == 0:
+        return {}
+    keys = sorted(int(k) for k in keyframes)
+    key_times = [float(times[k]) for k in keys]
+    last = float(times[-1]) if end is None else min(end, float(times[-1]) + 1e-9)
+    taken = set(plan)
+    out: dict[int, int] = {}
+    for i, frame in enumerate(plan):
+        t = float(times[frame])
+        gaps = [t - float(times[plan[i - 1]])] if i > 0 else []
+        gaps += [float(times[plan[i + 1]]) - t] if i + 1 < len(plan) else []
+        half = min(gaps) / 2 if gaps else max(t - start, last - t)
+        j = bisect.bisect_left(key_times, t)
+        near = sorted((abs(key_times[c] - t), keys[c]) for c in (j - 1, j) if 0 <= c < len(keys))
+        for shift, key in near:
+            if key == frame:
+                break  # already a keyframe
+            if shift > half or not (start <= float(times[key]) <= last) or key in taken:
+                continue
+            out[frame] = key
+            taken.add(key)
+            break
+    return out
