@@ -48,7 +48,8 @@ from .vlm import load_vlm
 from .weights import fetch_weights
 from .words import counted
 
-BENCHES = ("video", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision", "tune")
+BENCHES = ("video", "decode", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision",
+           "tune")
 
 DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
 SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)

@@ -187,3 +187,16 @@ def test_the_plan_line_says_how_many_frames_a_keyframe_serves(clip_factory, tiny
     assert plan.indices == [0, 50, 150, 200, 300, 350, 450, 500, 599]
     assert "seek keyframe: 5 of 9 frames served" in plan.summary()
     assert "seek keyframe" not in plan_budget(vlm, path, "What happens?", num_frames=9).summary()
+
+
+def test_no_worker_can_start_so_the_frames_are_decoded_here(clip_factory, monkeypatch, caplog):
+    path = clip_factory("long.mkv", frames=300, **B_FRAMES)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("no processes here")
+
+    monkeypatch.setattr(workers.subprocess, "Popen", refuse)
+    with caplog.at_level(logging.WARNING, logger="comfy_visionzip.video"):
+        clip = sample_video(path, every=2, workers=2)
+    assert clip.indices == list(range(0, 300, 2)) == _numbers(clip)
+    assert "decode workers cannot start (PermissionError); decoding in this process" in caplog.text

@@ -213,8 +213,17 @@ def read_parallel(index: StreamIndex, frames: Sequence[int], size: tuple[int, in
         return
     width, height = size if size is not None else (index.width, index.height)
     threads = max(1, available_cores() // count)
-    pool = [_Worker(index, [(j, parts[j]) for j in range(w, len(parts), count)], size, threads,
-                    width * height * 3) for w in range(count)]
+    pool: list[_Worker] = []
+    try:
+        for w in range(count):
+            pool.append(_Worker(index, [(j, parts[j]) for j in range(w, len(parts), count)], size, threads,
+                                width * height * 3))
+    except OSError as e:  # no process can be started here (a sandbox, no interpreter at sys.executable)
+        for worker in pool:
+            worker.close()
+        log.warning("decode workers cannot start (%s); decoding in this process", type(e).__name__)
+        yield from read_pyav(index, frames, size)
+        return
     try:
         for j, span in enumerate(parts):
             worker = pool[j % count]
