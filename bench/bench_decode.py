@@ -154,6 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--repeat", type=int, default=1, help="best of this many runs per measurement")
+    parser.add_argument("--plans", default="1 fps,16 frames,64 frames")
+    parser.add_argument("--modes", default="before,exact,exact-1w,exact-2w,keyframe,decord")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     folder = Path(os.environ.get("VISIONZIP_BENCH_CACHE", "/tmp/visionzip-bench"))
@@ -165,8 +167,9 @@ def main() -> None:
         minutes = KINDS[kind][2]
         full, frames = timed(functools.partial(full_decode, path), args.repeat)
         print(f"{kind}: full decode {frames} frames in {full:.2f} s", flush=True)
-        for name, plan in (("1 fps", {"fps": 1.0}), ("16 frames", {"num_frames": 16}),
-                           ("64 frames", {"num_frames": 64})):
+        plans = {"1 fps": {"fps": 1.0}, "16 frames": {"num_frames": 16}, "64 frames": {"num_frames": 64}}
+        for name in args.plans.split(","):
+            plan = plans[name]
             planned = api._plan(index, plan)
             row = {"clip": kind, "minutes": minutes, "plan": name, "frames": len(planned), "full_s": round(full, 3),
                    "auto_workers": workers.choose_workers(index, planned, None), "modes": {}}
@@ -177,6 +180,8 @@ def main() -> None:
             if backend_available("decord"):
                 modes["decord"] = call(decord_batch, path, planned)
             for mode, fn in modes.items():
+                if mode not in args.modes.split(","):
+                    continue
                 seconds, count = timed(fn, args.repeat)
                 row["modes"][mode] = {"seconds": round(seconds, 3), "ratio": round(seconds / full, 3),
                                       "frames": count}

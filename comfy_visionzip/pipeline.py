@@ -395,6 +395,9 @@ def compress_video(
                    total=total)
     label_tokens(vlm, video)
     video.meta["duration"] = handle.duration()
+    note = handle.seek_note(video.indices) if isinstance(handle, VideoHandle) else ""
+    if note:
+        video.meta["seek"] = note
     video.source = str(handle.source)
     return video
 

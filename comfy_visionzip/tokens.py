@@ -224,7 +224,8 @@ class CompressedVideo:
             return (f"{head}, {counted(every - self.total_tokens, 'repeat')} of earlier {earlier} dropped = "
                     f"{counted(self.total_tokens, 'visual token')} ({how}; temporal {setting.get('threshold', '?')}: "
                     f"{segments}, {self.total_tokens / max(every, 1):.0%} kept{f'; {thinned}' if thinned else ''})")
-        return f"{head} = {counted(self.total_tokens, 'visual token')} ({how})"
+        seek = f"; {self.meta['seek']}" if self.meta.get("seek") else ""
+        return f"{head} = {counted(self.total_tokens, 'visual token')} ({how}){seek}"
 
 
 def kept_count(video: CompressedVideo) -> int:

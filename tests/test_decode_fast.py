@@ -174,7 +174,7 @@ def test_how_many_workers_a_plan_gets(clip_factory, monkeypatch):
 
 
 def test_the_plan_line_says_how_many_frames_a_keyframe_serves(clip_factory, tiny_model_dir, capsys):
-    from comfy_visionzip import load_vlm, plan_budget
+    from comfy_visionzip import compress_video, load_vlm, plan_budget
     from comfy_visionzip.__main__ import main
 
     path = clip_factory("sparse.mp4", frames=600, size=(96, 64), options={"g": "50", "bf": "2"})
@@ -187,6 +187,10 @@ def test_the_plan_line_says_how_many_frames_a_keyframe_serves(clip_factory, tiny
     assert plan.indices == [0, 50, 150, 200, 300, 350, 450, 500, 599]
     assert "seek keyframe: 5 of 9 frames served" in plan.summary()
     assert "seek keyframe" not in plan_budget(vlm, path, "What happens?", num_frames=9).summary()
+    video = compress_video(vlm, plan.video, dominant=7, contextual=1)
+    assert video.indices == plan.indices and video.summary().endswith(
+        "; seek keyframe: 5 of 9 frames served by a nearby keyframe (moved at most 0.83 s; times are the keyframes' "
+        "own)")
 
 
 def test_no_worker_can_start_so_the_frames_are_decoded_here(clip_factory, monkeypatch, caplog):
