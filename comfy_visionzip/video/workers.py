@@ -79,7 +79,7 @@ def spans(index: StreamIndex, frames: Sequence[int]) -> list[list[int]]:
             span = out[-1]
             key = index.keyframe_at_or_before(t)
             cut = key > span[-1]
-            big = len(span) >= SPAN_TARGETS or span[-1] - index.keyframe_at_or_before(span[0]) + 1 >= SPAN_FRAMES
+            big = len(span) >= SPAN_TARGETS or decode_cost(index, span) >= SPAN_FRAMES
             if not (cut and big):
                 span.append(t)
                 continue
@@ -88,9 +88,14 @@ def spans(index: StreamIndex, frames: Sequence[int]) -> list[list[int]]:
 
 
 def decode_cost(index: StreamIndex, frames: Sequence[int]) -> int:
-    """Frames a plan decodes (about: from each span's keyframe to its last planned frame, non-reference frames
-    that are skipped counted too)."""
-    return sum(span[-1] - index.keyframe_at_or_before(span[0]) + 1 for span in spans(index, frames))
+    """Frames a plan decodes, about: from a planned frame's keyframe (or the frame after the previous planned
+    one, when no keyframe lies between them) up to it; skipped non-reference frames counted too."""
+    cost, previous = 0, -1
+    for t in sorted(set(int(f) for f in frames)):
+        key = index.keyframe_at_or_before(t)
+        cost += t - (key if key > previous else previous + 1) + 1
+        previous = t
+    return cost
 
 
 def choose_workers(index: StreamIndex, frames: Sequence[int], workers: int | None) -> int:
