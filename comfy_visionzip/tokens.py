@@ -11,6 +11,7 @@ lives here; matching repeats again after a thinning is the temporal stage's (:fu
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,10 +195,12 @@ class CompressedVideo:
                                  f"recorded), which {why} needs: encode the video again and save new tokens")
         return self.positions
 
-    def summary(self) -> str:
+    def summary(self, *, file_name_only: bool = False) -> str:
         """One line whose numbers add up: frames (and, for Qwen, the temporal patches they make) x tokens
-        each = the visual tokens that reach the model, and how they were chosen."""
-        where = f" of {self.source}" if self.source else ""
+        each = the visual tokens that reach the model, and how they were chosen. ``file_name_only``: name the
+        source by its file name, not its path (what a web page shows)."""
+        source = os.path.basename(self.source) if file_name_only and self.source else self.source
+        where = f" of {source}" if source else ""
         crops = max(self.crops, 1)
         per_image = self.tokens_per_frame // crops
         image = "image" if crops > 1 or self.frames_per_unit == 1 else unit_name(self.frames_per_unit)

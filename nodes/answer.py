@@ -205,7 +205,7 @@ class VisionZipLoadTokens:
         if not chosen:
             raise ValueError("no tokens file given: type a path, or pick a file Save Tokens wrote")
         tokens = load_tokens(_comfy.tokens_file(chosen), model=model.vlm if model is not None else None)
-        return (tokens, tokens.summary())
+        return (tokens, tokens.summary(file_name_only=True))
 
 
 NODE_CLASS_MAPPINGS = {

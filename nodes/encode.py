@@ -142,7 +142,8 @@ class VisionZipCompress:
             video = compress_encoded(vlm.video_encoder(), features.encoded, dominant=dominant, contextual=contextual,
                                      method=method)
         video.meta.update(features.encoded.meta)
-        return {"ui": {"text": [video.summary()]}, "result": (video, video.summary())}
+        summary = video.summary(file_name_only=True)
+        return {"ui": {"text": [summary]}, "result": (video, summary)}
 
 
 class VisionZipVideoToTokens:
@@ -194,7 +195,8 @@ class VisionZipVideoToTokens:
         with model as vlm:
             tokens = compress_video(vlm, handle, compression=compression, batch_size=batch_size or None,
                                     progress=_comfy.progress_callback(total))
-        summary = with_notes(tokens.summary(), cap_note(handle) if plan is None else "")  # Frame Budget said it
+        # (Frame Budget already said it when it planned)
+        summary = with_notes(tokens.summary(file_name_only=True), cap_note(handle) if plan is None else "")
         return {"ui": {"text": [summary]}, "result": (tokens, summary)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -71,8 +72,10 @@ def test_frame_budget_with_the_model_plans_exactly_what_answer_prefills(pack, se
                                                policy="fit")
     frames, summary, fitted = out["result"]
     assert 1 <= frames < 40 and len(fitted.video.plan()[0]) == frames and "of the 40 asked frames are kept" in summary
-    tokens = nodes["VisionZipVideoToTokens"]().run(model=model, video=fitted, method="visionzip", dominant=9,
-                                                   contextual=1, tokens_per_frame=10, batch_size=0)["result"][0]
+    tokens, said = nodes["VisionZipVideoToTokens"]().run(model=model, video=fitted, method="visionzip", dominant=9,
+                                                         contextual=1, tokens_per_frame=10, batch_size=0)["result"]
+    # the page shows the file's name, not where it lies on disk
+    assert f" of {os.path.basename(tokens.source)} x " in said and os.path.dirname(tokens.source) not in said
     answer = nodes["VisionZipAnswer"]().answer(model=model, tokens=tokens, question=question, timestamps=True, **GEN)
     prompt = int(summary.split("; prompt ")[1].split(" ")[0])
     assert f"prefilled {prompt} new tokens" in answer["ui"]["text"][0]  # planned == prefilled, to the token
