@@ -51,6 +51,7 @@ KINDS = {  # name: (width, height, minutes, gop, bframes)
     "1080p-gop250-b3-2min": (1920, 1080, 2, 250, 3),
     "720p-gop30-b3-10min": (1280, 720, 10, 30, 3),
     "4k-gop60-b3-1min": (3840, 2160, 1, 60, 3),
+    "720p-gop30-b3-60min": (1280, 720, 60, 30, 3),  # the 10-minute clip played 6 times (remuxed, not re-encoded)
 }
 
 
@@ -83,10 +84,39 @@ def source_frames(paths: list[str], width: int, height: int):
                     yield np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+def looped(base: str, times: int, path: Path) -> None:
+    """``base`` played ``times`` times into ``path``: its packets copied with shifted timestamps (no encoding)."""
+    with av.open(base) as source:
+        stamps = sorted(p.pts for p in source.demux(source.streams.video[0]) if p.pts is not None)
+    step = stamps[-1] - stamps[0] + int(np.median(np.diff(stamps)))
+    staging = path.with_name(f".{path.name}.partial.mp4")
+    with av.open(str(staging), "w") as out:
+        copy = None
+        for k in range(times):
+            with av.open(base) as source:
+                stream = source.streams.video[0]
+                copy = copy or out.add_stream_from_template(stream)
+                for packet in source.demux(stream):
+                    if packet.dts is None:  # the demuxer's flush packet
+                        continue
+                    packet.pts += k * step
+                    packet.dts += k * step
+                    packet.stream = copy
+                    out.mux(packet)
+    os.replace(staging, path)
+
+
 def make(kind: str, folder: Path) -> str:
     width, height, minutes, gop, bframes = KINDS[kind]
     path = folder / f"{kind}.mp4"
     if path.exists():
+        return str(path)
+    if minutes > 10:  # a long clip: the 10-minute one of the same kind, looped
+        base = kind.replace(f"-{minutes}min", "-10min")
+        t = time.perf_counter()
+        looped(make(base, folder), minutes // 10, path)
+        print(f"generated {path.name}: {base} x {minutes // 10} (remuxed) in {time.perf_counter() - t:.0f} s",
+              flush=True)
         return str(path)
     frames = int(minutes * 60 * 30)
     t = time.perf_counter()
