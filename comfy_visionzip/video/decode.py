@@ -21,7 +21,9 @@ predicted from both sides) belong to the stretch before it, whose references the
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -233,9 +235,6 @@ def worker_main() -> None:
     """A decode worker (see ``workers.py``): reads its job from stdin (a JSON line, then the index's pts and
     keyframes as little-endian int64), decodes its spans in order and writes each frame, span end, warning and
     error to stdout as a header (``kind, span, position, height, width`` as <iiqii) and its bytes."""
-    import json
-    import struct
-
     head = struct.Struct("<iiqii")
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     job = json.loads(inp.readline())
