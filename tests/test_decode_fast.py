@@ -99,6 +99,8 @@ def test_keyframe_seek_returns_the_keyframes_with_their_own_index_and_time(clip_
     assert handle.plan()[0] == clip.indices
     assert handle.seek_note().startswith("seek keyframe: 5 of 9 frames served by a nearby keyframe (moved at most")
     assert VideoHandle(path, num_frames=9).seek_note() == ""
+    assert VideoHandle(path, every=50, seek="keyframe").seek_note() == \
+        "seek keyframe: no frame moved (all 12 frames on keyframes already)"
     with pytest.raises(VisionZipError, match="seek must be 'exact'"):
         sample_video(path, num_frames=9, seek="fast")
 

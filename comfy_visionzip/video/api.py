@@ -107,7 +107,11 @@ class VideoHandle:
         ts = index.timestamps
         shifts = [abs(float(ts[k]) - float(ts[f])) for f, k in moves.items() if k in set(shown)]
         if not shifts:
-            return f"seek keyframe: none of the {counted(len(shown), 'frame')} has a keyframe near enough"
+            keys = set(int(k) for k in index.keyframes)
+            already = sum(1 for f in shown if f in keys)
+            return (f"seek keyframe: no frame moved ({already} of {counted(len(shown), 'frame')} on keyframes "
+                    "already, no keyframe near enough to the others)" if already < len(shown) else
+                    f"seek keyframe: no frame moved (all {counted(len(shown), 'frame')} on keyframes already)")
         return (f"seek keyframe: {len(shifts)} of {counted(len(shown), 'frame')} served by a nearby keyframe "
                 f"(moved at most {max(shifts):.2f} s; times are the keyframes' own)")
 
