@@ -261,13 +261,16 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         with torch.inference_mode():
             encoded = encoder.encode(frames)
         encoded.timestamps, encoded.indices = list(times), list(range(len(times)))
-        full = compress_encoded(encoder, encoded, dominant=0, contextual=0, method="full", keep_maps=False)
+        # the full tokens only for the teacher (a labelled clip brings its own answers)
+        full = None if qa is not None else \
+            compress_encoded(encoder, encoded, dominant=0, contextual=0, method="full", keep_maps=False)
         small = compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual, method=settings.method,
                                  keep_maps=False)
         del encoded
         for video in (full, small):
-            video.timestamps = list(times)
-            label_tokens(vlm, video)
+            if video is not None:
+                video.timestamps = list(times)
+                label_tokens(vlm, video)
         student_chat = Chat(vlm, small)
         builder = student_chat.prompt
         size = small.meta.get("frame_size")
@@ -283,6 +286,7 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
                 if progress is not None:
                     progress("teacher", done, total)
             continue
+        assert full is not None
         teacher = Chat(vlm, full)  # projected once per clip, forked per prompt
         for prompt in settings.prompts:
             chat = teacher.fork()

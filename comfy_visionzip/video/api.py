@@ -105,10 +105,10 @@ class VideoHandle:
         moves = _snaps(index, self.options())
         shown = list(indices) if indices is not None else self.plan()[0]
         ts = index.timestamps
-        shifts = [abs(float(ts[k]) - float(ts[f])) for f, k in moves.items() if k in set(shown)]
+        wanted = set(shown)
+        shifts = [abs(float(ts[k]) - float(ts[f])) for f, k in moves.items() if k in wanted]
         if not shifts:
-            keys = set(int(k) for k in index.keyframes)
-            already = sum(1 for f in shown if f in keys)
+            already = len(wanted & set(index.keyframes.tolist()))
             return (f"seek keyframe: no frame moved ({already} of {counted(len(shown), 'frame')} on keyframes "
                     "already, no keyframe near enough to the others)" if already < len(shown) else
                     f"seek keyframe: no frame moved (all {counted(len(shown), 'frame')} on keyframes already)")

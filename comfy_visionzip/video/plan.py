@@ -195,20 +195,20 @@ def snap_to_keyframes(times: Sequence[float], keyframes: Sequence[int], planned:
         return {}
     keys = sorted(int(k) for k in keyframes)
     key_times = [float(times[k]) for k in keys]
-    last = float(times[-1]) if end is None else min(end, float(times[-1]) + 1e-9)
+    stop = math.inf if end is None else end
     taken = set(plan)
     out: dict[int, int] = {}
     for i, frame in enumerate(plan):
         t = float(times[frame])
         gaps = [t - float(times[plan[i - 1]])] if i > 0 else []
         gaps += [float(times[plan[i + 1]]) - t] if i + 1 < len(plan) else []
-        half = min(gaps) / 2 if gaps else max(t - start, last - t)
+        half = min(gaps) / 2 if gaps else (min(stop, float(times[-1])) - start) / 2
         j = bisect.bisect_left(key_times, t)
         near = sorted((abs(key_times[c] - t), keys[c]) for c in (j - 1, j) if 0 <= c < len(keys))
         for shift, key in near:
             if key == frame:
                 break  # already a keyframe
-            if shift > half or not (start <= float(times[key]) <= last) or key in taken:
+            if shift > half or not start <= float(times[key]) < stop or key in taken:
                 continue
             out[frame] = key
             taken.add(key)

@@ -68,32 +68,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _step_cost(index: StreamIndex, t: int, previous: int) -> int:
+    """Frames decoded to reach planned frame ``t`` after planned frame ``previous``: from its keyframe, or from
+    the frame after ``previous`` when no keyframe lies between them."""
+    key = index.keyframe_at_or_before(t)
+    return t - (key if key > previous else previous + 1) + 1
+
+
 def spans(index: StreamIndex, frames: Sequence[int]) -> list[list[int]]:
     """The sorted plan cut into spans that decode independently: a cut falls only where a keyframe lies after a
     planned frame and at or before the next one (so no frame is decoded twice), once a span holds
     ``SPAN_TARGETS`` planned frames or ``SPAN_FRAMES`` frames to decode."""
-    targets = sorted(set(int(f) for f in frames))
     out: list[list[int]] = []
-    for t in targets:
+    cost = 0  # of the last span
+    for t in sorted(set(int(f) for f in frames)):
         if out:
             span = out[-1]
-            key = index.keyframe_at_or_before(t)
-            cut = key > span[-1]
-            big = len(span) >= SPAN_TARGETS or decode_cost(index, span) >= SPAN_FRAMES
-            if not (cut and big):
+            cut = index.keyframe_at_or_before(t) > span[-1]
+            if not (cut and (len(span) >= SPAN_TARGETS or cost >= SPAN_FRAMES)):
+                cost += _step_cost(index, t, span[-1])
                 span.append(t)
                 continue
         out.append([t])
+        cost = _step_cost(index, t, -1)
     return out
 
 
 def decode_cost(index: StreamIndex, frames: Sequence[int]) -> int:
-    """Frames a plan decodes, about: from a planned frame's keyframe (or the frame after the previous planned
-    one, when no keyframe lies between them) up to it; skipped non-reference frames counted too."""
+    """Frames a plan decodes, about (see ``_step_cost``); skipped non-reference frames counted too."""
     cost, previous = 0, -1
     for t in sorted(set(int(f) for f in frames)):
-        key = index.keyframe_at_or_before(t)
-        cost += t - (key if key > previous else previous + 1) + 1
+        cost += _step_cost(index, t, previous)
         previous = t
     return cost
 
