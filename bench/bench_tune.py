@@ -241,7 +241,8 @@ def markdown(result: dict) -> str:
            f"the anchor), {result['per_task']} held-out questions per task on "
            f"{', '.join(result['test_backgrounds'])}; distilled positions kept: {result['positions_kept']} "
            f"(validation accuracy "
-           + ", ".join(f"{k} {v:.3f}" for k, v in result["validation_accuracy"].items()) + " on training backgrounds)\n",
+           + ", ".join(f"{k} {v:.3f}" for k, v in result["validation_accuracy"].items())
+           + " on training backgrounds)\n",
            "| condition | all | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     for name, e in result["table"].items():
         cells = [f"{c['accuracy']:.3f} ({c['retention']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}])"

@@ -16,10 +16,19 @@ import torch
 
 from comfy_visionzip import load_tokens, load_vlm
 from comfy_visionzip.__main__ import main
-from comfy_visionzip.errors import VisionZipError
 from comfy_visionzip.answer import GenerationConfig
-from comfy_visionzip.index import (MANIFEST, IndexSettings, Manifest, ModelSpec, ask_index, find_sources, index_library,
-                                   locked, tokens_name)
+from comfy_visionzip.errors import VisionZipError
+from comfy_visionzip.index import (
+    MANIFEST,
+    IndexSettings,
+    Manifest,
+    ModelSpec,
+    ask_index,
+    find_sources,
+    index_library,
+    locked,
+    tokens_name,
+)
 from comfy_visionzip.store import save_tokens
 
 FRAMES = ["--frames", "4"]
