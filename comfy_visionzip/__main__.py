@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from .adapter import adapter_note
 from .answer import Chat, GenerationConfig
 from .budget import plan_budget
 from .demo import run_demo
@@ -52,7 +51,7 @@ from .weights import fetch_weights
 from .words import counted
 
 BENCHES = ("video", "decode", "encoder", "prefill", "long_video", "redundancy", "fidelity", "temporal", "qwen_vision",
-           "tune")
+           "tune", "index")
 
 DEFAULT_FRAMES = 16  # frames sampled when neither a plan (--frames/--fps/--every) nor a --budget is given
 SHEET_FRAMES = 64  # most thumbnails a contact sheet shows (evenly spread over the plan)
@@ -118,10 +117,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
         times["sample + encode + zip"] = time.perf_counter() - t
         if args.save_tokens:
             print(f"tokens saved to {save_tokens(video, args.save_tokens)}")
-    note = adapter_note(vlm, video.method, video.dominant, video.contextual)
-    if note:
-        print(f"note: {note}")
     chat = Chat(vlm, video, timestamps=not args.no_timestamps, policy=args.policy, context=args.context)
+    if chat.adapter_note:
+        print(f"note: {chat.adapter_note}")
     times["project"] = chat.project_seconds
     placeholders = int(chat.visual.shape[0])
     newlines = placeholders - chat.video.total_tokens  # LLaVA-NeXT / OneVision newline tokens between the tokens
@@ -578,8 +576,8 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
                       help="where the distributions are matched: the teacher's answer (default) or all text "
                            "after the visual tokens")
     tune.add_argument("--anchor", type=float, default=TuneSettings.anchor,
-                      help="share of each step's samples read from the full tokens, so the adapter keeps full-token "
-                           f"answers (default {TuneSettings.anchor}; 0: compressed only)")
+                      help="share of each step's samples read from the full tokens through the tuned projector "
+                           f"(default {TuneSettings.anchor}: none; full tokens always use the model's own projector)")
     tune.add_argument("--temperature", type=float, default=1.0)
     tune.add_argument("--lr", type=float, default=1e-4)
     tune.add_argument("--seed", type=int, default=0)

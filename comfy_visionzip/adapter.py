@@ -209,9 +209,10 @@ def adapter_note(vlm: Any, method: str, dominant: int, contextual: int) -> str:
     t = adapter.tuned_for
     if (t.get("method"), t.get("dominant"), t.get("contextual")) == (method, dominant, contextual):
         return ""
-    used = f"{method} {dominant}+{contextual}" if method == "visionzip" else f"{method} {dominant + contextual}"
     if method == "full":
-        used = "full (every token)"
+        return (f"adapter {adapter.name} is for compressed tokens: these are full tokens, so they go through the "
+                "model's own projector")
+    used = f"{method} {dominant}+{contextual}" if method == "visionzip" else f"{method} {dominant + contextual}"
     return (f"adapter {adapter.name} was tuned for {t.get('method')} {t.get('dominant')}+{t.get('contextual')} "
             f"({t.get('tokens_per_frame')} tokens per frame), these tokens are {used}: answers may be worse than "
             "with the model's own projector (tune an adapter for these settings, or take it off)")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .adapter import adapter_note
 from .budget import POLICIES, context_length, fit_turn
 from .errors import VisionZipError
 from .models.base import PromptVideo, VisionLanguageModel
@@ -124,6 +125,8 @@ class Chat:
             raise VisionZipError(f"reserve must be an integer >= 0 (tokens kept for follow-ups), got {reserve!r}")
         self.reserve = reserve
         self.note = ""  # what the fit policy changed, if anything
+        # the model's projector adapter was tuned for other compression settings than these tokens' ("" if not)
+        self.adapter_note = adapter_note(vlm, video.method, video.dominant, video.contextual)
         self._asking: int | None = None  # the first prompt's length while the first turn runs
         t = time.perf_counter()
         self.visual = project(vlm, video)  # (N, D_text)

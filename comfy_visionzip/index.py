@@ -577,7 +577,8 @@ def answer_one(vlm: VisionLanguageModel, row: dict[str, Any], question: str, con
         answer = chat.ask(question, config)
         turn = chat.turns[-1]
         out.update(answer=answer.strip(), error=None, frames=video.num_frames, visual_tokens=int(video.total_tokens),
-                   new_tokens=turn.new_tokens, note=chat.note or None)
+                   new_tokens=turn.new_tokens,
+                   note="; ".join(n for n in (chat.note, chat.adapter_note) if n) or None)
     except Exception as e:  # noqa: BLE001 - one file's failure is its answer row; the others go on
         if not isinstance(e, (VisionZipError, OSError)):
             log.exception("answering about %s failed", row["source"])

@@ -18,12 +18,15 @@ What exactly is distilled, and why:
     what a dataset says), so no labels are needed; the prompts are generic (``DEFAULT_PROMPTS``) or the
     user's own questions (answers never needed).
 
-Full tokens must not suffer (``anchor``): the adapter replaces the projector for every token the model reads, and
-a projector tuned only on compressed tokens drifts away from what the language model expects of full ones (on
-the probe model, full-token accuracy fell 0.824 -> 0.694 without an anchor). With ``anchor`` > 0 that share of
-each step's samples shows the student the *full* tokens through the tuned projector with the same teacher
-targets; their loss starts at zero (the student is then the teacher), so they only hold the projector where
-full tokens need it. A labelled sample's anchor is its answers read from the full tokens.
+Full tokens: the pack sends full (uncompressed) tokens through the model's own projector even when an adapter is
+loaded (:meth:`~comfy_visionzip.models.base.VisionLanguageModel.projector_for`), so an adapter cannot change
+full-token answers. Forced through a projector tuned on compressed tokens alone, full tokens answer worse (on the
+probe model 0.824 -> 0.694). ``anchor`` > 0 mixes that share of each step's samples read from the *full* tokens
+through the tuned projector, with the same teacher targets (their loss starts at zero: the student is then the
+teacher), which holds the projector nearer the model's own; measured on the probe it barely helps (forced full
+0.694 -> 0.710 at ``anchor=0.25``) and costs compressed accuracy (VisionZip at 25 tokens 0.721 -> 0.700), so it
+is off by default (bench/results/tune_anchor.md). A labelled sample's anchor is its answers read from the full
+tokens. The held-out loss at full tokens (what the tuned projector does there) is recorded either way.
 
 Supervised tuning (a control, and for users who have answers): ``labels={file: [(question, answer), ...]}``
 makes those files' samples the given questions with the given answers as one-hot targets (the same loss is
@@ -91,7 +94,7 @@ class TuneSettings:
     lr: float = 1e-4
     batch: int = 4  # samples per optimiser step (gradients accumulated)
     held_out: float = 0.1  # share of samples kept aside to measure the distillation loss before and after
-    anchor: float = 0.25  # share of each step's samples read from the full tokens (0: none; see the docstring)
+    anchor: float = 0.0  # share of each step's samples read from the full tokens (0: none; see the docstring)
     seed: int = 0
 
     def check(self) -> None:
@@ -294,9 +297,10 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         builder = student_chat.prompt
         size = small.meta.get("frame_size")
         frame_size = [int(x) for x in size] if size else None
-        full_tokens = full.tokens.to(torch.float16) if full is not None and settings.anchor else None
+        full_tokens = full.tokens.to(torch.float16) if full is not None else None  # the anchor's, and the
+        # held-out loss at full tokens (what the adapter does to them) is measured with it
         if qa is not None:
-            full_chat = Chat(vlm, full) if full is not None and settings.anchor else None
+            full_chat = Chat(vlm, full) if full is not None else None
             for question, reply in qa:
                 ids = _answer_ids(vlm, reply)
                 asked = [{"role": "user", "text": question}]
@@ -469,9 +473,9 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         say(f"resuming at step {step}")
     before = _held_loss(student, held, token_id, settings, projector=projector_of(vlm.model)) \
         if held else None
-    anchors = round(settings.batch * settings.anchor)  # anchor samples per step (the first ones of each batch)
+    anchors = anchor_count(settings)
     if settings.anchor and not anchors:
-        say(f"anchor {settings.anchor} of a batch of {settings.batch} is no sample: no anchor")
+        say(f"a batch of {settings.batch} has no room for an anchor sample: no anchor (use a batch of 2 or more)")
     torch.manual_seed(settings.seed + step)
     last_save = time.monotonic()
     per_step = None
@@ -536,13 +540,21 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
     return TuneResult(adapter, path, step, seconds, before, after, history)
 
 
+def anchor_count(settings: TuneSettings) -> int:
+    """Anchor samples per step (the first ones of each batch): the share ``anchor`` of the batch, at least one
+    when there is an anchor and a batch of two or more, never the whole batch."""
+    if not settings.anchor or settings.batch < 2:
+        return 0
+    return min(settings.batch - 1, max(1, round(settings.batch * settings.anchor)))
+
+
 def _held_loss(student: _Student, held: list[Sample], token_id: int, settings: TuneSettings,
                projector: Any = None, method: str | None = None) -> float:
     with torch.no_grad():
         losses = [float(distill_loss(student.logits(s, method or settings.method, token_id, projector=projector),
                                      s.top_ids.to(student.vlm.device), s.top_probs.to(student.vlm.device),
                                      settings.temperature)) for s in held]
-    return round(float(np.mean(losses)), 5)
+    return float(f"{float(np.mean(losses)):.6g}")  # six significant digits: small losses stay comparable
 
 
 def _read_key(work: Path) -> str | None:

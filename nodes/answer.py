@@ -56,7 +56,9 @@ class ChatState:
 
 def _result(state: ChatState):
     turn = state.chat.turns[-1]
-    note = f"; {state.chat.note}" if state.chat.note and len(state.chat.turns) == 1 else ""
+    notes = [state.chat.note] if state.chat.note and len(state.chat.turns) == 1 else []
+    notes += [state.chat.adapter_note] if getattr(state.chat, "adapter_note", "") else []  # parked chats of older runs
+    note = "".join(f"; {n}" for n in notes)
     # the numbers first: a long answer would push them out of the node's text box
     info = (f"[{state.chat.video.total_tokens} visual tokens; prefilled {turn.prefill_tokens} new tokens, "
             f"reused {turn.cached_tokens} from the cache; {turn.new_tokens} generated; "

@@ -216,3 +216,47 @@ def test_every_llava_family_tunes_and_uses_an_adapter(family, tiny_model_dir, cl
     apply_adapter(vlm, result.path)
     tuned = project(vlm, compress_video(vlm, clip, num_frames=2, dominant=7, contextual=1))
     assert tuned.shape == own.shape and not torch.allclose(tuned, own)  # newline tokens and tiles arranged alike
+
+
+def test_an_anchor_keeps_full_tokens_closer_to_the_models_own(tiny_model_dir, clip_factory, picture, tmp_path):
+    """The anchor (a share of each step read from every token) holds the tuned projector where full tokens need it:
+    at full tokens its projection stays nearer the model's own than an adapter tuned on compressed tokens alone,
+    and the adapter records the anchor and the held-out loss at full tokens."""
+    from comfy_visionzip.tune import anchor_count
+
+    model = tiny_model_dir("llava")
+    vlm = load_vlm(model, dtype="float32")
+    sources = [clip_factory("tune.mp4", frames=12), picture]
+    made = {}
+    for anchor in (0.0, 0.5):
+        settings = TuneSettings(**{**QUICK.__dict__, "steps": 20, "anchor": anchor, "held_out": 0.3})
+        made[anchor] = tune_projector(vlm, sources, tmp_path / f"a{anchor}.safetensors", settings=settings)
+    plain, anchored = (read_adapter(made[a].path).settings for a in (0.0, 0.5))
+    assert plain["anchor_per_step"] == 0 and anchored["anchor_per_step"] == 1
+    # the held-out distillation loss at full tokens (0 for the model's own projector): lower with the anchor
+    assert 0 <= anchored["held_out_full_tokens_loss_after"] < plain["held_out_full_tokens_loss_after"], \
+        (anchored, plain)
+    assert anchor_count(TuneSettings(batch=8, anchor=0.25)) == 2 and anchor_count(TuneSettings(batch=1)) == 0
+    assert anchor_count(TuneSettings(batch=2, anchor=0.9)) == 1  # never the whole batch
+
+
+def test_chat_says_when_the_adapter_was_tuned_for_other_tokens(tuned, clip_factory):
+    from comfy_visionzip import Chat
+
+    model, _before, result, _said = tuned
+    vlm = load_vlm(model, dtype="float32", adapter=result.path)
+    clip = clip_factory("tune.mp4", frames=12)
+    assert Chat(vlm, compress_video(vlm, clip, dominant=7, contextual=1, num_frames=2)).adapter_note == ""
+    note = Chat(vlm, compress_video(vlm, clip, num_frames=2)).adapter_note  # 54+10 is not what it was tuned for
+    assert note.startswith("adapter a.safetensors was tuned for visionzip 7+1") and "visionzip 54+10" in note
+    full = compress_video(vlm, clip, method="full", num_frames=2)
+    assert Chat(vlm, full).adapter_note == ("adapter a.safetensors is for compressed tokens: these are full tokens, "
+                                            "so they go through the model's own projector")
+    # ... and they do: full tokens project exactly as without the adapter; compressed ones do not
+    plain = load_vlm(model, dtype="float32")
+    full_plain = compress_video(plain, clip, method="full", num_frames=2)
+    assert torch.equal(project(vlm, full), project(plain, full_plain))
+    small = compress_video(vlm, clip, dominant=7, contextual=1, num_frames=2)
+    small_plain = compress_video(plain, clip, dominant=7, contextual=1, num_frames=2)
+    assert not torch.allclose(project(vlm, small), project(plain, small_plain))
+    assert Chat(plain, compress_video(plain, clip, num_frames=2)).adapter_note == ""

@@ -121,8 +121,15 @@ class VisionLanguageModel:
 
     @property
     def projector(self) -> Any:
-        """The projector visual tokens go through: an adapter's tuned one when one is applied, else the model's."""
+        """The projector compressed visual tokens go through: an adapter's tuned one when one is applied, else the
+        model's."""
         return self.adapter_module if self.adapter_module is not None else self.inner.multi_modal_projector
+
+    def projector_for(self, method: str) -> Any:
+        """The projector for tokens made with ``method``: full tokens always go through the model's own (an adapter
+        is tuned for compressed tokens; at full tokens it could only move the model away from what it was trained
+        on: measured on the probe model, bench/results/tune.md), compressed ones through :attr:`projector`."""
+        return self.inner.multi_modal_projector if method == "full" else self.projector
 
     @property
     def name(self) -> str:
@@ -209,7 +216,7 @@ class FamilyModule:
     def project(self, vlm: VisionLanguageModel, video: CompressedVideo) -> torch.Tensor:
         """(N, D_text): the video's tokens through the model's projector, arranged in prompt order."""
         tokens = video.tokens.to(vlm.device, vlm.dtype)  # (frames, K, D_vision)
-        projected = vlm.projector(tokens)  # (frames, K, D_text)
+        projected = vlm.projector_for(video.method)(tokens)  # (frames, K, D_text)
         return self.arrange(vlm, projected, method=video.method, crops=video.crops,
                             frame_size=video.meta.get("frame_size"), keep=video.keep)
 
