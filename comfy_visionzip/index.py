@@ -2,14 +2,14 @@
 manifest of what was done; on this machine, or on a Ray cluster through Ray Data (:mod:`comfy_visionzip.ray_index`).
 
 The unit of work and of exchange is the tokens file (:mod:`comfy_visionzip.store`): each source's file is named
-after the source and a hash of its absolute path (two sources never collide), written atomically, and records
-in its metadata the source's size and modification time and the key of the settings it was made with. The
-manifest (``index.jsonl`` in the folder: one JSON row per source, rewritten atomically as each source completes)
-says, for every source: path, size, mtime, settings, tokens file, frames, visual tokens, seconds, status and the
-error line. A source is up to date when its row is ``ok``, its tokens file is there and the file's own metadata
-still matches the source's size, mtime and the settings; a failed source whose size and mtime have not changed
-is not tried again unless asked (``retry_failed``). Only the process that runs the job writes the manifest (the
-Ray driver, never its workers); a lock file keeps a second run off the same folder.
+after the source and a hash of its absolute path (two sources never collide), written atomically, and records in its
+metadata the source's size and modification time and the key of the settings it was made with. The manifest
+(``index.jsonl`` in the folder: one JSON row per source, rewritten atomically as each source completes) says, for
+every source: path, size, mtime, settings (and their key), tokens file, frames, visual tokens, seconds, status and
+the error line. A source is up to date when its row is ``ok``, its tokens file is there and the file's own metadata
+still matches the source's size, mtime and the settings; a failed source whose size and mtime have not changed is
+not tried again unless asked (``retry_failed``). Only the process that runs the job writes the manifest (the Ray
+driver, never its workers); a lock file keeps a second run off the same folder.
 
 Locally one model is loaded once; the next source is opened and decoded in a background thread while the current
 one encodes (a bounded queue of decoded chunks), so the decoder never waits for a file boundary.
@@ -116,7 +116,7 @@ class Job:
     tokens: str  # file name inside the index folder
 
     def row(self, settings_key: str, **extra: Any) -> dict[str, Any]:
-        return {"source": self.source, "size": self.size, "mtime_ns": self.mtime_ns, "settings": settings_key,
+        return {"source": self.source, "size": self.size, "mtime_ns": self.mtime_ns, "settings_key": settings_key,
                 "tokens": self.tokens, **extra}
 
 
@@ -277,16 +277,16 @@ def tokens_meta(path: Path) -> dict[str, Any] | None:
 
 
 def is_up_to_date(job: Job, row: dict[str, Any], key: str, folder: Path) -> bool:
-    if row.get("status") != "ok" or row.get("settings") != key:
+    if row.get("status") != "ok" or row.get("settings_key") != key:
         return False
     if row.get("size") != job.size or row.get("mtime_ns") != job.mtime_ns:
         return False
     record = tokens_meta(folder / str(row.get("tokens")))
-    return bool(record) and record == {"size": job.size, "mtime_ns": job.mtime_ns, "settings": key}
+    return bool(record) and record == {"size": job.size, "mtime_ns": job.mtime_ns, "settings_key": key}
 
 
 def failed_unchanged(job: Job, row: dict[str, Any], key: str) -> bool:
-    return row.get("status") == "failed" and row.get("settings") == key and row.get("size") == job.size and \
+    return row.get("status") == "failed" and row.get("settings_key") == key and row.get("size") == job.size and \
         row.get("mtime_ns") == job.mtime_ns
 
 
@@ -330,7 +330,7 @@ def write_tokens(vlm: VisionLanguageModel, job: Job, opened: Opened, video: Any,
                  seconds: float) -> dict[str, Any]:
     """Label, record and write one source's tokens (atomically) and return its manifest row."""
     video = finish_video(vlm, opened.handle, video)
-    video.meta["index"] = {"size": job.size, "mtime_ns": job.mtime_ns, "settings": key}
+    video.meta["index"] = {"size": job.size, "mtime_ns": job.mtime_ns, "settings_key": key}
     save_tokens(video, folder / job.tokens)
     return job.row(key, status="ok", error=None, frames=video.num_frames, visual_tokens=int(video.total_tokens),
                    seconds=round(seconds, 2), model=os.path.abspath(vlm.path), summary=video.summary(), at=now())
@@ -527,7 +527,10 @@ def index_library(model: ModelSpec, arguments: Sequence[str], folder: str | os.P
         manifest = Manifest(out)
         jobs, gone = make_jobs(sources)
 
+        options = settings.describe()
+
         def record(row: dict[str, Any]) -> None:
+            row["settings"] = options  # what the key stands for, readable
             manifest.put(row)
             (report.indexed if row["status"] == "ok" else report.failed).append(row)
             if on_row is not None:

@@ -56,14 +56,16 @@ def connect(address: str) -> Any:
     return ray
 
 
-def _actors(ray: Any, actors: int | None) -> tuple[int, dict[str, Any]]:
-    """(actors, their resources): one per GPU when the cluster has GPUs, else ``actors`` (default: one per two
-    CPUs) with one CPU each."""
+def _actors(ray: Any, actors: int | None, items: int) -> tuple[int, dict[str, Any]]:
+    """(actors, their resources): one per GPU when the cluster has GPUs, else ``actors`` (default: one per four
+    CPUs) sharing the CPUs (Ray gives each as many torch threads as CPUs it holds), never more than the items."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if gpus:
-        return (actors or gpus), {"num_gpus": 1}
-    return (actors or max(1, int(resources.get("CPU", 1)) // 2)), {"num_cpus": 1}
+        return max(1, min(actors or gpus, items)), {"num_gpus": 1}
+    cpus = max(1, int(resources.get("CPU", 1)))
+    count = max(1, min(actors or max(1, cpus // 4), items))
+    return count, {"num_cpus": max(1, cpus // count)}
 
 
 class _Indexer:
@@ -112,8 +114,7 @@ class _Answerer:
 
 def _map(ray: Any, items: list[dict[str, Any]], actor: type, kwargs: dict[str, Any], actors: int | None,
          say: Callable[[str], object]) -> Any:
-    count, resources = _actors(ray, actors)
-    count = max(1, min(count, len(items)))
+    count, resources = _actors(ray, actors, len(items))
     say(f"Ray: {len(items)} item(s) on {count} actor(s) ({', '.join(f'{k}={v}' for k, v in resources.items())} each)")
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Ray Data restarts a dead actor and retries its file (its defaults); _Indexer bounds the tries per file

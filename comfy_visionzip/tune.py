@@ -26,7 +26,9 @@ through the tuned projector, with the same teacher targets (their loss starts at
 teacher), which holds the projector nearer the model's own; measured on the probe it barely helps (forced full
 0.694 -> 0.710 at ``anchor=0.25``) and costs compressed accuracy (VisionZip at 25 tokens 0.721 -> 0.700), so it
 is off by default (bench/results/tune_anchor.md). A labelled sample's anchor is its answers read from the full
-tokens. The held-out loss at full tokens (what the tuned projector does there) is recorded either way.
+tokens. The loss at full tokens through the tuned projector (what it would do there) is recorded either way
+(``full_tokens_loss_after``: on held-out samples with an anchor; without one, no sample is trained at full tokens,
+so on up to 64 samples of every tenth clip).
 
 Supervised tuning (a control, and for users who have answers): ``labels={file: [(question, answer), ...]}``
 makes those files' samples the given questions with the given answers as one-hot targets (the same loss is
@@ -74,6 +76,7 @@ DEFAULT_PROMPTS = ("Describe this image in detail.", "What is happening here?", 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METHODS = ("visionzip", "pool", "uniform")  # the pack's compressions (full needs no adapter)
 POSITIONS = ("answer", "all")
+FULL_CHECK = 10  # without an anchor, every token of every 10th clip is kept to measure the full-token loss
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,8 @@ class Sample:
     top_probs: torch.Tensor  # (positions, top_k + 1) float32: the teacher's top-k probabilities and the rest
     crops: int = 1  # images the tower saw per frame (anyres tiles)
     frame_size: list[int] | None = None  # (H, W) of the frames (the family's arranging may need it)
-    full_tokens: torch.Tensor | None = None  # (frames, crops * T, D) every token, float16 (anchor samples only;
-    # one tensor shared by the samples of a clip)
+    full_tokens: torch.Tensor | None = None  # (frames, crops * T, D) every token, float16 (with an anchor, or
+    # for the full-token check; one tensor shared by the samples of a clip)
     full_prompt_ids: list[int] | None = None  # the teacher's prompt up to the answer (full placeholders)
 
     def full(self) -> Sample:
@@ -276,7 +279,7 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
             clips.append((frames[i: i + settings.frames_per_sample], times[i: i + settings.frames_per_sample], None))
     total = sum(len(qa) if qa is not None else len(settings.prompts) for *_x, qa in clips)
     done = 0
-    for frames, times, qa in clips:
+    for number, (frames, times, qa) in enumerate(clips):
         if time.monotonic() > deadline and samples:
             log.info("time is up while the teacher answers: %d samples", len(samples))
             break
@@ -297,10 +300,12 @@ def _teacher_samples(vlm: Any, sources: Sequence[str], settings: TuneSettings,
         builder = student_chat.prompt
         size = small.meta.get("frame_size")
         frame_size = [int(x) for x in size] if size else None
-        full_tokens = full.tokens.to(torch.float16) if full is not None else None  # the anchor's, and the
-        # held-out loss at full tokens (what the adapter does to them) is measured with it
+        # every token is kept for the anchor (each clip), and for measuring what the tuned projector does at full
+        # tokens (every FULL_CHECK-th clip: every token costs ~9x the compressed tokens' memory)
+        keep_full = full is not None and (settings.anchor > 0 or number % FULL_CHECK == 0)
+        full_tokens = full.tokens.to(torch.float16) if keep_full and full is not None else None
         if qa is not None:
-            full_chat = Chat(vlm, full) if full is not None else None
+            full_chat = Chat(vlm, full) if full is not None and full_tokens is not None else None
             for question, reply in qa:
                 ids = _answer_ids(vlm, reply)
                 asked = [{"role": "user", "text": question}]
@@ -514,8 +519,10 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
         _save_state(state_file, student.projector, opt, step, history, used + time.monotonic() - started)
         raise
     after = _held_loss(student, held, token_id, settings) if held else None
-    held_full = [s.full() for s in held if s.full_tokens is not None]
-    # what the tuned projector changed at full tokens (the teacher itself scores about 0 there)
+    # what the tuned projector does at full tokens (the teacher scores about 0 there): on held-out samples, or,
+    # when no sample was trained at full tokens (no anchor), on any (at most 64)
+    pool = held if settings.anchor > 0 else samples
+    held_full = [s.full() for s in pool if s.full_tokens is not None][:64]
     full_after = _held_loss(student, held_full, token_id, settings, method="full") if held_full else None
     seconds = used + time.monotonic() - started
     adapter = Adapter(
@@ -530,7 +537,7 @@ def tune_projector(vlm: Any, sources: Sequence[str | os.PathLike[str]], out: str
                   "temperature": settings.temperature, "top_k": settings.top_k,
                   "lr": settings.lr, "batch": settings.batch, "steps": step, "seconds": round(seconds, 1),
                   "held_out_loss_before": before, "held_out_loss_after": after,
-                  "held_out_full_tokens_loss_after": full_after,
+                  "full_tokens_loss_after": full_after,
                   "loss_first": history[:1], "loss_last": history[-1:]})
     path = adapter.save(target)
     shutil.rmtree(work, ignore_errors=True)

@@ -71,7 +71,8 @@ def test_index_then_rerun_then_touch(library, model, tmp_path, capsys):
         r = got[name]
         assert r["status"] == "ok" and r["error"] is None and r["frames"] == 4 and r["visual_tokens"] == 4 * 64
         video = load_tokens(out / r["tokens"])
-        assert video.num_frames == 4 and video.meta["index"]["settings"] == r["settings"]
+        assert video.num_frames == 4 and video.meta["index"]["settings_key"] == r["settings_key"]
+        assert r["settings"]["sampling"] == {"seek": "exact", "num_frames": 4}
         assert r["size"] == os.path.getsize(library / name)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     assert not list(out.glob(".*.partial")) and not list(out.glob(".*.claim"))
@@ -260,7 +261,7 @@ def test_ray_gives_what_the_local_run_gives(library, model, tmp_path, local_ray)
     assert [Path(r["source"]).name for r in report.failed] == ["broken.mp4"]
     assert {r["source"]: r["status"] for r in Manifest(out).rows.values()} == \
         {r["source"]: r["status"] for r in Manifest(tmp_path / "local").rows.values()}
-    assert {r["settings"] for r in report.indexed} == {r["settings"] for r in local.indexed}
+    assert {r["settings_key"] for r in report.indexed} == {r["settings_key"] for r in local.indexed}
     for row in report.indexed:
         assert torch.allclose(load_tokens(out / row["tokens"]).tokens,
                               load_tokens(tmp_path / "local" / row["tokens"]).tokens, atol=1e-5)
@@ -307,3 +308,43 @@ def test_a_killed_ray_worker_loses_nothing(tmp_path, clip_factory, model, local_
     assert len(manifest.rows) == 6 and all(r["status"] == "ok" and r["frames"] == 48 for r in manifest.rows.values())
     assert len(list(out.glob("*.safetensors"))) == 6 and not list(out.glob(".*.claim"))
     assert len((out / MANIFEST).read_text().splitlines()) == 6
+
+
+def test_a_file_that_keeps_killing_its_worker_gets_a_failed_row(tmp_path, clip_factory, model, local_ray):
+    """Each try leaves a claim when its worker dies; after three, the file is reported instead of tried forever."""
+    from comfy_visionzip.ray_index import TRIES
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(clip_factory("p.mp4", frames=200), lib / "poison.mp4")
+    shutil.copy(clip_factory("k.mp4", frames=60), lib / "fine.mp4")
+    out = tmp_path / "idx"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:  # every worker that takes poison.mp4 dies
+        while not stop.is_set():
+            for claim in out.glob(".poison-*.claim") if out.is_dir() else ():
+                try:
+                    pid = json.loads(claim.read_text())["pid"]
+                except (OSError, ValueError):
+                    continue
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        report = index_library(ModelSpec(model, device="cpu"), [str(lib)], out,
+                               IndexSettings(sampling={"num_frames": 64}), ray="", actors=1)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert len(killed) == TRIES
+    assert [Path(r["source"]).name for r in report.indexed] == ["fine.mp4"]
+    (failed,) = report.failed
+    assert Path(failed["source"]).name == "poison.mp4"
+    assert failed["error"].startswith(f"its Ray worker died {TRIES} times on this file")
+    assert len(Manifest(out).rows) == 2 and not list(out.glob(".*.claim"))

@@ -234,7 +234,7 @@ def test_an_anchor_keeps_full_tokens_closer_to_the_models_own(tiny_model_dir, cl
     plain, anchored = (read_adapter(made[a].path).settings for a in (0.0, 0.5))
     assert plain["anchor_per_step"] == 0 and anchored["anchor_per_step"] == 1
     # the held-out distillation loss at full tokens (0 for the model's own projector): lower with the anchor
-    assert 0 <= anchored["held_out_full_tokens_loss_after"] < plain["held_out_full_tokens_loss_after"], \
+    assert 0 <= anchored["full_tokens_loss_after"] < plain["full_tokens_loss_after"], \
         (anchored, plain)
     assert anchor_count(TuneSettings(batch=8, anchor=0.25)) == 2 and anchor_count(TuneSettings(batch=1)) == 0
     assert anchor_count(TuneSettings(batch=2, anchor=0.9)) == 1  # never the whole batch
