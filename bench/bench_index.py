@@ -35,7 +35,8 @@ sys.path.insert(0, str(HERE))
 import bench_decode  # noqa: E402
 import torch  # noqa: E402
 
-from comfy_visionzip.index import IndexSettings, Manifest, ModelSpec, index_library, index_one, make_jobs  # noqa: E402
+from comfy_visionzip.index import index_library  # noqa: E402
+from comfy_visionzip.library import IndexSettings, Manifest, ModelSpec, index_one, make_jobs  # noqa: E402
 from comfy_visionzip.probe.train import find_probe  # noqa: E402
 from comfy_visionzip.testing.tiny import build_tiny  # noqa: E402
 

@@ -332,11 +332,11 @@ def _row_line(row: dict[str, Any]) -> str:
 
 def _say(line: str) -> None:
     try:
-        from tqdm import tqdm
-
-        tqdm.write(line)  # above a progress bar, not through it
+        from tqdm import tqdm  # optional (it comes with transformers' huggingface_hub)
     except ImportError:
         print(line)
+        return
+    tqdm.write(line)  # above a progress bar, not through it
 
 
 def cmd_index(args: argparse.Namespace) -> int:

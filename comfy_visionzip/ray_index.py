@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VisionZipError
+from .library import Job, answer_one, failed_row, index_one
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ TRIES = 3  # a file is tried at most this many times when its worker dies (then 
 
 def _ray() -> Any:
     try:
-        import ray
+        import ray  # the optional "ray" extra
         import ray.data  # noqa: F401 - the Data library is what runs the job
     except ImportError:
         raise VisionZipError('Ray is not installed: pip install "ray[data]" (or run without --ray)') from None
@@ -76,8 +77,6 @@ class _Indexer:
         self.vlm = model.load()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        from .index import Job, failed_row, index_one
-
         rows = []
         for i in range(len(batch["source"])):
             job = Job(str(batch["source"][i]), int(batch["size"][i]), int(batch["mtime_ns"][i]),
@@ -104,8 +103,6 @@ class _Answerer:
         self.question, self.config, self.folder, self.timestamps = question, config, Path(folder), timestamps
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
-        from .index import answer_one
-
         rows = [json.dumps(answer_one(self.vlm, json.loads(str(r)), self.question, self.config, self.folder,
                                            self.timestamps))
                 for r in batch["row"]]
@@ -127,8 +124,6 @@ def run_ray(address: str, model: Any, jobs: Sequence[Any], settings: Any, key: s
             progress: Callable[[float, int], None] | None = None,
             say: Callable[[str], object] = log.info) -> None:
     """Index ``jobs`` on Ray; ``on_row`` (the driver's manifest) sees each row as a file completes."""
-    from .index import failed_row
-
     ray = connect(address)
     items = [{"source": j.source, "size": j.size, "mtime_ns": j.mtime_ns, "tokens": j.tokens} for j in jobs]
     results = _map(ray, items, _Indexer, {"model": model, "settings": settings, "key": key, "folder": str(folder)},

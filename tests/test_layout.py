@@ -12,7 +12,7 @@ import pytest
 LIB = Path(__file__).resolve().parents[1] / "comfy_visionzip"
 # what may be imported inside a function: optional dependencies (each with a comment naming why)
 OPTIONAL = {"decord", "cv2", "onnx", "onnxruntime", "bitsandbytes", "huggingface_hub", "tqdm", "matplotlib",
-            "transformers.vision_utils", "importlib.util"}
+            "transformers.vision_utils", "importlib.util", "ray"}
 
 
 def _module(path: Path) -> str:
