@@ -238,14 +238,12 @@ def test_save_tokens_is_atomic(library, model, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- Ray
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[data]')") \
-    if os.environ.get("VISIONZIP_RAY_TESTS", "1") != "0" else None
-
-
 @pytest.fixture(scope="module")
 def local_ray():
-    if ray is None:
-        pytest.skip("Ray tests turned off")
+    """A local Ray cluster on 127.0.0.1 with 2 CPUs, for this module's Ray tests (skipped without ray)."""
+    if os.environ.get("VISIONZIP_RAY_TESTS", "1") == "0":
+        pytest.skip("Ray tests turned off (VISIONZIP_RAY_TESTS=0)")
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[data]')")
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     yield ray
@@ -269,11 +267,16 @@ def test_ray_gives_what_the_local_run_gives(library, model, tmp_path, local_ray)
     # a re-run does nothing there either
     again = index_library(ModelSpec(model, device="cpu"), [str(library)], out, settings, ray="", actors=2)
     assert not again.indexed and len(again.up_to_date) == 3
-    config = GenerationConfig(max_new_tokens=4)
-    answers, _ = ask_index(ModelSpec(model, device="cpu"), out, "What is it?", config, ray="", actors=2)
-    local_answers, _ = ask_index(ModelSpec(model, device="cpu"), tmp_path / "local", "What is it?", config)
-    assert sorted((a["source"], a["answer"]) for a in answers) == sorted((a["source"], a["answer"])
-                                                                        for a in local_answers)
+    # ask-index through the command line on Ray gives the local answers
+    answers = tmp_path / "answers.jsonl"
+    assert main(["ask-index", str(out), "What is it?", "--max-new-tokens", "4", "--ray", "--actors", "2",
+                 "--answers", str(answers), "--device", "cpu"]) == 0
+    on_ray = [json.loads(line) for line in answers.read_text().splitlines()]
+    local_answers, _ = ask_index(ModelSpec(model, device="cpu"), tmp_path / "local", "What is it?",
+                                 GenerationConfig(max_new_tokens=4))
+    assert len(on_ray) == 3 and all(a["error"] is None for a in on_ray)
+    assert sorted((a["source"], a["answer"]) for a in on_ray) == sorted((a["source"], a["answer"])
+                                                                       for a in local_answers)
 
 
 def test_a_killed_ray_worker_loses_nothing(tmp_path, clip_factory, model, local_ray):
