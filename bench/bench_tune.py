@@ -47,20 +47,6 @@ MEANINGFUL = 0.1  # retention is reported for tasks whose full-token accuracy is
 TUNE_SEED = 31_337  # the tuning pictures' seed stream (training: the build seed; validation +10000; test 20000)
 
 
-def probe_prompts(rng: np.random.Generator) -> tuple[str, ...]:
-    """Questions of every form the probe knows (no answers): 20 of them."""
-    colours, shapes = list(scenes.COLOURS), list(scenes.SHAPES)
-    out = [f"What color is the {s}?" for s in shapes] + [f"What shape is the {c} object?" for c in colours]
-    out += ["How many objects are there?", "What is the background?", "Is the picture dark or bright?"]
-    pairs = [(c, s) for c in colours for s in shapes]
-    out += [f"Is there a {c} {s}?" for c, s in (pairs[i] for i in rng.permutation(len(pairs))[:6])]
-    for axis in ("left of", "above"):
-        for _ in range(2):
-            a, b = (str(x) for x in rng.permutation(colours)[:2])
-            out.append(f"Is the {a} object {axis} the {b} object?")
-    return tuple(out)
-
-
 def tuning_set(folder: Path, count: int) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
     """``count`` tuning pictures, and the probe's own questions and answers about each (used only by the supervised
     control: the self-distilled adapters see the pictures alone)."""
@@ -148,7 +134,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     methods = args.methods.split(",")
     supervised = [m for m in args.supervised.split(",") if m]
-    prompts = probe_prompts(np.random.default_rng(TUNE_SEED))
+    prompts = scenes.question_forms(TUNE_SEED)  # the probe folder's prompts.txt
     photos, clips = footage.test_photos(every=2)
     items = list(fidelity.test_items(photos, args.per_task))
     encoded_items = encode_items(encoder, items)

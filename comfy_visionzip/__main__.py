@@ -278,12 +278,16 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
 
 def cmd_tune_projector(args: argparse.Namespace) -> int:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    if args.prompts:
+    own = os.path.join(args.model, "prompts.txt")  # a checkpoint may carry its typical questions (the probe does)
+    given = args.prompts or (own if os.path.isfile(own) else None)
+    if given:
         try:
-            with open(args.prompts, encoding="utf-8") as f:
+            with open(given, encoding="utf-8") as f:
                 prompts = tuple(line.strip() for line in f if line.strip())
         except (OSError, UnicodeDecodeError) as e:
-            raise VisionZipError(f"{args.prompts}: cannot read the prompts file ({e})") from e
+            raise VisionZipError(f"{given}: cannot read the prompts file ({e})") from e
+        if not args.prompts:
+            print(f"prompts: the {len(prompts)} in the model's prompts.txt (--prompts FILE to give others)")
     settings = TuneSettings(tokens_per_frame=args.tokens_per_frame, method=args.method, minutes=args.minutes,
                             steps=args.steps, frames_per_video=args.frames_per_video,
                             frames_per_sample=args.frames_per_sample, prompts=prompts, answer_tokens=args.answer_tokens,
@@ -571,7 +575,8 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     tune.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
     tune.add_argument("--frames-per-video", type=int, default=8)
     tune.add_argument("--frames-per-sample", type=int, default=1, help="frames one prompt shows")
-    tune.add_argument("--prompts", default=None, help="a text file of prompts, one per line (default: generic ones)")
+    tune.add_argument("--prompts", default=None, help="a text file of prompts, one per line (default: the model "
+                                                      "folder's prompts.txt when it has one, else generic ones)")
     tune.add_argument("--answer-tokens", type=int, default=32, help="tokens the teacher writes per prompt")
     tune.add_argument("--positions", default="answer", choices=["answer", "all"],
                       help="where the distributions are matched: the teacher's answer (default) or all text "

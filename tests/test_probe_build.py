@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import transformers as tf
 
 from comfy_visionzip import Chat, GenerationConfig, load_vlm
 from comfy_visionzip.__main__ import main
+from comfy_visionzip.adapter import read_adapter
 from comfy_visionzip.probe import fidelity, scenes, train
 from comfy_visionzip.testing.tiny import CHAT_TEMPLATE, save_checkpoint
 
@@ -198,6 +200,18 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     assert main(["ask", clip, "What is the background?", "--model", folder, "--max-new-tokens", "2",
                  "--frames", "2"]) == 0
     assert "visual tokens in the prompt" in capsys.readouterr().out
+    # the folder carries the probe's question forms, and tune-projector asks the teacher those by default
+    prompts = (Path(folder) / "prompts.txt").read_text().splitlines()
+    assert prompts == list(scenes.question_forms()) and len(prompts) == 20
+    assert "How many objects are there?" in prompts and all(p.endswith("?") for p in prompts)
+    (Path(folder) / "prompts.txt").unlink()
+    assert train.build_probe(cache=tmp_path, settings=other, tower=tiny_tower, photos=_photos()) == folder
+    assert (Path(folder) / "prompts.txt").read_text().splitlines() == prompts  # an older build gets it on reuse
+    out = tmp_path / "probe-adapter.safetensors"
+    assert main(["tune-projector", folder, clip, "--tokens-per-frame", "8", "--steps", "1", "--frames-per-video",
+                 "1", "--answer-tokens", "2", "--out", str(out)]) == 0
+    assert "prompts: the 20 in the model's prompts.txt" in capsys.readouterr().out
+    assert read_adapter(out).data["prompts"] == prompts
 
 
 def test_slideshow_video_questions_are_true_for_their_frames():

@@ -364,6 +364,22 @@ def questions_about(scene: Scene, rng: np.random.Generator) -> list[Question]:
     return out
 
 
+def question_forms(seed: int = 31_337) -> tuple[str, ...]:
+    """Questions of every form the probe knows, without answers (20 of them): what projector tuning asks the teacher
+    about unlabeled pictures (the probe folder's prompts.txt)."""
+    rng = np.random.default_rng(seed)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    out = [f"What color is the {s}?" for s in shapes] + [f"What shape is the {c} object?" for c in colours]
+    out += ["How many objects are there?", "What is the background?", "Is the picture dark or bright?"]
+    pairs = [(c, s) for c in colours for s in shapes]
+    out += [f"Is there a {c} {s}?" for c, s in (pairs[i] for i in rng.permutation(len(pairs))[:6])]
+    for axis in ("left of", "above"):
+        for _ in range(2):
+            a, b = (str(x) for x in rng.permutation(colours)[:2])
+            out.append(f"Is the {a} object {axis} the {b} object?")
+    return tuple(out)
+
+
 def when_question(colour: str, shape: str) -> str:
     return f"When does the {colour} {shape} appear?"
 

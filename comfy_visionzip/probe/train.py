@@ -103,6 +103,16 @@ def probe_folder(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> 
     return (Path(cache) if cache else cache_dir()) / name
 
 
+PROMPTS = "prompts.txt"  # the probe's question forms, one per line: tune-projector's default prompts for it
+
+
+def write_prompts(folder: str | os.PathLike[str]) -> None:
+    """The probe's question forms (no answers) as ``prompts.txt`` in its folder, if not there yet."""
+    path = Path(folder) / PROMPTS
+    if not path.is_file():
+        path.write_text("\n".join(scenes.question_forms()) + "\n", encoding="utf-8")
+
+
 def find_probe(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> str | None:
     """The probe model's folder if it has been built (complete), else None."""
     folder = probe_folder(cache, seed)
@@ -333,6 +343,7 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
     say = say or log.info
     folder = probe_folder(cache, settings.seed)
     if not force and find_probe(cache, settings.seed):
+        write_prompts(folder)  # builds made before prompts.txt existed get it
         say(f"already built: {folder}")
         return str(folder)
     started = time.perf_counter()
@@ -405,6 +416,7 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
             "It answers: What color is the {shape}? / What shape is the {colour} object? / How many objects are "
             "there? / Is there a {colour} {shape}? / Is the {colour} object left of (above) the {colour} object? / "
             "What is the background? / Is the picture dark or bright?\nNot a general-purpose model.\n")
+        write_prompts(staging)
         for item in (staging, *staging.iterdir()):
             item.chmod(0o755 if item.is_dir() else 0o644)
         if folder.exists():
