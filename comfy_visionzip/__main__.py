@@ -426,35 +426,7 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     ask.add_argument("video", help="the video file ('-' with --tokens)")
     ask.add_argument("question")
     ask.add_argument("--model", required=True, help="checkpoint folder (or Hugging Face id where the network allows)")
-    plan = ask.add_mutually_exclusive_group()
-    plan.add_argument("--frames", "--num-frames", dest="frames", type=int,
-                      help=f"frames to sample uniformly (default {DEFAULT_FRAMES}, "
-                           "or as many as the budget holds when --budget is given)")
-    plan.add_argument("--fps", type=float, help="frames per second of video")
-    plan.add_argument("--every", type=int, help="every n-th frame")
-    ask.add_argument("--start", type=float, default=0.0, help="seconds")
-    ask.add_argument("--end", type=float, default=None, help="seconds")
-    ask.add_argument("--max-frames", type=int, default=None)
-    _decode_options(ask)
-    ask.add_argument("--budget", type=int, default=None,
-                     help="tokens the whole prompt + answer may use (default and 0: the model's context); alone, "
-                          "as many frames as fit, spread over the video")
-    ask.add_argument("--policy", choices=["fit", "strict"], default="fit",
-                     help="when the plan does not fit: fit (default) drops frames evenly; "
-                          "strict refuses with the numbers")
-    ask.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
-    ask.add_argument("--dominant", type=int, default=54)
-    ask.add_argument("--contextual", type=int, default=10)
-    ask.add_argument("--tokens-per-frame", default=None,
-                     help="tokens per image, split into dominant + contextual with the paper's ratio; 'auto': the "
-                          "most of 192/128/64/32/16 at which every asked frame fits")
-    ask.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
-    ask.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET",
-                     help="drop tokens that repeat earlier frames' (static stretches cost less, so more frames fit): "
-                          "alone the default setting (similarity 0.95); a value below 1 sets the similarity threshold "
-                          "(e.g. 0.85), a whole number the visual tokens the video may keep (e.g. 4000)")
-    ask.add_argument("--batch-size", type=int, default=0,
-                     help="frames per encoder batch (default 0: sized to the device)")
+    _plan_options(ask, start=0.0, each="")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--top-p", type=float, default=1.0)
@@ -483,28 +455,10 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     index.add_argument("sources", nargs="+", help="video files, folders (searched for videos) or glob patterns")
     index.add_argument("--out", required=True, help="the index folder (tokens files + index.jsonl)")
     _model_options(index)
-    iplan = index.add_mutually_exclusive_group()
-    iplan.add_argument("--frames", "--num-frames", dest="frames", type=int,
-                       help=f"frames to sample uniformly from each video (default {DEFAULT_FRAMES}, or as many as "
-                            "the budget holds when --budget is given)")
-    iplan.add_argument("--fps", type=float, help="frames per second of video")
-    iplan.add_argument("--every", type=int, help="every n-th frame")
-    index.add_argument("--start", type=float, default=None, help="seconds")
-    index.add_argument("--end", type=float, default=None, help="seconds")
-    index.add_argument("--max-frames", type=int, default=None)
-    _decode_options(index)
-    index.add_argument("--budget", type=int, default=None,
-                       help="tokens a first prompt + answer may use (default and 0: the model's context), as in ask")
-    index.add_argument("--policy", choices=["fit", "strict"], default="fit")
-    index.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
+    _plan_options(index, start=None, each=" from each video")
     index.add_argument("--max-new-tokens", type=int, default=256, help="room kept for an answer when planning")
-    index.add_argument("--dominant", type=int, default=54)
-    index.add_argument("--contextual", type=int, default=10)
-    index.add_argument("--tokens-per-frame", default=None)
-    index.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
-    index.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET")
-    index.add_argument("--batch-size", type=int, default=0)
-    index.add_argument("--no-timestamps", action="store_true")
+    index.add_argument("--no-timestamps", action="store_true",
+                       help="plan for prompts that do not say when frames were taken")
     index.add_argument("--retry-failed", action="store_true",
                        help="try again videos that failed before and have not changed")
     _ray_options(index)
@@ -615,6 +569,39 @@ def build_parser(prog: str = "python -m comfy_visionzip") -> argparse.ArgumentPa
     frames.add_argument("--out", default=None, help="write a contact sheet PNG here")
     frames.set_defaults(func=cmd_frames)
     return parser
+
+
+def _plan_options(parser: argparse.ArgumentParser, *, start: float | None, each: str) -> None:
+    """The sampling, budget and compression options ``ask`` and ``index`` share."""
+    plan = parser.add_mutually_exclusive_group()
+    plan.add_argument("--frames", "--num-frames", dest="frames", type=int,
+                      help=f"frames to sample uniformly{each} (default {DEFAULT_FRAMES}, "
+                           "or as many as the budget holds when --budget is given)")
+    plan.add_argument("--fps", type=float, help="frames per second of video")
+    plan.add_argument("--every", type=int, help="every n-th frame")
+    parser.add_argument("--start", type=float, default=start, help="seconds")
+    parser.add_argument("--end", type=float, default=None, help="seconds")
+    parser.add_argument("--max-frames", type=int, default=None)
+    _decode_options(parser)
+    parser.add_argument("--budget", type=int, default=None,
+                        help="tokens the whole prompt + answer may use (default and 0: the model's context); alone, "
+                             "as many frames as fit, spread over the video")
+    parser.add_argument("--policy", choices=["fit", "strict"], default="fit",
+                        help="when the plan does not fit: fit (default) drops frames evenly; "
+                             "strict refuses with the numbers")
+    parser.add_argument("--context", type=int, default=None, help="override the model's context length (tokens)")
+    parser.add_argument("--dominant", type=int, default=54)
+    parser.add_argument("--contextual", type=int, default=10)
+    parser.add_argument("--tokens-per-frame", default=None,
+                        help="tokens per image, split into dominant + contextual with the paper's ratio; 'auto': the "
+                             "most of 192/128/64/32/16 at which every asked frame fits")
+    parser.add_argument("--method", default="visionzip", help="visionzip, full, pool or uniform")
+    parser.add_argument("--temporal", nargs="?", const="on", default=None, metavar="THRESHOLD|BUDGET",
+                        help="drop tokens that repeat earlier frames' (static stretches cost less, so more frames "
+                             "fit): alone the default setting (similarity 0.95); a value below 1 sets the similarity "
+                             "threshold (e.g. 0.85), a whole number the visual tokens the video may keep (e.g. 4000)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="frames per encoder batch (default 0: sized to the device)")
 
 
 def _workers_arg(value: str) -> int | None:
