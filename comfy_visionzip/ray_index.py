@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def connect(address: str) -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
+    _reachable(address)
     package = str(Path(__file__).resolve().parent)
     runtime_env = {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}
     try:
@@ -55,6 +57,19 @@ def connect(address: str) -> Any:
         raise VisionZipError(f"cannot reach a Ray cluster at {address or '(a new local one)'}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return ray
+
+
+def _reachable(address: str, timeout: float = 3.0) -> None:
+    """A host:port address answers, checked in seconds (Ray itself retries an unreachable one for minutes)."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", a cluster file's address: Ray finds it, or says it cannot
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise VisionZipError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one with `ray start "
+                             "--head` there, or give --ray alone for a local one") from None
 
 
 def _actors(ray: Any, actors: int | None, items: int) -> tuple[int, dict[str, Any]]:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -351,3 +352,17 @@ def test_a_file_that_keeps_killing_its_worker_gets_a_failed_row(tmp_path, clip_f
     assert Path(failed["source"]).name == "poison.mp4"
     assert failed["error"].startswith(f"its Ray worker died {TRIES} times on this file")
     assert len(Manifest(out).rows) == 2 and not list(out.glob(".*.claim"))
+
+
+def test_ray_problems_are_one_line_and_quick(library, model, tmp_path, monkeypatch, capsys):
+    from comfy_visionzip.ray_index import _reachable
+
+    started = time.monotonic()
+    with pytest.raises(VisionZipError, match=r"no Ray cluster answers at 127\.0\.0\.1:1 .*ray start --head"):
+        _reachable("127.0.0.1:1")
+    assert time.monotonic() - started < 10
+    _reachable("auto")  # not a host:port: left to Ray
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    assert main(["index", str(library / "a.mp4"), "--model", model, "--out", str(tmp_path / "idx"), "--ray"]) == 2
+    assert capsys.readouterr().err.strip() == 'error: Ray is not installed: pip install "ray[data]" (or run without ' \
+                                              '--ray)'
