@@ -34,11 +34,14 @@ TRIES = 3  # a file is tried at most this many times when its worker dies (then 
 
 
 def _ray() -> Any:
+    missing = VisionZipError('Ray is not installed: pip install "ray[data]" (or run without --ray)')
     try:
         import ray  # the optional "ray" extra
         import ray.data  # noqa: F401 - the Data library is what runs the job
     except ImportError:
-        raise VisionZipError('Ray is not installed: pip install "ray[data]" (or run without --ray)') from None
+        raise missing from None
+    if not hasattr(ray, "init"):  # only Ray's session folder /tmp/ray on the path (a namespace package), not Ray
+        raise missing
     return ray
 
 
