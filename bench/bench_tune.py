@@ -3,7 +3,7 @@ after tuning, for VisionZip and, with the same tuning budget, pool and uniform; 
 as a control, supervised on the probe's own answers (run by hand; not a test).
 
     python -m comfy_visionzip fetch-weights && python -m comfy_visionzip train-probe   # once
-    python bench/bench_tune.py [--pictures 120] [--steps 1500] [--per-task 300] [--ks 25,49]
+    python bench/bench_tune.py [--pictures 120] [--steps 3000] [--batch 4] [--lr 1e-4] [--per-task 300] [--ks 25,49]
 
 Tuning data: pictures (coloured shapes on frames of the training clips and generated textures; a seed stream of
 their own, so neither the probe's training pictures nor the test's backgrounds). The self-distilled adapters see
@@ -106,9 +106,9 @@ def evaluate(vlm, items, encoded_items, condition: str, adapter: str | None, for
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pictures", type=int, default=120)
-    parser.add_argument("--steps", type=int, default=1500, help="optimiser steps per adapter (the same budget for "
+    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps per adapter (the same budget for "
                         "every method and for the supervised control)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--per-task", type=int, default=300)
     parser.add_argument("--validation", type=int, default=40, help="validation questions per task (choosing "
                         "the distilled positions)")
@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--methods", default="visionzip,pool,uniform")
     parser.add_argument("--supervised", default="visionzip,pool,uniform",
                         help="methods that also get the supervised control ('' for none)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4, help="(the command line's default; tune.md was made "
+                        "with --lr 1e-3 --batch 8 --steps 1500)")
     parser.add_argument("--anchor", type=float, default=TuneSettings.anchor,
                         help="share of each step's samples read from the full tokens (0: the first run's setting)")
     parser.add_argument("--name", default="tune", help="the results' file name (bench/results/NAME.json / .md)")

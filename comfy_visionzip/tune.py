@@ -19,14 +19,14 @@ What exactly is distilled, and why:
     user's own questions (answers never needed).
 
 Full tokens: the pack sends full (uncompressed) tokens through the model's own projector even when an adapter is
-loaded (:meth:`~comfy_visionzip.models.base.VisionLanguageModel.projector_for`), so an adapter cannot change
-full-token answers. Forced through a projector tuned on compressed tokens alone, full tokens answer worse (on the
-probe model 0.824 -> 0.694). ``anchor`` > 0 mixes that share of each step's samples read from the *full* tokens
-through the tuned projector, with the same teacher targets (their loss starts at zero: the student is then the
-teacher), which holds the projector nearer the model's own; measured on the probe it barely helps (forced full
-0.694 -> 0.710 at ``anchor=0.25``) and costs compressed accuracy (VisionZip at 25 tokens 0.721 -> 0.700), so it
-is off by default (bench/results/tune_anchor.md). A labelled sample's anchor is its answers read from the full
-tokens. The loss at full tokens through the tuned projector (what it would do there) is recorded either way
+loaded (:meth:`~comfy_visionzip.models.base.VisionLanguageModel.projector_for`), so an adapter cannot change full-
+token answers. Forced through a projector tuned on compressed tokens alone, full tokens answer worse (on the probe
+model 0.824 -> 0.694). ``anchor`` > 0 mixes that share of each step's samples read from the *full* tokens through
+the tuned projector, with the same teacher targets (their loss starts at zero: the student is then the teacher),
+which holds the projector nearer the model's own; measured on the probe (at lr 1e-3) it barely helps (forced full
+0.694 -> 0.710 at ``anchor=0.25``) and costs compressed accuracy (VisionZip at 25 tokens 0.721 -> 0.700), so it is
+off by default (bench/results/tune_anchor.md). A labelled sample's anchor is its answers read from the full tokens.
+The loss at full tokens through the tuned projector (what it would do there) is recorded either way
 (``full_tokens_loss_after``: on held-out samples with an anchor; without one, no sample is trained at full tokens,
 so on up to 64 samples of every tenth clip).
 
