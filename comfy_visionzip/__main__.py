@@ -358,9 +358,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     pick_dtype(args.dtype, pick_device(args.device))  # cheap things first
     model = ModelSpec(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                       allow_pickle=args.allow_pickle)
-    report = index_library(model, args.sources, args.out, settings, ray=args.ray, actors=args.actors,
-                           retry_failed=args.retry_failed, progress=_progress_bar("index", "file", fraction=True),
-                           say=_say, on_row=lambda row: _say(_row_line(row)))
+    try:
+        report = index_library(model, args.sources, args.out, settings, ray=args.ray, actors=args.actors,
+                               retry_failed=args.retry_failed, progress=_progress_bar("index", "file", fraction=True),
+                               say=_say, on_row=lambda row: _say(_row_line(row)))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the videos finished so far are in the manifest; the same command goes on from there",
+              file=sys.stderr)
+        return 130
     print(f"{report.summary()}\nmanifest: {os.path.join(args.out, MANIFEST)}")
     for row in report.failed_before:
         print(f"failed before: {_shown(row['source'])}: {row['error']}")
