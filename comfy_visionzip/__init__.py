@@ -12,6 +12,8 @@ from .budget import BudgetPlan, context_length, frames_for_budget, plan_budget
 from .encoded import EncodedImages, Encoder
 from .encoder import VisionEncoder
 from .errors import VideoError, VideoNotFoundError, VisionZipError
+from .index import ask_index, index_library
+from .library import IndexSettings, ModelSpec
 from .models import VisionLanguageModel
 from .pipeline import compress_frames, compress_video, encode_frames
 from .preprocess import Preprocess
@@ -36,6 +38,8 @@ __all__ = [
     "Encoder",
     "FramesHandle",
     "GenerationConfig",
+    "IndexSettings",
+    "ModelSpec",
     "Preprocess",
     "Temporal",
     "TuneSettings",
@@ -48,12 +52,14 @@ __all__ = [
     "VisionZipError",
     "ZipResult",
     "apply_adapter",
+    "ask_index",
     "compress",
     "compress_frames",
     "compress_video",
     "context_length",
     "encode_frames",
     "frames_for_budget",
+    "index_library",
     "iter_video",
     "load_tokens",
     "load_vlm",
