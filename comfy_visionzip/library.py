@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from .answer import Chat
 from .budget import plan_budget
-from .errors import VisionZipError
+from .errors import VideoError, VisionZipError
 from .models.base import VisionLanguageModel
 from .pipeline import auto_batch_size, finish_video, stream
 from .settings import Compression
@@ -267,6 +267,9 @@ def failed_unchanged(job: Job, row: dict[str, Any], key: str) -> bool:
 def one_line(error: BaseException) -> str:
     """An error as the one line a manifest row keeps (a bug says so: it is not the user's input)."""
     text = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, VideoError):  # the row names the file: the problem and the hint are what is left to say
+        text = error.problem + (f" ({error.hint})" if error.hint else "")
+        return (text.strip().splitlines() or [""])[0]
     if isinstance(error, VisionZipError):
         return text
     if isinstance(error, OSError):
