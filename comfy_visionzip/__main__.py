@@ -353,8 +353,6 @@ def cmd_index(args: argparse.Namespace) -> int:
                   "end": args.end, "max_frames": args.max_frames, "seek": args.seek},
         budget=args.budget or 0, policy=args.policy, context=args.context, max_new_tokens=args.max_new_tokens,
         timestamps=not args.no_timestamps, batch_size=args.batch_size, workers=args.decode_workers)
-    if args.actors is not None and args.actors < 1:
-        raise VisionZipError(f"--actors must be >= 1, got {args.actors}")
     pick_dtype(args.dtype, pick_device(args.device))  # cheap things first
     model = ModelSpec(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                       allow_pickle=args.allow_pickle)
@@ -376,8 +374,6 @@ def cmd_ask_index(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     config.check()
-    if args.actors is not None and args.actors < 1:
-        raise VisionZipError(f"--actors must be >= 1, got {args.actors}")
     pick_dtype(args.dtype, pick_device(args.device))
     model = ModelSpec(args.model or index_model(args.index), device=args.device, dtype=args.dtype,
                       adapter=args.adapter, allow_pickle=args.allow_pickle)
@@ -405,12 +401,22 @@ def _model_options(parser: argparse.ArgumentParser, *, required: bool = True) ->
                         help="also load pickled .bin weights (they can run code: only for files you trust)")
 
 
+def _actors_arg(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a number of Ray actors (1 or more), not {value!r}")
+    return number
+
+
 def _ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="run on Ray (pip install \"ray[data]\"): alone, a new local cluster on this machine; "
                              "with an address (e.g. 10.0.0.5:6379 or auto), that cluster; the index folder and the "
                              "model must then be on a filesystem every node shares")
-    parser.add_argument("--actors", type=int, default=None,
+    parser.add_argument("--actors", type=_actors_arg, default=None,
                         help="Ray actors, one model each (default: one per GPU; without GPUs one per four CPUs, "
                              "the CPUs shared among them)")
 

@@ -30,6 +30,7 @@ from .library import (
     Opened,
     answer_one,
     clean_partials,
+    encode_source,
     failed_row,
     failed_unchanged,
     find_sources,
@@ -39,10 +40,9 @@ from .library import (
     now,
     open_source,
     tokens_name,
-    write_tokens,
 )
 from .models.base import VisionLanguageModel
-from .pipeline import auto_batch_size, stream
+from .pipeline import auto_batch_size
 from .ray_index import answer_ray, run_ray
 from .stream import prefetch
 
@@ -113,56 +113,39 @@ def _decoded(vlm: VisionLanguageModel, jobs: Sequence[Job], settings: IndexSetti
 def run_local(vlm: VisionLanguageModel, jobs: Sequence[Job], settings: IndexSettings, key: str, folder: Path,
               on_row: Callable[[dict[str, Any]], None], progress: Progress | None = None, depth: int = 2) -> None:
     """Index ``jobs`` with one model in this process; the next source decodes while the current one encodes."""
-    encoder = vlm.video_encoder()
-    batch = settings.batch_size or auto_batch_size(encoder)
+    batch = settings.batch_size or auto_batch_size(vlm.video_encoder())
     items = prefetch(_decoded(vlm, jobs, settings, batch), depth)
-    done = 0
     try:
-        for job, first in items:
+        for done, (job, first) in enumerate(items):
             started = time.perf_counter()
-            if isinstance(first, _Failed):
-                on_row(failed_row(job, key, first.error))
-                done += 1
-                if progress is not None:
-                    progress(done, len(jobs))
-                continue
-            assert isinstance(first, Opened)
-            ended = False
+            ended = isinstance(first, _Failed)
 
-            def chunks() -> Iterator[Any]:
+            def chunks() -> Iterator[Any]:  # this source's chunks, up to its end
                 nonlocal ended
                 for _job, item in items:
-                    if isinstance(item, _End):
-                        ended = True
-                        return
+                    ended = isinstance(item, (_End, _Failed))
                     if isinstance(item, _Failed):
-                        ended = True
                         raise item.error
+                    if ended:
+                        return
                     yield item
 
             def frames_done(n: int, total: int, _done: int = done) -> None:
                 if progress is not None:
                     progress(_done + min(n / max(total, 1), 0.999), len(jobs))
 
-            try:
-                video = stream(encoder, chunks(), first.compression, batch_size=batch, progress=frames_done,
-                               total=first.frames, prefetch_depth=0)
-                for _job, item in items if not ended else ():  # the rest of this source (nothing, normally)
+            if isinstance(first, _Failed):
+                row = failed_row(job, key, first.error)
+            else:
+                row = encode_source(vlm, job, first, chunks(), key, folder, started, batch=batch, prefetch_depth=0,
+                                    progress=frames_done)
+            if not ended:  # skip what was decoded of a source whose encoding failed
+                for _job, item in items:
                     if isinstance(item, (_End, _Failed)):
                         break
-                row = write_tokens(vlm, job, first, video, key, folder, time.perf_counter() - started)
-            except Exception as e:  # noqa: BLE001 - this source's failure is its row; the run goes on
-                if not isinstance(e, (VisionZipError, OSError)):
-                    log.exception("indexing %s failed", job.source)
-                if not ended:  # skip what was decoded of it
-                    for _job, item in items:
-                        if isinstance(item, (_End, _Failed)):
-                            break
-                row = failed_row(job, key, e, time.perf_counter() - started)
             on_row(row)
-            done += 1
             if progress is not None:
-                progress(done, len(jobs))
+                progress(done + 1, len(jobs))
     finally:
         close = getattr(items, "close", None)
         if close is not None:

@@ -25,13 +25,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 from .answer import Chat
 from .budget import plan_budget
@@ -39,7 +37,7 @@ from .errors import VideoError, VisionZipError
 from .models.base import VisionLanguageModel
 from .pipeline import auto_batch_size, finish_video, stream
 from .settings import Compression
-from .store import FORMAT, load_tokens, save_tokens
+from .store import FORMAT, load_tokens, read_metadata, save_tokens
 from .video import FramesHandle, VideoHandle
 from .vlm import load_vlm
 
@@ -241,13 +239,11 @@ def locked(folder: Path) -> Iterator[None]:
 
 
 def tokens_meta(path: Path) -> dict[str, Any] | None:
-    """The ``index`` record a tokens file carries (None for a file that is not a complete tokens file)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("visionzip", "{}"))
-        return dict(meta.get("meta", {}).get("index") or {}) or None
-    except Exception:  # noqa: BLE001 - unreadable means "not up to date": the source is indexed again
-        return None
+    """The ``index`` record a tokens file carries (None for a file that is not a complete tokens file: its source
+    is then indexed again)."""
+    meta = read_metadata(path)
+    record = (meta or {}).get("meta", {}).get("index") if isinstance((meta or {}).get("meta"), dict) else None
+    return dict(record) if isinstance(record, dict) and record else None
 
 
 def is_up_to_date(job: Job, row: dict[str, Any], key: str, folder: Path) -> bool:
@@ -313,24 +309,36 @@ def write_tokens(vlm: VisionLanguageModel, job: Job, opened: Opened, video: Any,
                    seconds=round(seconds, 2), model=os.path.abspath(vlm.path), summary=video.summary(), at=now())
 
 
+def encode_source(vlm: VisionLanguageModel, job: Job, opened: Opened, chunks: Iterable[Any], key: str,
+                  folder: Path, started: float, *, batch: int, prefetch_depth: int = 1,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Encode and zip an opened source's decoded ``chunks`` and write its tokens file; its row (a failure is a
+    failed row)."""
+    try:
+        video = stream(vlm.video_encoder(), chunks, opened.compression, batch_size=batch, progress=progress,
+                       total=opened.frames, prefetch_depth=prefetch_depth)
+        return write_tokens(vlm, job, opened, video, key, folder, time.perf_counter() - started)
+    except Exception as e:  # noqa: BLE001 - one source's failure is its row; the run goes on
+        return failed_row(job, key, e, time.perf_counter() - started)
+
+
 def index_one(vlm: VisionLanguageModel, job: Job, settings: IndexSettings, key: str, folder: Path,
               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Index one source in this process (what each Ray worker runs); a failure is returned as a failed row."""
     started = time.perf_counter()
     try:
         opened = open_source(vlm, job, settings)
-        encoder = vlm.video_encoder()
-        batch = settings.batch_size or auto_batch_size(encoder)
-        video = stream(encoder, opened.handle.iter(chunk_size=batch), opened.compression, batch_size=batch,
-                       progress=progress, total=opened.frames)
-        return write_tokens(vlm, job, opened, video, key, folder, time.perf_counter() - started)
     except Exception as e:  # noqa: BLE001 - one source's failure is its row; the run goes on
-        if not isinstance(e, (VisionZipError, OSError)):
-            log.exception("indexing %s failed", job.source)
         return failed_row(job, key, e, time.perf_counter() - started)
+    batch = settings.batch_size or auto_batch_size(vlm.video_encoder())
+    return encode_source(vlm, job, opened, opened.handle.iter(chunk_size=batch), key, folder, started, batch=batch,
+                         progress=progress)
 
 
 def failed_row(job: Job, key: str, error: BaseException | str, seconds: float = 0.0) -> dict[str, Any]:
+    """A failed source's row; an error that is not the input's (a bug) is also logged with its traceback."""
+    if isinstance(error, BaseException) and not isinstance(error, (VisionZipError, OSError)):
+        log.error("indexing %s failed", job.source, exc_info=error)
     line = error if isinstance(error, str) else one_line(error)
     return job.row(key, status="failed", error=line, frames=0, visual_tokens=0, seconds=round(seconds, 2), at=now())
 

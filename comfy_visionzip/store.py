@@ -67,6 +67,17 @@ def save_tokens(video: CompressedVideo, path: str | os.PathLike[str]) -> str:
     return path
 
 
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A tokens file's VisionZip metadata (what :func:`save_tokens` wrote beside the tensors), read without the
+    tensors; None when the file is missing, not safetensors, or not a tokens file."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["visionzip"])
+    except Exception:  # noqa: BLE001 - any failure means "not a tokens file" here
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_tokens(path: str | os.PathLike[str], *, model: VisionLanguageModel | None = None) -> CompressedVideo:
     """Read tokens saved by :func:`save_tokens` (any format version it knows). With ``model``, check they
     were made with that model."""

@@ -371,9 +371,9 @@ def test_ray_problems_are_one_line_and_quick(library, model, tmp_path, monkeypat
 
 
 def test_ctrl_c_keeps_what_was_done(library, model, tmp_path, monkeypatch, capsys):
-    import comfy_visionzip.index as index
+    import comfy_visionzip.library as rooms
 
-    real = index.write_tokens
+    real = rooms.write_tokens
     calls = []
 
     def write_then_stop(*args, **kwargs):
@@ -382,13 +382,13 @@ def test_ctrl_c_keeps_what_was_done(library, model, tmp_path, monkeypatch, capsy
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(index, "write_tokens", write_then_stop)
+    monkeypatch.setattr(rooms, "write_tokens", write_then_stop)
     out = tmp_path / "idx"
     assert main(["index", str(library / "a.mp4"), str(library / "b.mkv"), "--model", model, "--out", str(out),
                  *FRAMES]) == 130
     assert "interrupted: the videos finished so far are in the manifest" in capsys.readouterr().err
     assert [Path(r["source"]).name for r in Manifest(out).rows.values()] == ["a.mp4"]
-    monkeypatch.setattr(index, "write_tokens", real)
+    monkeypatch.setattr(rooms, "write_tokens", real)
     assert main(["index", str(library / "a.mp4"), str(library / "b.mkv"), "--model", model, "--out", str(out),
                  *FRAMES]) == 0
     assert "1 indexed, 1 up to date" in capsys.readouterr().out
