@@ -180,7 +180,7 @@ def test_a_tiny_build_is_a_checkpoint_the_loader_and_ask_accept(tiny_tower, tmp_
     # one folder for the whole supported range: transformers 4.x cannot name 5.x's "TokenizersBackend"
     assert json.loads((tmp_path / train.FOLDER / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast"
-    assert set(record["validation"]["per_task"]) == set(scenes.TASKS)
+    assert set(record["validation"]["per_task"]) == set(scenes.TASKS) | set(scenes.VIDEO_TASKS)
     assert not [p for p in tmp_path.glob(".visionzip-probe-*") if p.is_dir()]  # no staging folder left behind
     assert len(list(tmp_path.glob(".visionzip-probe-*-features-*.safetensors"))) == 1  # the tower's features, kept
     vlm = load_vlm(folder, dtype="float32")
@@ -225,26 +225,37 @@ def test_slideshow_video_questions_are_true_for_their_frames():
             return train.Item(frames, times, tuple((q.task, (), q) for q in questions))
 
     rng = np.random.default_rng(0)
-    seen = set()
+    seen = {"when": 0, "order": 0}
     for _ in range(200):
-        count = int(rng.integers(3, 9))
+        count = int(rng.integers(4, 11))
         item = shows.item(FakePrompts(), count, rng)
-        (task, _suffix, q), = item.questions
-        seen.add(task)
-        assert len(item.frames) == len(item.times) == count and tok.unk_token_id not in tok(q.answer)["input_ids"]
+        assert len(item.frames) == len(item.times) == count
+        assert list(item.times) == sorted(item.times) and len(set(item.times)) == count
         things = [made[f].things for f in item.frames]
-        if task == "when":
-            colour, shape = q.text.split()[3:5]
-            showing = [k for k, ts in enumerate(things) if any((t.colour, t.shape) == (colour, shape) for t in ts)]
-            assert len(showing) == 1 and q.answer == str(int(item.times[showing[0]]))
-        else:
-            words = q.text.replace(",", "").rstrip("?").split()
-            c1, c2 = words[4], words[8]
-            first = [k for k, ts in enumerate(things) if any(t.colour == c1 for t in ts)]
-            second = [k for k, ts in enumerate(things) if any(t.colour == c2 for t in ts)]
-            assert len(first) == len(second) == 1 and first != second
-            assert q.answer == (c1 if first[0] < second[0] else c2)
-    assert seen == {"when", "order"}
+        assert all(len(ts) <= 1 for ts in things)  # empty frames, and events of one object each
+        shown = [(ts[0].colour, ts[0].shape) if ts else None for ts in things]
+        events = [c for c in dict.fromkeys(shown) if c is not None]
+        assert 1 <= len(events) <= 3
+        for combo in events:  # each event is one run of the same picture, apart from the other
+            run = [k for k, c in enumerate(shown) if c == combo]
+            assert run == list(range(run[0], run[-1] + 1)) and len({item.frames[k] for k in run}) == 1
+            assert 1 <= len(run) <= 3
+            assert run[0] == 0 or shown[run[0] - 1] is None
+        assert len({c for c, _s in events}) == len({s for _c, s in events}) == len(events)
+        for task, _suffix, q in item.questions:
+            seen[task] += 1
+            assert tok.unk_token_id not in tok(q.answer)["input_ids"]
+            if task == "when":
+                colour, shape = q.text.split()[3:5]
+                assert q.answer == str(int(item.times[shown.index((colour, shape))]))
+            else:
+                words = q.text.replace(",", "").rstrip("?").split()
+                c1, c2 = words[4], words[8]
+                first = {c[0]: k for k, c in reversed(list(enumerate(shown))) if c is not None}
+                assert {c1, c2} <= set(first) and c1 != c2 and q.answer == min((c1, c2), key=first.get)
+        asked = [t for t, _s, _q in item.questions]
+        assert asked.count("when") == len(events) and asked.count("order") == len(events) * (len(events) - 1) // 2
+    assert seen["when"] > 300 and seen["order"] > 200
 
 
 def test_patch_words_name_the_patches_an_object_covers():
@@ -256,3 +267,37 @@ def test_patch_words_name_the_patches_an_object_covers():
     small = scenes.Thing("blue", "circle", "small", 14, 20, 20)  # covers parts of four patches, none by half
     named = train.patch_words(scenes.Scene("clouds", "dark", [small]), {"blue": 1}, {"circle": 2}).view(2, 16, 16)
     assert (named[0] == 1).nonzero().tolist() == [[1, 1]] and named[1, 1, 1] == 2  # its centre's patch
+
+
+def test_centre_words_mark_one_patch_per_object_whatever_its_size():
+    big = scenes.Thing("red", "square", "large", 56, 0, 0)  # centre (28, 28): patch (2, 2)
+    small = scenes.Thing("blue", "circle", "small", 14, 200, 100)  # centre (207, 107): patch (7, 14)
+    marks = train.centre_words(scenes.Scene("clouds", "dark", [big, small]), 5).view(16, 16)
+    assert (marks == 5).nonzero().tolist() == [[2, 2], [7, 14]] and int((marks == -100).sum()) == 254
+
+
+def test_naming_loss_reads_one_word_group_and_weighs_background_as_half():
+    head = torch.eye(6)  # word i reads dimension i
+    group = torch.tensor([1, 2, 5])  # two words and "background" last
+    states = torch.zeros(3, 6)
+    states[0, 1] = states[1, 2] = states[2, 5] = 20.0  # each state says its word loudly; word 3 is out of the group
+    states[:, 3] = 50.0  # a word outside the group never competes
+    words = torch.tensor([1, 2, -100])
+    assert float(train.naming_loss(states, words, group, head)) < 1e-6
+    wrong = torch.tensor([2, 1, -100])  # the objects named the other way round: a large loss from the object half
+    loss = train.naming_loss(states, wrong, group, head)
+    assert abs(float(loss) - 20.0) < 1e-3  # object patches: mean CE of 20 each, background: 0
+    only_background = train.naming_loss(states[2:], torch.tensor([-100]), group, head)
+    assert float(only_background) < 1e-6
+
+
+def test_the_video_oracle_shows_both_events_in_eight_frames():
+    items = fidelity.video_items(200, 4, seed=3)
+    for item in items:
+        picked = fidelity.frames_showing(item, 8)
+        assert picked == sorted(set(picked)) and len(picked) == 8
+        assert all(0 <= t < fidelity.VIDEO_SECONDS for t in picked)
+        for event in item.events:
+            assert any(event.covers(t) for t in picked)
+        plain = fidelity.full_frames(8)
+        assert len(set(picked) - set(plain)) <= 2  # only the frames nearest the events moved

@@ -240,3 +240,16 @@ def when_right(said: str, answer: str) -> bool:
 def full_frames(count: int = 8) -> list[int]:
     """The seconds ``count`` evenly spread frames take from the video (the middle of each equal part)."""
     return [int((k + 0.5) * VIDEO_SECONDS / count) for k in range(count)]
+
+
+def frames_showing(item: VideoItem, count: int = 8) -> list[int]:
+    """:func:`full_frames`, with the frame nearest each event's middle second moved onto it: ``count`` frames that
+    show both events (an oracle for the video bench's ceiling, not a way to sample)."""
+    picked = full_frames(count)
+    moved: set[int] = set()
+    for event in item.events:
+        middle = event.start + (event.duration - 1) // 2
+        nearest = min((k for k in range(count) if k not in moved), key=lambda k: abs(picked[k] - middle))
+        picked[nearest] = middle
+        moved.add(nearest)
+    return sorted(set(picked))

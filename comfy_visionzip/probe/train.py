@@ -19,11 +19,17 @@ How it trains, and why it fits a laptop CPU:
     end-of-turn token;
   - the projector's first layer starts from the features' own mean and spread (standardised inputs), so
     GELU sees features on its scale from the first step;
-  - besides the answers, a naming loss: at each visual token the language model's output is asked to name the
-    colour and the shape of the object that patch shows (background patches: no loss). The generator knows
-    where every object is, so this costs nothing to label; without it the small model did not learn to find
-    a named object within the time given (colour and shape stayed at chance, measured). The checkpoint is a
-    plain LLaVA either way: the loss only shapes how it is trained.
+  - besides the answers, a naming loss at the visual tokens, read at the projector's output through the word
+    matrix: each object patch names its object's colour (among the four colours and "background") and its shape
+    (among the three shapes and "background"), background patches name "background", and the patch of each
+    object's centre names "object" (one mark per object whatever its size, what counting reads). The generator
+    knows where every object is, so this costs nothing to label; without it the small model did not learn to
+    find a named object within the time given (colour and shape stayed at chance, measured). Each name is a
+    choice within its own group of words: over the whole vocabulary (format 1) the colour and the shape of a
+    patch competed for one softmax, and one crowded the other out. The checkpoint is a plain LLaVA either way:
+    the loss only shapes how it is trained;
+  - video questions on slideshows shaped like the videos the bench asks about: mostly empty frames, one to three
+    events each holding one object for 1-3 frames, 4-10 frames at 1-10 s steps (see :class:`Slideshows`);
   - matrix products in bfloat16 on the CPU (autocast; the weights stay float32), about 2x faster here.
 """
 
@@ -62,7 +68,8 @@ from . import footage, scenes
 log = logging.getLogger(__name__)
 
 FOLDER = "visionzip-probe-llava-dinov2"
-FORMAT = "comfyui-visionzip/probe/1"
+FORMAT = "comfyui-visionzip/probe/2"  # 2: naming restricted to word groups, time naming, video-shaped slideshows
+FEATURES = "comfyui-visionzip/probe/1"  # the training images and their encoding, unchanged since format 1
 PREPROCESSOR = {  # as LLaVA-1.5's CLIP: shortest side to 224, centre crop 224 (shapes keep their proportions; a wide
     # frame loses its sides). The training pictures are 224 x 224, which this leaves as they are.
     "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
@@ -70,6 +77,7 @@ PREPROCESSOR = {  # as LLaVA-1.5's CLIP: shortest side to 224, centre crop 224 (
     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
     "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
 }
+NUMBERS = 200  # the time naming loss names seconds 0..199
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TEMPLATE_WORDS = ["USER", "ASSISTANT", ":", "frame", "at", "s", ".", ",", "When", "does", "appear", "Which", "comes",
                   "first", "second", "seconds", "this", "image", "video", "in", "happens", "Describe", "and", "then"]
@@ -92,10 +100,15 @@ class Settings:
     intermediate: int = 512
     photo_every: int = 2  # every 2nd frame of the training clips is a background
     still_share: float = 0.1  # items shown as a still video of 2-3 frames
-    video_share: float = 0.1  # items that are a video question about a slideshow of training pictures
-    video_frames: tuple[int, int] = (3, 6)  # frames of a slideshow, at least and at most
+    video_share: float = 0.5  # steps of video questions about slideshows of training pictures, per picture step
+    video_frames: tuple[int, int] = (4, 10)  # frames of a slideshow, at least and at most
     precision: str = "bf16"  # matrix products while encoding and training: bf16 (autocast) or fp32
     naming: float = 0.5  # weight of the naming loss at the visual tokens (each object patch names its object)
+    naming_at: str = "projector"  # read at the projector's output ("projector"), the last layer ("last") or "both"
+    # weight of a loss asking each visual token (after ``timing_layer`` layers) for its frame's time: off, since at
+    # 0.5 it was learned (99.7% of tokens) but cost the brightness and order questions (2-epoch runs, validation)
+    timing: float = 0.0
+    timing_layer: int = 1
 
 
 def probe_folder(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
@@ -114,9 +127,18 @@ def write_prompts(folder: str | os.PathLike[str]) -> None:
 
 
 def find_probe(cache: str | os.PathLike[str] | None = None, seed: int = 0) -> str | None:
-    """The probe model's folder if it has been built (complete), else None."""
+    """The probe model's folder if it has been built (complete) by this version's recipe (:data:`FORMAT`), else
+    None: a build by an older ``train-probe`` is made again, since the tests and the bench state rates for this
+    recipe's model."""
     folder = probe_folder(cache, seed)
-    return str(folder) if (folder / "PROBE.json").is_file() and (folder / "config.json").is_file() else None
+    return str(folder) if (folder / "config.json").is_file() and _built_format(folder) == FORMAT else None
+
+
+def _built_format(folder: Path) -> str | None:
+    try:
+        return str(json.loads((folder / "PROBE.json").read_text())["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def make_probe_tokenizer() -> tf.PreTrainedTokenizerFast:
@@ -218,6 +240,7 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
     img_rows: list[int] = []
     img_cols: list[int] = []
     frames: list[int] = []
+    seconds: list[int] = []
     for b, item in enumerate(items):
         prefix, visual = prompts.prefix_for(item.times)
         P = len(prefix)
@@ -235,6 +258,7 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
         img_rows += [b] * len(visual)
         img_cols += visual
         frames += item.frames
+        seconds += [int(t) for t in item.times]
     L = max(len(r[0]) for r in rows)
     B = len(rows)
     ids_t = torch.full((B, L), int(prompts.tokenizer.pad_token_id), dtype=torch.long)
@@ -255,14 +279,16 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
     allowed |= torch.eye(L, dtype=torch.bool)[None]  # padding rows see themselves (no empty softmax)
     return {"ids": ids_t, "positions": pos_t, "allowed": allowed, "at": torch.tensor(at),
             "row": torch.tensor(row_of), "target": torch.tensor(target), "frames": torch.tensor(frames),
+            "seconds": torch.tensor(seconds),
             "image_rows": torch.tensor(img_rows), "image_cols": torch.tensor(img_cols)}
 
 
 def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Tensor],
-                   visual_logits: bool = False) -> Any:
+                   visual_logits: bool = False, layer: int = 1) -> Any:
     """Logits at the answer positions of a packed batch ((targets, vocab)); ``features`` (N, K, D) are all the
-    cached frames, the batch names which it shows. With ``visual_logits``, also the language model's word
-    logits at every visual token ((frames * K, vocab), in the batch's frame order)."""
+    cached frames, the batch names which it shows. With ``visual_logits``, also what the naming loss reads at
+    every visual token, in the batch's frame order: ``{"projected": (frames * K, D_text) the projector's output,
+    "hidden": (frames * K, D_text) the last layer's, "early": the same after ``layer`` layers}``."""
     embed = model.get_input_embeddings()
     inputs = embed(batch["ids"]).clone()
     shown = features[batch["frames"]].to(inputs.dtype)  # (frames, K, D_vision)
@@ -270,13 +296,32 @@ def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Te
     inputs[batch["image_rows"], batch["image_cols"]] = projected.to(inputs.dtype)
     mask = torch.zeros(batch["allowed"].shape, dtype=inputs.dtype)
     mask.masked_fill_(~batch["allowed"], torch.finfo(inputs.dtype).min)
-    hidden = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask[:, None], position_ids=batch["positions"],
-                                 use_cache=False).last_hidden_state
+    out = model.get_decoder()(inputs_embeds=inputs, attention_mask=mask[:, None], position_ids=batch["positions"],
+                              use_cache=False, output_hidden_states=visual_logits)
+    hidden = out.last_hidden_state
     head = model.get_output_embeddings()
     answers = head(hidden[batch["row"], batch["at"]])
     if not visual_logits:
         return answers
-    return answers, head(hidden[batch["image_rows"], batch["image_cols"]])
+    at = batch["image_rows"], batch["image_cols"]
+    return answers, {"projected": projected, "hidden": hidden[at], "early": out.hidden_states[layer][at]}
+
+
+def naming_loss(states: torch.Tensor, words: torch.Tensor, group: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of naming each visual token's object among one group of words only (its colours, or its
+    shapes) plus a last choice, ``group[-1]``, for a background patch. ``states`` (T, D) are read through the
+    word matrix ``head`` (V, D); ``words`` (T,) are the right word ids, -100 for background. Restricted to the
+    group, the colour and the shape never compete for the same softmax (over the whole vocabulary they did, and
+    one crowded the other out). Object and background patches weigh as two halves (most patches are
+    background)."""
+    logits = states.float() @ head[group].float().T  # (T, len(group))
+    lookup = torch.full((int(head.shape[0]),), len(group) - 1, dtype=torch.long)
+    lookup[group[:-1]] = torch.arange(len(group) - 1)
+    target = torch.where(words >= 0, lookup[words.clamp_min(0)], len(group) - 1)
+    each = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    thing = words >= 0
+    loss = each[~thing].mean() * 0.5 if bool((~thing).any()) else each.sum() * 0
+    return loss + (each[thing].mean() if bool(thing.any()) else 0)
 
 
 def patch_words(scene: scenes.Scene, colour_ids: dict[str, int], shape_ids: dict[str, int],
@@ -295,6 +340,15 @@ def patch_words(scene: scenes.Scene, colour_ids: dict[str, int], shape_ids: dict
         r, c = min(grid - 1, int(t.y + t.side / 2) // patch), min(grid - 1, int(t.x + t.side / 2) // patch)
         out[0, r, c], out[1, r, c] = colour_ids[t.colour], shape_ids[t.shape]  # a small object: its centre's patch
     return out.flatten(1)
+
+
+def centre_words(scene: scenes.Scene, word: int, grid: int = 16, patch: int = 14) -> torch.Tensor:
+    """(grid * grid,) ``word`` at the patch of each object's centre, -100 elsewhere: one marked patch per object
+    whatever its size, which is what counting needs."""
+    out = torch.full((grid, grid), -100, dtype=torch.long)
+    for t in scene.things:
+        out[min(grid - 1, int(t.y + t.side / 2) // patch), min(grid - 1, int(t.x + t.side / 2) // patch)] = word
+    return out.flatten()
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -346,6 +400,9 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
         write_prompts(folder)  # builds made before prompts.txt existed get it
         say(f"already built: {folder}")
         return str(folder)
+    older = _built_format(folder) if (folder / "config.json").is_file() else None
+    if older is not None and older != FORMAT and not force:
+        say(f"the probe model in {folder} was built by an older train-probe ({older}); building it again")
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     tower = tower or find_real_tower(cache) or fetch_weights(cache=cache, say=say)
@@ -386,14 +443,19 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
         prompts = Prompts(Chat(vlm, frame0))
         model = vlm.model
         _standardise_projector(model, train_feats)
-        shows = Slideshows(made) if settings.video_share > 0 else None
+        shows = _slideshows(made) if settings.video_share > 0 else None
         colour_ids = {c: prompts.answer(c) for c in scenes.COLOURS}
         shape_ids = {t: prompts.answer(t) for t in scenes.SHAPES}
         rows, cols = encoder.grid
-        words = torch.stack([patch_words(sc, colour_ids, shape_ids, rows) for sc in made]) \
+        centre = prompts.answer("object")
+        words = torch.stack([torch.cat([patch_words(sc, colour_ids, shape_ids, rows),
+                                        centre_words(sc, centre, rows)[None]]) for sc in made]) \
             if settings.naming > 0 and rows * cols == train_feats.shape[1] else None
         history = _train(model, prompts, train_feats, asked, settings, progress, shows, words)
         accuracy = evaluate(model, prompts, val_feats, [(q.task, q.text, q.answer) for _s, q in val_items])
+        val_shows = _slideshows([s for s, _q in val_items]) if shows is not None else None
+        if val_shows is not None:
+            accuracy.update(evaluate_videos(model, prompts, val_feats, val_shows, settings))
         model.eval()
         model.save_pretrained(staging)
         record = {
@@ -433,7 +495,7 @@ def build_probe(*, cache: str | os.PathLike[str] | None = None, settings: Settin
 def _feature_file(folder: Path, settings: Settings, tower: str) -> Path:
     """Where the tower's features of a build's images are kept (what makes the images and how they are encoded
     name the file, so a build with other training settings reuses them)."""
-    key = {"format": FORMAT, "seed": settings.seed, "images": settings.train_images, "val": settings.val_per_task,
+    key = {"format": FEATURES, "seed": settings.seed, "images": settings.train_images, "val": settings.val_per_task,
            "photos": settings.photo_every, "precision": settings.precision, "tower": _tower_identity(tower)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return folder.parent / f".{folder.name}-features-{digest}.safetensors"
@@ -520,63 +582,84 @@ def _schedule(n: int, settings: Settings, rng: np.random.Generator, videos: bool
 
 
 class Slideshows:
-    """Video questions on sequences of training pictures (no extra encoding): "When does the {colour} {shape}
-    appear?" about a sequence in which exactly one frame shows it (the answer: that frame's time, whole seconds),
-    and "Which comes first, the {c1} object or the {c2} object?" about one frame with a c1 object and a later or
-    earlier one with a c2 object (no other frame shows either colour)."""
+    """Video questions on sequences of training pictures shaped like a video (no extra encoding): most frames are
+    empty pictures (no object), and one to three events each show a single object, the same picture held for 1-3
+    consecutive frames, with at least one empty frame between events (the events' colours differ, and so do their
+    shapes). Asked: "When does the {colour} {shape} appear?" for each event (the answer: the time of its first
+    frame, whole seconds) and, for each pair of events, "Which comes first, the {c1} object or the {c2} object?"."""
 
     def __init__(self, made: list[scenes.Scene]) -> None:
-        self.combos = [[(t.colour, t.shape) for t in sc.things] for sc in made]
-        self.colours = [[t.colour for t in sc.things] for sc in made]
-        self.once: dict[tuple[str, str], list[int]] = {}
-        for i, combos in enumerate(self.combos):
-            for combo in set(combos):
-                if combos.count(combo) == 1:
-                    self.once.setdefault(combo, []).append(i)
+        self.empty = [i for i, sc in enumerate(made) if not sc.things]
+        self.single: dict[tuple[str, str], list[int]] = {}
+        for i, sc in enumerate(made):
+            if len(sc.things) == 1:
+                self.single.setdefault((sc.things[0].colour, sc.things[0].shape), []).append(i)
+        if not self.empty or len({c for c, _s in self.single}) < 2 or len({s for _c, s in self.single}) < 2:
+            raise LookupError("too few empty or one-object pictures for video questions")
 
-    def _other(self, rng: np.random.Generator, bad: Callable[[int], bool]) -> int:
-        for _ in range(20 * len(self.combos)):
-            i = int(rng.integers(len(self.combos)))
-            if not bad(i):
-                return i
-        raise LookupError("no training picture fits")  # only with very few pictures: the caller asks otherwise
+    def _events(self, most: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+        combos = sorted(self.single)
+        events: list[tuple[str, str]] = []
+        for k in rng.permutation(len(combos)):
+            colour, shape = combos[int(k)]
+            if len(events) < most and all(colour != c and shape != s for c, s in events):
+                events.append((colour, shape))
+        return events
 
-    def item(self, prompts: Prompts, count: int, rng: np.random.Generator) -> Item:
-        start = float(rng.integers(0, 60))
-        step = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0]))
+    def item(self, prompts: Any, count: int, rng: np.random.Generator) -> Item:
+        start = float(rng.integers(0, 60)) if rng.uniform() < 0.7 else 0.0
+        step = float(rng.choice([1.0, 1.0, 2.0, 5.0, 10.0]))
         times = tuple(start + k * step for k in range(count))
-        if rng.uniform() < 0.5:
-            combos = sorted(self.once)
-            colour, shape = combos[int(rng.integers(len(combos)))]
-            frames = [self._other(rng, lambda i: (colour, shape) in self.combos[i]) for _ in range(count)]
-            at = int(rng.integers(count))
-            pool = self.once[(colour, shape)]
-            frames[at] = pool[int(rng.integers(len(pool)))]
-            question = scenes.Question("when", scenes.when_question(colour, shape), str(int(times[at])))
-        else:
-            c1, c2 = (str(c) for c in rng.permutation(list(scenes.COLOURS))[:2])
-            frames = [self._other(rng, lambda i: c1 in self.colours[i] or c2 in self.colours[i]) for _ in range(count)]
-            a, b = (int(k) for k in rng.permutation(count)[:2])
-            frames[a] = self._other(rng, lambda i: self.colours[i].count(c1) != 1 or c2 in self.colours[i])
-            frames[b] = self._other(rng, lambda i: self.colours[i].count(c2) != 1 or c1 in self.colours[i])
-            named = (c1, c2) if rng.uniform() < 0.5 else (c2, c1)
-            question = scenes.Question("order", scenes.order_question(*named), c1 if a < b else c2)
-        return prompts.item(tuple(frames), times, [question])
+        frames = [self.empty[int(rng.integers(len(self.empty)))] for _ in range(count)]
+        events = self._events(int(rng.integers(1, min(3, (count + 1) // 2) + 1)), rng)
+        held = [int(rng.integers(1, 4)) for _ in events]
+        while sum(held) + len(events) - 1 > count:  # room for every event and one empty frame between two
+            held[int(np.argmax(held))] -= 1
+        slack = count - sum(held) - (len(events) - 1)
+        cuts = np.sort(rng.integers(0, slack + 1, len(events)))  # the spare frames before each event
+        spans, at = [], 0
+        for k, n in enumerate(held):
+            at += int(cuts[k] - (cuts[k - 1] if k else 0)) + (1 if k else 0)
+            spans.append((at, n))
+            at += n
+        questions = []
+        for (colour, shape), (at, n) in zip(events, spans):
+            pool = self.single[(colour, shape)]
+            frames[at: at + n] = [pool[int(rng.integers(len(pool)))]] * n
+            questions.append(scenes.Question("when", scenes.when_question(colour, shape), str(int(times[at]))))
+        for i in range(len(events)):  # events are in time order here
+            for j in range(i + 1, len(events)):
+                named = (events[i][0], events[j][0]) if rng.uniform() < 0.5 else (events[j][0], events[i][0])
+                questions.append(scenes.Question("order", scenes.order_question(*named), events[i][0]))
+        order = rng.permutation(len(questions))
+        return prompts.item(tuple(frames), times, [questions[int(k)] for k in order])
+
+
+def _slideshows(made: list[scenes.Scene]) -> Slideshows | None:
+    try:
+        return Slideshows(made)
+    except LookupError:  # tiny builds: too few pictures for video questions
+        return None
 
 
 def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[list[scenes.Question]],
            settings: Settings, progress: Callable[[str, int, int], None] | None,
            shows: Slideshows | None = None, words: torch.Tensor | None = None) -> list[float]:
     """Train the projector and the language model (the tower is frozen): the loss is on the answers, plus, with
-    ``words`` ((N, 2, K) word ids per patch, see :func:`patch_words`) and ``settings.naming`` > 0, a naming loss
+    ``words`` ((N, 3, K) word ids per patch, see :func:`patch_words` and :func:`centre_words`) and
+    ``settings.naming`` > 0, a naming loss
     at the visual tokens."""
     rng = np.random.default_rng(settings.seed + 1)
     for p in _part(model, "vision_tower").parameters():
         p.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
+    groups = (torch.tensor([prompts.answer(w) for w in (*scenes.COLOURS, "background")]),
+              torch.tensor([prompts.answer(w) for w in (*scenes.SHAPES, "background")]),
+              torch.tensor([prompts.answer(w) for w in ("object", "background")]))
+    numbers = torch.tensor([prompts.answer(str(n)) for n in range(NUMBERS)])
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01, betas=(0.9, 0.98))
     plan = _schedule(len(features), settings, rng, shows is not None)
-    steps = len(plan)
+    steps = max(1, len(plan))
     warm = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -596,14 +679,22 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
             items = [_picture_item(prompts, int(j), asked[j], settings, rng, count) for j in what]
         batch = pack(prompts, items)
         with _precision(settings):
-            logits, visual = forward_packed(model, features, batch, visual_logits=True)
+            logits, visual = forward_packed(model, features, batch, visual_logits=True, layer=settings.timing_layer)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["target"])
+        if settings.timing > 0:  # each visual token names its frame's time (whole seconds), read from the prompt
+            per = features.shape[1]
+            seconds = batch["seconds"].clamp_max(len(numbers) - 1).repeat_interleave(per)
+            said = visual["early"].float() @ model.get_output_embeddings().weight[numbers].float().T
+            loss = loss + settings.timing * torch.nn.functional.cross_entropy(said, seconds)
         if words is not None and settings.naming > 0:  # each object patch names its object's colour and shape
             named = words[batch["frames"]]  # (frames, 2, K)
-            visual = visual.float()
-            loss = loss + settings.naming * (
-                torch.nn.functional.cross_entropy(visual, named[:, 0].flatten(), ignore_index=-100)
-                + torch.nn.functional.cross_entropy(visual, named[:, 1].flatten(), ignore_index=-100)) / 2
+            head = model.get_output_embeddings().weight
+            read = {"projector": ("projected",), "last": ("hidden",), "both": ("projected", "hidden")}
+            for where in read[settings.naming_at]:
+                loss = loss + settings.naming * (
+                    naming_loss(visual[where], named[:, 0].flatten(), groups[0], head)
+                    + naming_loss(visual[where], named[:, 1].flatten(), groups[1], head)
+                    + naming_loss(visual[where], named[:, 2].flatten(), groups[2], head)) / 3
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -632,4 +723,20 @@ def evaluate(model: Any, prompts: Prompts, features: torch.Tensor, items: list[t
         logits = forward_packed(model, features, packed)[0::2]
         for (task, _q, answer), row in zip(chunk, logits.argmax(-1).tolist()):
             right.setdefault(task, []).append(row == prompts.answer(answer))
+    return {task: round(float(np.mean(v)), 4) for task, v in right.items()}
+
+
+@torch.no_grad()
+def evaluate_videos(model: Any, prompts: Prompts, features: torch.Tensor, shows: Slideshows, settings: Settings,
+                    videos: int = 60) -> dict[str, float]:
+    """Teacher-forced accuracy of the video questions on slideshows of held-out pictures (a fixed seed)."""
+    rng = np.random.default_rng(settings.seed + 20_000)
+    low, high = settings.video_frames
+    right: dict[str, list[bool]] = {}
+    for _ in range(videos):
+        item = shows.item(prompts, int(rng.integers(low, high + 1)), rng)
+        with _precision(settings):
+            logits = forward_packed(model, features, pack(prompts, [item]))[0::2]
+        for (task, _q, answer), said in zip(item.questions, logits.argmax(-1).tolist()):
+            right.setdefault(task, []).append(said == answer)
     return {task: round(float(np.mean(v)), 4) for task, v in right.items()}
