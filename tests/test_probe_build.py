@@ -269,28 +269,6 @@ def test_patch_words_name_the_patches_an_object_covers():
     assert (named[0] == 1).nonzero().tolist() == [[1, 1]] and named[1, 1, 1] == 2  # its centre's patch
 
 
-def test_centre_words_mark_one_patch_per_object_whatever_its_size():
-    big = scenes.Thing("red", "square", "large", 56, 0, 0)  # centre (28, 28): patch (2, 2)
-    small = scenes.Thing("blue", "circle", "small", 14, 200, 100)  # centre (207, 107): patch (7, 14)
-    marks = train.centre_words(scenes.Scene("clouds", "dark", [big, small]), 5).view(16, 16)
-    assert (marks == 5).nonzero().tolist() == [[2, 2], [7, 14]] and int((marks == -100).sum()) == 254
-
-
-def test_naming_loss_reads_one_word_group_and_weighs_background_as_half():
-    head = torch.eye(6)  # word i reads dimension i
-    group = torch.tensor([1, 2, 5])  # two words and "background" last
-    states = torch.zeros(3, 6)
-    states[0, 1] = states[1, 2] = states[2, 5] = 20.0  # each state says its word loudly; word 3 is out of the group
-    states[:, 3] = 50.0  # a word outside the group never competes
-    words = torch.tensor([1, 2, -100])
-    assert float(train.naming_loss(states, words, group, head)) < 1e-6
-    wrong = torch.tensor([2, 1, -100])  # the objects named the other way round: a large loss from the object half
-    loss = train.naming_loss(states, wrong, group, head)
-    assert abs(float(loss) - 20.0) < 1e-3  # object patches: mean CE of 20 each, background: 0
-    only_background = train.naming_loss(states[2:], torch.tensor([-100]), group, head)
-    assert float(only_background) < 1e-6
-
-
 def test_the_video_oracle_shows_both_events_in_eight_frames():
     items = fidelity.video_items(200, 4, seed=3)
     for item in items:
