@@ -274,10 +274,10 @@ def pack(prompts: Prompts, items: list[Item]) -> dict[str, torch.Tensor]:
 
 
 def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Tensor],
-                   visual_logits: bool = False) -> Any:
+                   visual_states: bool = False) -> Any:
     """Logits at the answer positions of a packed batch ((targets, vocab)); ``features`` (N, K, D) are all the
-    cached frames, the batch names which it shows. With ``visual_logits``, also the language model's word
-    logits at every visual token ((frames * K, vocab), in the batch's frame order)."""
+    cached frames, the batch names which it shows. With ``visual_states``, also the language model's last
+    hidden states at every visual token ((frames * K, D_text), in the batch's frame order)."""
     embed = model.get_input_embeddings()
     inputs = embed(batch["ids"]).clone()
     shown = features[batch["frames"]].to(inputs.dtype)  # (frames, K, D_vision)
@@ -289,9 +289,9 @@ def forward_packed(model: Any, features: torch.Tensor, batch: dict[str, torch.Te
                                  use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     answers = head(hidden[batch["row"], batch["at"]])
-    if not visual_logits:
+    if not visual_states:
         return answers
-    return answers, head(hidden[batch["image_rows"], batch["image_cols"]])
+    return answers, hidden[batch["image_rows"], batch["image_cols"]]
 
 
 def patch_words(scene: scenes.Scene, colour_ids: dict[str, int], shape_ids: dict[str, int],
@@ -634,11 +634,11 @@ def _train(model: Any, prompts: Prompts, features: torch.Tensor, asked: list[lis
             items = [_picture_item(prompts, int(j), asked[j], settings, rng, count) for j in what]
         batch = pack(prompts, items)
         with _precision(settings):
-            logits, visual = forward_packed(model, features, batch, visual_logits=True)
+            logits, visual = forward_packed(model, features, batch, visual_states=True)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["target"])
         if words is not None and settings.naming > 0:  # each object patch names its object's colour and shape
             named = words[batch["frames"]]  # (frames, 2, K)
-            visual = visual.float()
+            visual = visual.float() @ model.get_output_embeddings().weight.float().T  # word logits, float32
             loss = loss + settings.naming * (
                 torch.nn.functional.cross_entropy(visual, named[:, 0].flatten(), ignore_index=-100)
                 + torch.nn.functional.cross_entropy(visual, named[:, 1].flatten(), ignore_index=-100)) / 2
