@@ -1,7 +1,7 @@
 """End-to-end fidelity: the probe model answering questions through the pack, with full and compressed tokens
 (run by hand; not a test).
 
-    python -m comfy_visionzip fetch-weights && python -m comfy_visionzip train-probe   # once (about 25 min)
+    python -m comfy_visionzip fetch-weights && python -m comfy_visionzip train-probe   # once (about 37 min)
     python bench/bench_fidelity.py [--per-task 1000] [--ks 25,49,81]
 
 The probe model (a LLaVA-1.5 on the real DINOv2-S/14, trained here on full tokens only: see
@@ -16,7 +16,13 @@ ceiling (1: every answer is determined by the picture); retention, chance-correc
 (acc - chance) / (full - chance), with paired bootstrap 95% intervals (questions resampled within a task);
 the headline average is over the tasks the model answers with full tokens at >= 95% of the ceiling.
 
-Writes bench/results/fidelity.json / .md / .png and fidelity_answers.jsonl.gz (every question and answer).
+Video (--videos N): 80-second test videos at one frame per second, two 2-4 s events on a test background
+sequence, "When does X appear?" and "Which comes first?", asked of: 8 full frames (evenly spread), 8 full frames
+moved onto the events (an oracle: the model's ceiling at that budget, not a way to sample), 80 frames x 25
+tokens (visionzip, pool, uniform) and 80 frames x 64 VisionZip tokens fit to 2,048 by the temporal stage.
+
+Writes bench/results/fidelity.json / .md / .png and fidelity_answers.jsonl.gz (every question and answer), and
+fidelity_video.json / .md and fidelity_video_answers.jsonl.gz.
 """
 
 from __future__ import annotations
@@ -35,11 +41,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from comfy_visionzip import EncodedImages, Temporal, load_vlm, split_tokens  # noqa: E402
-from comfy_visionzip.pipeline import compress_encoded, label_tokens  # noqa: E402
+from comfy_visionzip import load_vlm  # noqa: E402
 from comfy_visionzip.probe import fidelity, footage, scenes  # noqa: E402
 from comfy_visionzip.probe.train import find_probe  # noqa: E402
-from comfy_visionzip.temporal import fit  # noqa: E402
 
 HEADLINE = 0.95  # a task is in the headline when full-token accuracy >= 95% of its ceiling
 
@@ -89,12 +93,6 @@ VIDEO_CONDITIONS = {  # name -> (frames, method, tokens per frame, temporal budg
 }
 
 
-def stack(parts: list[EncodedImages]) -> EncodedImages:
-    return EncodedImages(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
-                         torch.cat([p.keys for p in parts]), parts[0].cls_token, parts[0].grid, 1,
-                         meta=dict(parts[0].meta))
-
-
 def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
     """8 full frames against 80 compressed ones at one budget of visual tokens, on the event questions."""
     sequences = fidelity.backgrounds(clips, args.seed)
@@ -106,7 +104,6 @@ def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
     items = fidelity.video_items(args.videos, len(sequences), args.seed)
     rows = []
     started = time.perf_counter()
-    width = encoder.width
     with gzip.open(Path(args.out) / "fidelity_video_answers.jsonl.gz", "wt") as out:
         for v, item in enumerate(items):
             shown = fidelity.event_frames(item, sequences[item.background][1], seed=v)
@@ -119,18 +116,7 @@ def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
             for name, (count, method, k, budget) in VIDEO_CONDITIONS.items():
                 picked = fidelity.frames_showing(item, -count) if count < 0 else fidelity.full_frames(count) \
                     if count < fidelity.VIDEO_SECONDS else list(range(fidelity.VIDEO_SECONDS))
-                video_in = stack([frames[t] for t in picked])
-                video_in.timestamps, video_in.indices = [float(t) for t in picked], list(picked)
-                if method == "full":
-                    video = compress_encoded(encoder, video_in, dominant=0, contextual=0, method="full",
-                                             keep_maps=False)
-                else:
-                    dominant, contextual = split_tokens(k)
-                    video = compress_encoded(encoder, video_in, dominant=dominant, contextual=contextual,
-                                             method=method, keep_maps=False)
-                    if budget is not None:
-                        video = fit(video, Temporal(), budget, width=width)
-                label_tokens(vlm, video)
+                video = fidelity.video_condition(vlm, [frames[t] for t in picked], picked, method, k, budget)
                 said[name] = {"tokens": int(video.total_tokens),
                               **{q.task: fidelity.ask(vlm, video, q.text) for q in (item.when, item.order)}}
             row = {"background": sequences[item.background][0], "when": [item.when.text, item.when.answer],

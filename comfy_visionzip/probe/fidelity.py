@@ -36,6 +36,7 @@ from ..answer import Chat, GenerationConfig
 from ..encoded import EncodedImages
 from ..models.base import VisionLanguageModel
 from ..pipeline import compress_encoded, label_tokens
+from ..temporal import Temporal, fit
 from ..tokens import CompressedVideo
 from ..zip import split_tokens
 from . import footage, scenes
@@ -253,3 +254,31 @@ def frames_showing(item: VideoItem, count: int = 8) -> list[int]:
         picked[nearest] = middle
         moved.add(nearest)
     return sorted(set(picked))
+
+
+def stack(parts: Sequence[EncodedImages]) -> EncodedImages:
+    """One-frame encodings as one encoded video (their timestamps and indices are the caller's to set)."""
+    return EncodedImages(torch.cat([p.hidden for p in parts]), torch.cat([p.scores for p in parts]),
+                         torch.cat([p.keys for p in parts]), parts[0].cls_token, parts[0].grid, 1,
+                         meta=dict(parts[0].meta))
+
+
+def video_condition(vlm: VisionLanguageModel, frames: Sequence[EncodedImages], seconds: Sequence[int], method: str,
+                    k: int | None, budget: int | None = None) -> CompressedVideo:
+    """One-frame encodings shown at ``seconds``, as a video compressed the ``method`` way to ``k`` tokens per frame
+    (VisionZip's split; "full": every token), fit to ``budget`` visual tokens by the temporal stage when given,
+    labelled for ``vlm``: what the video bench and the video test ask."""
+    encoder = vlm.video_encoder()
+    video_in = stack(frames)
+    video_in.timestamps, video_in.indices = [float(t) for t in seconds], [int(t) for t in seconds]
+    if method == "full":
+        video = compress_encoded(encoder, video_in, dominant=0, contextual=0, method="full", keep_maps=False)
+    else:
+        assert k is not None
+        dominant, contextual = split_tokens(k)
+        video = compress_encoded(encoder, video_in, dominant=dominant, contextual=contextual, method=method,
+                                 keep_maps=False)
+        if budget is not None:
+            video = fit(video, Temporal(), budget, width=encoder.width)
+    label_tokens(vlm, video)
+    return video
