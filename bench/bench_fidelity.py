@@ -96,22 +96,14 @@ VIDEO_CONDITIONS = {  # name -> (frames, method, tokens per frame, temporal budg
 def run_video(args: argparse.Namespace, vlm, encoder, clips: list[str]) -> dict:
     """8 full frames against 80 compressed ones at one budget of visual tokens, on the event questions."""
     sequences = fidelity.backgrounds(clips, args.seed)
-    frames_of = {}
-    for n, (_name, seq) in enumerate(sequences):
-        images = torch.from_numpy(np.stack([np.clip(f + 0.5, 0, 255).astype(np.uint8) for f in seq]))
-        encoded = encoder.encode(images, batch_size=args.batch)
-        frames_of[n] = [fidelity.single(encoded, t) for t in range(len(seq))]
+    encoded = fidelity.encode_sequences(encoder, sequences, args.batch)
     items = fidelity.video_items(args.videos, len(sequences), args.seed)
     rows = []
     started = time.perf_counter()
     with gzip.open(Path(args.out) / "fidelity_video_answers.jsonl.gz", "wt") as out:
         for v, item in enumerate(items):
-            shown = fidelity.event_frames(item, sequences[item.background][1], seed=v)
-            seconds = sorted(shown)
-            encoded = encoder.encode(torch.from_numpy(np.stack([shown[t] for t in seconds])), batch_size=args.batch)
-            frames = list(frames_of[item.background])
-            for j, t in enumerate(seconds):
-                frames[t] = fidelity.single(encoded, j)
+            frames = fidelity.video_frames(encoder, item, sequences[item.background][1], encoded[item.background],
+                                           seed=v, batch=args.batch)
             said: dict[str, dict[str, str]] = {}
             for name, (count, method, k, budget) in VIDEO_CONDITIONS.items():
                 picked = fidelity.frames_showing(item, -count) if count < 0 else fidelity.full_frames(count) \

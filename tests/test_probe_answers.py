@@ -169,18 +169,10 @@ def test_eighty_compressed_frames_tell_which_event_comes_first(probe):
     _folder, vlm = probe
     encoder = vlm.video_encoder()
     sequences = fidelity.backgrounds(footage.test_clips(shared=False))
-    encoded = {}
-    for n, (_name, seq) in enumerate(sequences):
-        whole = encoder.encode(torch.from_numpy(np.stack([np.clip(f + 0.5, 0, 255).astype(np.uint8) for f in seq])))
-        encoded[n] = [fidelity.single(whole, t) for t in range(len(seq))]
+    encoded = fidelity.encode_sequences(encoder, sequences)
     right = {"80 x visionzip 25": [], "8 x full": []}
     for v, item in enumerate(fidelity.video_items(VIDEOS, len(sequences), seed=99)):
-        shown = fidelity.event_frames(item, sequences[item.background][1], seed=v)
-        frames = list(encoded[item.background])
-        seconds = sorted(shown)
-        events = encoder.encode(torch.from_numpy(np.stack([shown[t] for t in seconds])))
-        for j, t in enumerate(seconds):
-            frames[t] = fidelity.single(events, j)
+        frames = fidelity.video_frames(encoder, item, sequences[item.background][1], encoded[item.background], seed=v)
         for name, picked, method, k in (("80 x visionzip 25", list(range(fidelity.VIDEO_SECONDS)), "visionzip", 25),
                                         ("8 x full", fidelity.full_frames(8), "full", None)):
             video = fidelity.video_condition(vlm, [frames[t] for t in picked], picked, method, k)

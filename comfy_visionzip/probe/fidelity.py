@@ -282,3 +282,28 @@ def video_condition(vlm: VisionLanguageModel, frames: Sequence[EncodedImages], s
             video = fit(video, Temporal(), budget, width=encoder.width)
     label_tokens(vlm, video)
     return video
+
+
+def encode_sequences(encoder: object, sequences: Sequence[tuple[str, list[np.ndarray]]],
+                     batch: int = 32) -> list[list[EncodedImages]]:
+    """Each background sequence's frames encoded once, as one-frame encodings."""
+    out = []
+    for _name, seq in sequences:
+        images = torch.from_numpy(np.stack([np.clip(f + 0.5, 0, 255).astype(np.uint8) for f in seq]))
+        whole = encoder.encode(images, batch_size=batch)  # type: ignore[attr-defined]
+        out.append([single(whole, t) for t in range(len(seq))])
+    return out
+
+
+def video_frames(encoder: object, item: VideoItem, sequence: list[np.ndarray], background: list[EncodedImages],
+                 seed: int = 0, batch: int = 32) -> list[EncodedImages]:
+    """The test video ``item`` as one-frame encodings, second by second: its background's (encoded once by
+    :func:`encode_sequences`), with the seconds that show an event encoded here."""
+    shown = event_frames(item, sequence, seed=seed)
+    seconds = sorted(shown)
+    events = encoder.encode(torch.from_numpy(np.stack([shown[t] for t in seconds])),  # type: ignore[attr-defined]
+                            batch_size=batch)
+    frames = list(background)
+    for j, t in enumerate(seconds):
+        frames[t] = single(events, j)
+    return frames
